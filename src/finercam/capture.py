@@ -1,0 +1,172 @@
+"""The engine: one forward pass that records the target layers' activations, and gradients of any set of scores with
+respect to those activations only.
+
+Guarantees (each is tested):
+
+* The autograd graph starts at the earliest target layer: everything below it runs without recording, so no memory
+  or time is spent on it. Parameters and inputs never receive gradients and no ``.grad`` is written.
+* Several scores share the forward pass; their gradients come from vector-Jacobian products over the small part of
+  the graph above the target layers.
+* The model is left exactly as found: every module's train/eval flag, the global grad mode, and no hooks left behind,
+  also when an exception is raised. ``requires_grad`` flags are never touched. Frozen models and in-place operations
+  after the target layer work (the model continues on a copy of the recorded activation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from finercam.errors import ModelOutputError
+from finercam.layers import TargetLayer, first_tensor, replace_first_tensor
+
+
+@contextmanager
+def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model`` in eval mode; restore each module's train/eval flag and the grad mode on exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        torch.set_grad_enabled(grad_enabled)
+
+
+def extract_logits(output: object) -> Tensor:
+    """The class logits ``(B, C)`` in a model's output: a tensor, the first tensor of a tuple, ``.logits`` or
+    ``["logits"]``."""
+    logits: object = output
+    if isinstance(output, dict) and "logits" in output:
+        logits = output["logits"]
+    elif hasattr(output, "logits"):
+        logits = output.logits
+    elif isinstance(output, tuple | list) and output:
+        logits = output[0]
+    if not isinstance(logits, Tensor):
+        raise ModelOutputError(
+            f"the model returned {type(output).__name__}; expected class logits (B, C) as a tensor, the first "
+            "element of a tuple, or an output with a .logits field"
+        )
+    if logits.ndim != 2:
+        raise ModelOutputError(
+            f"the model's logits have shape {tuple(logits.shape)}; expected (B, C). Wrap the model so that it "
+            "returns one row of class scores per image."
+        )
+    return logits
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What one forward pass recorded.
+
+    Attributes:
+        logits: the class scores ``y`` of shape ``(B, C)``; connected to ``activations`` when a graph was recorded.
+        activations: for each target layer, its output ``A`` as emitted (before any token-to-grid reshape).
+    """
+
+    logits: Tensor
+    activations: tuple[Tensor, ...]
+
+
+def forward_with_capture(
+    model: nn.Module, images: Tensor, layers: Sequence[TargetLayer], *, record_graph: bool
+) -> Capture:
+    """Run ``model(images)`` once and record the outputs of ``layers``.
+
+    Args:
+        model: the classifier, already in the mode it should run in.
+        images: the input batch.
+        layers: the target layers.
+        record_graph: record the autograd graph from the earliest target layer up to the logits, so that
+            :func:`vector_jacobian_products` can be called; otherwise nothing is recorded.
+
+    Raises:
+        ModelOutputError: a layer did not run or emitted no tensor, or the logits do not depend on the layers.
+    """
+    captured: list[Tensor | None] = [None] * len(layers)
+
+    def make_hook(index: int, layer: TargetLayer) -> Callable[[nn.Module, object, object], object]:
+        def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+            tensor = first_tensor(output)
+            if tensor is None:
+                raise ModelOutputError(
+                    f"target layer {layer.name!r} returned {type(output).__name__}; expected a tensor or a tuple "
+                    "whose first element is a tensor"
+                )
+            if not record_graph:
+                captured[index] = tensor.detach().clone()
+                return None
+            # The graph starts here: below the earliest target layer nothing was recorded.
+            torch.set_grad_enabled(True)
+            if not tensor.requires_grad:
+                tensor = tensor.detach().requires_grad_(True)
+            captured[index] = tensor
+            # The model continues on a copy, so that in-place operations downstream leave `tensor` intact.
+            return replace_first_tensor(output, tensor.clone())
+
+        return hook
+
+    grad_enabled = torch.is_grad_enabled()
+    handles = [layer.module.register_forward_hook(make_hook(i, layer)) for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode(False):
+            if images.is_inference():
+                images = images.clone()
+            torch.set_grad_enabled(False)
+            logits = extract_logits(model(images))
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+        for handle in handles:
+            handle.remove()
+
+    missing = [layer.name for layer, tensor in zip(layers, captured, strict=True) if tensor is None]
+    if missing:
+        raise ModelOutputError(f"target layer(s) {missing} did not run during the model's forward pass")
+    if record_graph and not logits.requires_grad:
+        raise ModelOutputError(
+            "the logits do not depend on the target layer(s) "
+            f"{[layer.name for layer in layers]}: pick a layer that feeds the classifier"
+        )
+    return Capture(logits=logits, activations=tuple(t for t in captured if t is not None))
+
+
+def vector_jacobian_products(scores: Tensor, activations: Sequence[Tensor], names: Sequence[str]) -> list[Tensor]:
+    """Gradients of several per-image scores with respect to the recorded activations.
+
+    Because images are independent in eval mode, the gradient of ``sum_b scores[s, b]`` with respect to an
+    activation ``A`` holds in row ``b`` exactly ``d scores[s, b] / d A_b``.
+
+    Args:
+        scores: ``(S, B)``: ``S`` scores for each of the ``B`` images, all from one forward pass.
+        activations: the recorded activations (the graph's leaves of interest).
+        names: the layer names, for error messages.
+
+    Returns:
+        For each activation, a tensor of shape ``(S, *A.shape)``. The graph is released afterwards.
+    """
+    rows = scores.shape[0]
+    per_row: list[tuple[Tensor | None, ...]] = []
+    for row in range(rows):
+        per_row.append(
+            torch.autograd.grad(
+                scores[row].sum(), list(activations), retain_graph=row < rows - 1, allow_unused=True
+            )
+        )
+    gradients: list[Tensor] = []
+    for index, activation in enumerate(activations):
+        parts = [grads[index] for grads in per_row]
+        if any(part is None for part in parts):
+            raise ModelOutputError(
+                f"the explained score does not depend on target layer {names[index]!r}: pick a layer that feeds "
+                "the classifier"
+            )
+        gradients.append(torch.stack([part for part in parts if part is not None]))
+        assert gradients[-1].shape[1:] == activation.shape
+    return gradients

@@ -1,0 +1,289 @@
+r"""The public :class:`FinerCAM`: Finer-CAM over any base CAM method, for a batch of images, in one forward pass.
+
+Finer-CAM explains ``s = y_c - \gamma\,\mathrm{agg}_t\, y_{d_t}`` rather than ``y_c`` (Zhang et al., CVPR 2025).
+With gradients ``g_u`` and ``g_v`` of the two terms of ``s(\gamma) = u - \gamma v``, the gradient of every
+``\gamma`` is ``g_u - \gamma g_v``: one forward pass and two vector-Jacobian products over the layers above the
+target layer yield the baseline, the Finer-CAM and any ``\gamma`` sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from finercam.capture import extract_logits, forward_with_capture, preserved_model, vector_jacobian_products
+from finercam.errors import InvalidArgumentError, InvalidTypeError
+from finercam.layers import LayerSpec, Reshape, infer_device_dtype, resolve_layers, to_maps
+from finercam.methods import get_method
+from finercam.objectives import (
+    AGGREGATIONS,
+    ClassifierWeights,
+    References,
+    Targets,
+    classifier_matrix,
+    contrast_terms,
+    resolve_targets,
+    select_references,
+)
+from finercam.postprocess import fuse_layers
+from finercam.result import CAMResult, SweepResult
+from finercam.scorecam import channel_scores, score_cam_maps
+
+ReferenceSpec = str | Tensor | Sequence[Sequence[int]]
+DEFAULT_GAMMA = 0.6
+DEFAULT_NUM_REFERENCES = 3
+DEFAULT_SWEEP = (0.0, 0.3, 0.6, 1.0, 2.0)
+
+
+def _check_gamma(gamma: object) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise InvalidTypeError(f"gamma must be a real number >= 0; got {gamma!r} ({type(gamma).__name__})")
+    value = float(gamma)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(
+            f"gamma must be a finite number >= 0 (0 gives the base CAM, the paper uses 0.6, up to ~2 for fine "
+            f"details); got {gamma!r}"
+        )
+    return value
+
+
+def _check_images(images: object) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise InvalidTypeError(f"images must be a torch.Tensor of shape (B, C, H, W); got {type(images).__name__}")
+    if images.ndim != 4:
+        hint = " (a single image? use images.unsqueeze(0))" if images.ndim == 3 else ""
+        raise InvalidArgumentError(
+            f"images must be a 4-D batch (B, C, H, W); got shape {tuple(images.shape)}{hint}"
+        )
+    if not images.is_floating_point():
+        raise InvalidTypeError(
+            f"images must be a floating-point tensor (normalised pixels); got dtype {images.dtype}"
+        )
+    if images.shape[0] == 0:
+        raise InvalidArgumentError("images is an empty batch (B = 0)")
+    return images
+
+
+class FinerCAM:
+    """Finer-CAM explanations of a classifier.
+
+    Example:
+        >>> with FinerCAM(model, target_layer="layer4", method="gradcam") as cam:  # doctest: +SKIP
+        ...     result = cam(images, references="nearest", num_references=3, gamma=0.6)
+        >>> result.maps.shape  # doctest: +SKIP
+        torch.Size([8, 224, 224])
+
+    Hooks exist only during a call, so the model is never left modified; the context manager is for symmetry with
+    other CAM libraries and never swallows exceptions.
+
+    Args:
+        model: a classifier returning logits ``(B, C)`` (or a tuple / an output with ``.logits``).
+        target_layer: a submodule, its dotted name (``"layer4"``, ``"blocks.-1.norm1"``), or a list of those.
+        method: a base CAM from :data:`finercam.methods.METHODS` (``gradcam``, ``hirescam``, ``xgradcam``,
+            ``gradcam++``, ``layercam``, ``scorecam``).
+        reshape: turns a token layer's output ``(B, N, D)`` into maps ``(B, D, h, w)``, e.g.
+            :class:`finercam.TokenGrid`; ``None`` for layers that already emit maps.
+        classifier_weights: the classifier's ``(C, D)`` rows or the linear head, for ``references="weights"``.
+        score_batch_size: masked inputs per forward pass for Score-CAM.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec | Sequence[LayerSpec],
+        method: str = "gradcam",
+        *,
+        reshape: Reshape | None = None,
+        classifier_weights: ClassifierWeights | None = None,
+        score_batch_size: int = 64,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if reshape is not None and not callable(reshape):
+            raise InvalidTypeError(f"reshape must be callable (e.g. TokenGrid(14, 14)); got {type(reshape).__name__}")
+        if isinstance(score_batch_size, bool) or not isinstance(score_batch_size, int) or score_batch_size < 1:
+            raise InvalidArgumentError(f"score_batch_size must be a positive int; got {score_batch_size!r}")
+        self.model = model
+        self.layers = resolve_layers(model, target_layer)
+        self.method = get_method(method)
+        self.reshape = reshape
+        self.classifier_weights = classifier_weights
+        self.score_batch_size = score_batch_size
+
+    def __enter__(self) -> FinerCAM:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"FinerCAM(model={type(self.model).__name__}, target_layer={[layer.name for layer in self.layers]}, "
+            f"method={self.method.name!r})"
+        )
+
+    def __call__(
+        self,
+        images: Tensor,
+        targets: Targets = None,
+        references: ReferenceSpec = "nearest",
+        num_references: int = DEFAULT_NUM_REFERENCES,
+        gamma: float = DEFAULT_GAMMA,
+        aggregation: str = "mean",
+        classifier_weights: ClassifierWeights | None = None,
+    ) -> CAMResult:
+        r"""Explain ``s = y_c - \gamma\,\mathrm{agg}_t\, y_{d_t}`` for every image.
+
+        Args:
+            images: ``(B, C, H, W)`` preprocessed images; moved to the model's device and dtype.
+            targets: the classes ``c`` to explain: ``None`` (top prediction), an int, or one class per image.
+            references: a strategy (``"nearest"``, ``"top"``, ``"weights"``), a ``(B, T)`` tensor, or a list of
+                ``B`` lists of classes.
+            num_references: ``T`` for strategies (capped at ``C - 1``).
+            gamma: comparison strength ``\gamma >= 0``; ``0`` gives the base CAM.
+            aggregation: ``"mean"`` (paper) or ``"softmax"`` (official library's ``FinerWeightedTarget``).
+            classifier_weights: overrides the constructor's, for ``references="weights"``.
+        """
+        value = _check_gamma(gamma)
+        sweep = self.sweep(
+            images, [value], targets, references, num_references, aggregation, classifier_weights
+        )
+        return sweep.at(0)
+
+    def sweep(
+        self,
+        images: Tensor,
+        gammas: Sequence[float] = DEFAULT_SWEEP,
+        targets: Targets = None,
+        references: ReferenceSpec = "nearest",
+        num_references: int = DEFAULT_NUM_REFERENCES,
+        aggregation: str = "mean",
+        classifier_weights: ClassifierWeights | None = None,
+    ) -> SweepResult:
+        r"""Explain every image at several comparison strengths ``\gamma`` from a single forward pass.
+
+        Returns:
+            A :class:`SweepResult` whose ``maps`` is ``(G, B, H, W)``. Arguments are those of :meth:`__call__`.
+        """
+        images = _check_images(images)
+        if isinstance(gammas, numbers.Real):
+            raise InvalidTypeError("gammas must be a sequence of numbers, e.g. [0, 0.6, 2]; use cam(...) for one")
+        gamma_values = tuple(_check_gamma(g) for g in gammas)
+        if not gamma_values:
+            raise InvalidArgumentError("gammas is empty; give at least one comparison strength")
+        if aggregation not in AGGREGATIONS:
+            raise InvalidArgumentError(f"unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}")
+        if isinstance(num_references, bool) or not isinstance(num_references, int) or num_references < 1:
+            raise InvalidArgumentError(f"num_references must be an int >= 1; got {num_references!r}")
+
+        device, dtype = infer_device_dtype(self.model)
+        images = images.to(device=device, dtype=dtype or images.dtype)
+        with torch.inference_mode(False), preserved_model(self.model):
+            return self._explain(
+                images, gamma_values, targets, references, num_references, aggregation,
+                classifier_weights if classifier_weights is not None else self.classifier_weights,
+            )
+
+    def _explain(
+        self,
+        images: Tensor,
+        gammas: tuple[float, ...],
+        targets: Targets,
+        references: ReferenceSpec,
+        num_references: int,
+        aggregation: str,
+        classifier_weights: ClassifierWeights | None,
+    ) -> SweepResult:
+        method = self.method
+        capture = forward_with_capture(self.model, images, self.layers, record_graph=method.uses_gradients)
+        logits = capture.logits
+        target_classes = resolve_targets(targets, logits)
+        weights = classifier_matrix(classifier_weights, logits.shape[1])
+        chosen = select_references(references, logits, target_classes, num_references, weights)
+        gamma = torch.tensor(gammas, dtype=logits.dtype, device=logits.device)
+
+        if method.uses_gradients:
+            raw, baseline = self._gradient_maps(capture.activations, logits, target_classes, chosen, aggregation, gamma)
+        else:
+            raw, baseline = self._score_maps(capture.activations, images, target_classes, chosen, aggregation, gamma)
+
+        size = (images.shape[-2], images.shape[-1])
+        return SweepResult(
+            maps=fuse_layers(raw, size),
+            baseline_maps=fuse_layers(baseline, size),
+            logits=logits.detach(),
+            targets=target_classes,
+            references=chosen.indices,
+            method=method.name,
+            aggregation=aggregation,
+            reference_strategy=chosen.strategy,
+            layers=tuple(layer.name for layer in self.layers),
+            layer_raw_maps=tuple(raw),
+            layer_baseline_raw_maps=tuple(baseline),
+            gammas=gammas,
+        )
+
+    def _activation_maps(self, activation: Tensor) -> Tensor:
+        return to_maps(activation, self.reshape)
+
+    def _stacked_maps(self, stacked: Tensor) -> Tensor:
+        """Reshape a stack ``(S, B, ...)`` of layer-shaped tensors into ``(S, B, K, h, w)``."""
+        maps = self._activation_maps(stacked.flatten(0, 1))
+        return maps.unflatten(0, stacked.shape[:2])
+
+    def _gradient_maps(
+        self,
+        activations: tuple[Tensor, ...],
+        logits: Tensor,
+        targets: Tensor,
+        references: References,
+        aggregation: str,
+        gamma: Tensor,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Raw maps ``(G, B, h, w)`` and baseline raw maps ``(B, h, w)`` per layer, from two or three VJPs."""
+        u, v = contrast_terms(logits, targets, references, aggregation)
+        rows = [u, v]
+        if aggregation != "mean":  # with "mean", u is y_c itself
+            rows.append(logits.gather(1, targets[:, None]).squeeze(1))
+        gradients = vector_jacobian_products(torch.stack(rows), activations, [layer.name for layer in self.layers])
+        compute = self.method.compute
+        assert compute is not None
+        raw_per_layer, baseline_per_layer = [], []
+        for activation, gradient in zip(activations, gradients, strict=True):
+            maps = self._activation_maps(activation.detach())
+            grads = self._stacked_maps(gradient)
+            if self.method.linear_in_gradient:
+                terms = compute(maps, grads)
+                raw = terms[0] - gamma[:, None, None, None] * terms[1]
+                baseline = terms[0] if aggregation == "mean" else terms[2]
+            else:
+                raw = compute(maps, grads[0] - gamma[:, None, None, None, None] * grads[1])
+                baseline = compute(maps, grads[0] if aggregation == "mean" else grads[2])
+            raw_per_layer.append(raw)
+            baseline_per_layer.append(baseline)
+        return raw_per_layer, baseline_per_layer
+
+    def _score_maps(
+        self,
+        activations: tuple[Tensor, ...],
+        images: Tensor,
+        targets: Tensor,
+        references: References,
+        aggregation: str,
+        gamma: Tensor,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Score-CAM raw maps per layer: one set of masked forwards serves every gamma and the baseline."""
+        forward: Callable[[Tensor], Tensor] = lambda batch: extract_logits(self.model(batch))  # noqa: E731
+        raw_per_layer, baseline_per_layer = [], []
+        for activation in activations:
+            maps = self._activation_maps(activation)
+            u, v, target_logit = channel_scores(
+                forward, images, maps, targets, references, aggregation, self.score_batch_size
+            )
+            raw_per_layer.append(score_cam_maps(maps, u - gamma[:, None, None] * v))
+            baseline_per_layer.append(score_cam_maps(maps, target_logit))
+        return raw_per_layer, baseline_per_layer

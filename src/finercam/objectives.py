@@ -1,0 +1,280 @@
+r"""What Finer-CAM explains: the target class ``c``, its reference classes ``d_1..d_T`` and the contrastive score.
+
+Finer-CAM explains
+
+.. math:: s = y_c - \gamma \,\mathrm{agg}_t\, y_{d_t}, \qquad \gamma \ge 0,
+
+instead of ``y_c``. Both aggregations are affine in ``\gamma``: :func:`contrast_terms` returns ``(u, v)`` with
+``s(\gamma) = u - \gamma v``, so one pair of gradients (or one set of Score-CAM forwards) serves every ``\gamma``.
+
+* ``mean`` (paper Eq. 8, default): ``u = y_c``, ``v = (1/T) \sum_t y_{d_t}``.
+* ``softmax`` (official ``FinerWeightedTarget``): ``s = \sum_t p_t (y_c - \gamma y_{d_t}) / (\sum_t p_t + 10^{-9})``
+  with ``p = softmax(y)`` over all classes and **not detached**, so gradients also flow through ``p``.
+
+Reference strategies live in a registry (:data:`REFERENCE_STRATEGIES`); the target is never its own reference.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from finercam.errors import InvalidArgumentError, InvalidTypeError
+
+AGGREGATIONS = ("mean", "softmax")
+SOFTMAX_EPS = 1e-9
+
+Targets = Tensor | int | Sequence[int] | None
+ClassifierWeights = Tensor | nn.Module
+ReferenceStrategy = Callable[[Tensor, Tensor, int, "Tensor | None"], Tensor]
+REFERENCE_STRATEGIES: dict[str, ReferenceStrategy] = {}
+
+
+def reference_strategy(name: str) -> Callable[[ReferenceStrategy], ReferenceStrategy]:
+    """Register a reference strategy ``(logits, targets, T, classifier_weights) -> (B, T) class indices``."""
+
+    def register(function: ReferenceStrategy) -> ReferenceStrategy:
+        REFERENCE_STRATEGIES[name] = function
+        return function
+
+    return register
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_classes(indices: Tensor, num_classes: int, what: str) -> None:
+    bad = (indices < 0) | (indices >= num_classes)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        value = int(indices[position])
+        raise InvalidArgumentError(
+            f"{what} {value} at position {position} is not a class of this model: it has {num_classes} classes, "
+            f"so classes are 0..{num_classes - 1}"
+        )
+
+
+def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
+    """Per-image target classes ``c`` as a ``(B,)`` long tensor on the logits' device.
+
+    Args:
+        targets: ``None`` (the top prediction), one ``int`` for every image, or one class per image as a sequence
+            or a 1-D integer tensor.
+        logits: the class scores ``(B, C)``.
+    """
+    batch, num_classes = logits.shape
+    if targets is None:
+        return logits.detach().argmax(dim=1)
+    if _is_integer(targets):
+        resolved = torch.full((batch,), int(targets), dtype=torch.long, device=logits.device)  # type: ignore[arg-type]
+    elif isinstance(targets, Tensor):
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise InvalidTypeError(f"targets must hold integer class indices; got a tensor of dtype {targets.dtype}")
+        if targets.ndim == 0:
+            targets = targets.expand(batch)
+        if targets.ndim != 1 or targets.shape[0] != batch:
+            raise InvalidArgumentError(
+                f"targets has shape {tuple(targets.shape)}, but the batch has {batch} images; give one class per "
+                f"image (shape ({batch},)), one int for all, or None for the top prediction"
+            )
+        resolved = targets.to(device=logits.device, dtype=torch.long)
+    elif isinstance(targets, Sequence) and not isinstance(targets, str):
+        if not all(_is_integer(t) for t in targets):
+            raise InvalidTypeError(f"targets must be integer class indices; got {list(targets)!r}")
+        if len(targets) != batch:
+            raise InvalidArgumentError(
+                f"targets has {len(targets)} entries, but the batch has {batch} images; give one class per image, "
+                "one int for all, or None for the top prediction"
+            )
+        resolved = torch.tensor([int(t) for t in targets], dtype=torch.long, device=logits.device)
+    else:
+        raise InvalidTypeError(
+            f"targets must be None, an int, a sequence of ints or an integer tensor; got {type(targets).__name__}"
+        )
+    _check_classes(resolved, num_classes, "target class")
+    return resolved
+
+
+def _ranked_excluding_target(keys: Tensor, targets: Tensor, count: int, *, descending: bool) -> Tensor:
+    """The ``count`` classes ranked first by ``keys`` (B, C), never the target; ties broken by class index."""
+    keys = keys.detach().clone()
+    keys.scatter_(1, targets[:, None], float("-inf") if descending else float("inf"))
+    order = torch.sort(keys, dim=1, descending=descending, stable=True).indices
+    return order[:, :count]
+
+
+@reference_strategy("nearest")
+def nearest_references(logits: Tensor, targets: Tensor, count: int, _weights: Tensor | None = None) -> Tensor:
+    """Classes whose logit is closest to the target's: ``|y_j - y_c|`` ascending (official code)."""
+    distance = (logits.detach() - logits.detach().gather(1, targets[:, None])).abs()
+    return _ranked_excluding_target(distance, targets, count, descending=False)
+
+
+@reference_strategy("top")
+def top_references(logits: Tensor, targets: Tensor, count: int, _weights: Tensor | None = None) -> Tensor:
+    """The highest-scoring classes other than the target (paper Table 2: 2nd, 3rd, 4th prediction)."""
+    return _ranked_excluding_target(logits, targets, count, descending=True)
+
+
+@reference_strategy("weights")
+def weight_references(logits: Tensor, targets: Tensor, count: int, weights: Tensor | None = None) -> Tensor:
+    """Classes whose classifier rows ``W_j`` have the highest cosine similarity to the target's row ``W_c``."""
+    if weights is None:
+        raise InvalidArgumentError(
+            "references='weights' needs the classifier: pass classifier_weights=<the (C, D) weight matrix or the "
+            "linear head module, e.g. model.fc>"
+        )
+    rows = torch.nn.functional.normalize(weights.detach().to(logits.device, torch.float32), dim=1)
+    similarity = rows[targets] @ rows.T
+    return _ranked_excluding_target(similarity, targets, count, descending=True)
+
+
+def classifier_matrix(classifier: ClassifierWeights | None, num_classes: int) -> Tensor | None:
+    """The ``(C, D)`` weight matrix of a linear head given as a tensor or a module with a 2-D ``.weight``."""
+    if classifier is None:
+        return None
+    weight = classifier.weight if isinstance(classifier, nn.Module) else classifier
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise InvalidTypeError(
+            "classifier_weights must be a (C, D) tensor or a linear module with a 2-D .weight; got "
+            f"{type(classifier).__name__}"
+            + (f" with weight shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else "")
+        )
+    if weight.shape[0] != num_classes:
+        raise InvalidArgumentError(
+            f"classifier_weights has {weight.shape[0]} rows but the model has {num_classes} classes"
+        )
+    return weight
+
+
+@dataclass(frozen=True)
+class References:
+    """Reference classes ``d_t`` per image.
+
+    Attributes:
+        indices: ``(B, T)`` long; ``-1`` pads rows that have fewer references than the longest row.
+        strategy: the strategy's name, or ``"explicit"``.
+    """
+
+    indices: Tensor
+    strategy: str
+
+    @property
+    def mask(self) -> Tensor:
+        """``(B, T)`` bool: which entries of :attr:`indices` are real references."""
+        return self.indices >= 0
+
+
+def _explicit_references(references: Tensor | Sequence[Sequence[int]], targets: Tensor, num_classes: int) -> Tensor:
+    batch = targets.shape[0]
+    if isinstance(references, Tensor):
+        if references.is_floating_point() or references.dtype == torch.bool:
+            raise InvalidTypeError(f"references must hold integer class indices; got dtype {references.dtype}")
+        if references.ndim != 2 or references.shape[0] != batch or references.shape[1] < 1:
+            raise InvalidArgumentError(
+                f"references has shape {tuple(references.shape)}; expected (B, T) = ({batch}, T) with T >= 1, "
+                f"a list of {batch} lists, or a strategy name {sorted(REFERENCE_STRATEGIES)}"
+            )
+        indices = references.to(device=targets.device, dtype=torch.long)
+        _check_classes(indices, num_classes, "reference class")
+    else:
+        rows = list(references)
+        if len(rows) != batch or not all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
+            raise InvalidArgumentError(
+                f"references is a list of {len(rows)} entries; expected a list of {batch} lists (one per image), a "
+                f"(B, T) tensor, or a strategy name {sorted(REFERENCE_STRATEGIES)}"
+            )
+        for image, row in enumerate(rows):
+            if len(row) == 0:
+                raise InvalidArgumentError(f"references for image {image} is empty; give at least one class")
+            if not all(_is_integer(d) for d in row):
+                raise InvalidTypeError(f"references for image {image} must be integer classes; got {list(row)!r}")
+        width = max(len(row) for row in rows)
+        padded = [[int(d) for d in row] + [-1] * (width - len(row)) for row in rows]
+        indices = torch.tensor(padded, dtype=torch.long, device=targets.device)
+        _check_classes(indices[indices >= 0], num_classes, "reference class")
+    for image in range(batch):
+        row = indices[image][indices[image] >= 0].tolist()
+        if len(set(row)) != len(row):
+            raise InvalidArgumentError(f"references for image {image} repeat a class: {row}")
+        if int(targets[image]) in row:
+            raise InvalidArgumentError(
+                f"references for image {image} contain its target class {int(targets[image])}; "
+                "a class cannot be its own reference"
+            )
+    return indices
+
+
+def select_references(
+    references: str | Tensor | Sequence[Sequence[int]],
+    logits: Tensor,
+    targets: Tensor,
+    num_references: int,
+    classifier_weights: Tensor | None = None,
+) -> References:
+    """Choose the reference classes ``d_1..d_T`` of every image.
+
+    Args:
+        references: a strategy name from :data:`REFERENCE_STRATEGIES`, a ``(B, T)`` tensor, or a list of ``B``
+            lists (rows may differ in length).
+        logits: ``(B, C)`` class scores.
+        targets: ``(B,)`` target classes.
+        num_references: ``T`` for strategies; capped at ``C - 1`` (``C == 1`` gives no reference).
+        classifier_weights: the ``(C, D)`` classifier rows, for the ``weights`` strategy.
+    """
+    num_classes = logits.shape[1]
+    if isinstance(references, str):
+        strategy = REFERENCE_STRATEGIES.get(references)
+        if strategy is None:
+            raise InvalidArgumentError(
+                f"unknown reference strategy {references!r}; use one of {sorted(REFERENCE_STRATEGIES)}, a (B, T) "
+                "tensor or a list of lists of classes"
+            )
+        count = min(num_references, num_classes - 1)
+        indices = strategy(logits, targets, count, classifier_weights)
+        return References(indices=indices, strategy=references)
+    return References(indices=_explicit_references(references, targets, num_classes), strategy="explicit")
+
+
+def contrast_terms(logits: Tensor, targets: Tensor, references: References, aggregation: str) -> tuple[Tensor, Tensor]:
+    r"""The two terms of the contrastive score ``s(\gamma) = u - \gamma v`` for every image.
+
+    Images without references (``C == 1``) get ``u = y_c`` and ``v = 0``: the base CAM.
+
+    Args:
+        logits: ``(B, C)`` class scores ``y`` (gradients flow through them).
+        targets: ``(B,)`` target classes ``c``.
+        references: the reference classes ``d_t``.
+        aggregation: ``"mean"`` or ``"softmax"``.
+
+    Returns:
+        ``u`` and ``v``, each of shape ``(B,)``.
+    """
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    mask = references.mask.to(logits.dtype)
+    reference_logits = logits.gather(1, references.indices.clamp(min=0)) * mask
+    count = mask.sum(dim=1)
+    has_reference = count > 0
+    if aggregation == "mean":
+        v = reference_logits.sum(dim=1) / count.clamp(min=1)
+        return target_logit, v
+    if aggregation == "softmax":
+        probabilities = torch.softmax(logits, dim=1).gather(1, references.indices.clamp(min=0)) * mask
+        total = probabilities.sum(dim=1) + SOFTMAX_EPS
+        u = torch.where(has_reference, probabilities.sum(dim=1) * target_logit / total, target_logit)
+        v = (probabilities * reference_logits).sum(dim=1) / total
+        return u, v
+    raise InvalidArgumentError(f"unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}")
+
+
+def finer_score(
+    logits: Tensor, targets: Tensor, references: References, gamma: float, aggregation: str = "mean"
+) -> Tensor:
+    r"""The contrastive score ``s = y_c - \gamma\,\mathrm{agg}_t\, y_{d_t}`` of every image, shape ``(B,)``."""
+    u, v = contrast_terms(logits, targets, references, aggregation)
+    return u - gamma * v

@@ -1,0 +1,42 @@
+"""From signed raw maps at layer resolution to displayable maps at input resolution.
+
+The convention of the anchors: ReLU, bilinear upsampling to the input size (half-pixel centres,
+``align_corners=False``), then per-image min-max to ``[0, 1]``: ``(x - min) / (max - min + eps)``. A map that is zero
+everywhere stays zero (never NaN).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+MINMAX_EPS = 1e-7
+
+
+def minmax(maps: Tensor, eps: float = MINMAX_EPS) -> Tensor:
+    """Scale each map ``(..., H, W)`` to ``[0, 1]`` by its own minimum and maximum."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    high = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - low) / (high - low + eps)
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (``align_corners=False``) resize of maps ``(..., h, w)`` to ``size``."""
+    leading = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    if tuple(flat.shape[-2:]) != tuple(size):
+        flat = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return flat.reshape(*leading, *size)
+
+
+def normalize_maps(raw_maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """ReLU, upsample to ``size`` and min-max: ``(..., h, w)`` signed maps to ``(..., H, W)`` in ``[0, 1]``."""
+    return minmax(upsample(raw_maps.clamp(min=0), size))
+
+
+def fuse_layers(raw_maps_per_layer: list[Tensor], size: tuple[int, int]) -> Tensor:
+    """Maps of several layers: each normalised at input size, averaged, and min-maxed again."""
+    if len(raw_maps_per_layer) == 1:
+        return normalize_maps(raw_maps_per_layer[0], size)
+    stacked = [normalize_maps(raw, size) for raw in raw_maps_per_layer]
+    return minmax(sum(stacked[1:], stacked[0]) / len(stacked))
