@@ -1,0 +1,91 @@
+"""Shared fixtures: small random-init models, offline settings, and the torchvision repair for this machine."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from torch import nn
+
+from finercam.compat import import_torchvision
+
+import_torchvision()  # before timm / pytorch_grad_cam / torchcam import it
+
+
+class TinyNet(nn.Module):
+    """A small CNN whose head varies spatially (1x1 conv + ReLU before pooling), so HiResCAM, Grad-CAM and
+    Layer-CAM all differ. ``features`` is the natural target layer; ``head`` everything above it."""
+
+    def __init__(self, num_classes: int = 6, channels: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(8, channels, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, channels, 1),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class LinearHeadNet(nn.Module):
+    """Features, global average pooling and a linear classifier ``W``: Grad-CAM has a closed form here."""
+
+    def __init__(self, num_classes: int = 5, channels: int = 6) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    _seeded(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture
+def linear_head_net() -> LinearHeadNet:
+    _seeded(1)
+    return LinearHeadNet().eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    _seeded(2)
+    return torch.randn(4, 3, 16, 16)
+
+
+@pytest.fixture
+def resnet18() -> nn.Module:
+    tv = import_torchvision()
+    _seeded(3)
+    return tv.models.resnet18(weights=None, num_classes=10).eval()
+
+
+@pytest.fixture
+def timm_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    _seeded(4)
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=10
+    ).eval()

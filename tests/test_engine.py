@@ -1,0 +1,234 @@
+"""The engine's promises: the model is left exactly as found, nothing is computed that is not needed, batches are
+independent, and bad input gets a clear error naming the bad value."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from finercam import FinerCAM, InvalidArgumentError, InvalidTypeError, LayerNotFoundError, TokenGrid
+from finercam.capture import forward_with_capture
+from finercam.errors import ModelOutputError, ModelShapeError
+from finercam.layers import resolve_layers
+from finercam.methods import METHODS
+
+
+def _snapshot(model: nn.Module) -> dict[str, object]:
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grad_mode": torch.is_grad_enabled(),
+    }
+
+
+def _assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
+    after = _snapshot(model)
+    for key in ("training", "requires_grad", "hooks", "grad_mode"):
+        assert after[key] == before[key], key
+    assert all(g is None for g in after["grads"])  # type: ignore[union-attr]
+    for name, value in before["state"].items():  # type: ignore[union-attr]
+        assert torch.equal(after["state"][name], value), name  # type: ignore[index]
+
+
+def _mixed_state(model: nn.Module) -> nn.Module:
+    model.train()
+    model.features[0].eval()  # type: ignore[index]
+    model.head[0].weight.requires_grad_(False)  # type: ignore[index]
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_model_is_left_exactly_as_found(tiny_net: nn.Module, images: Tensor, method: str) -> None:
+    model = _mixed_state(tiny_net)
+    before = _snapshot(model)
+    with FinerCAM(model, "features", method) as cam:
+        cam(images)
+        cam.sweep(images, gammas=[0.0, 1.0], aggregation="softmax")
+    _assert_unchanged(model, before)
+
+
+def test_model_is_restored_when_an_exception_is_raised(tiny_net: nn.Module, images: Tensor) -> None:
+    model = _mixed_state(tiny_net)
+    before = _snapshot(model)
+    cam = FinerCAM(model, "features")
+    with pytest.raises(InvalidArgumentError, match="target class 99"):
+        cam(images, targets=99)  # fails after the forward pass, with hooks and a graph in place
+    _assert_unchanged(model, before)
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*_: object) -> None:
+        raise Boom("inside the model")
+
+    handle = model.head[0].register_forward_hook(explode)  # type: ignore[index]
+    with torch.no_grad(), pytest.raises(Boom):  # also the caller's grad mode is restored
+        cam(images)
+    handle.remove()
+    _assert_unchanged(model, before)
+
+
+def test_context_manager_never_swallows_errors(tiny_net: nn.Module, images: Tensor) -> None:
+    with pytest.raises(IndexError), FinerCAM(tiny_net, "features"):
+        raise IndexError("user code")
+
+
+def test_frozen_model_with_inplace_relus(resnet18: nn.Module) -> None:
+    for parameter in resnet18.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64)
+    with FinerCAM(resnet18, "layer4") as cam:
+        result = cam(x)
+    assert result.maps.shape == (2, 64, 64)
+    assert result.raw_maps.abs().sum() > 0
+    # layer4.1.relu is an in-place ReLU used twice: the recorded activation is still the layer's output.
+    with torch.no_grad():
+        reference = resnet18.layer4(resnet18.layer3(resnet18.layer2(resnet18.layer1(
+            resnet18.maxpool(resnet18.relu(resnet18.bn1(resnet18.conv1(x))))))))
+    capture = forward_with_capture(resnet18, x, resolve_layers(resnet18, "layer4"), record_graph=True)
+    torch.testing.assert_close(capture.activations[0].detach(), reference)
+
+
+def test_no_graph_is_recorded_below_the_target_layer(tiny_net: nn.Module, images: Tensor) -> None:
+    layers = resolve_layers(tiny_net, "features.2")
+    capture = forward_with_capture(tiny_net, images, layers, record_graph=True)
+    activation = capture.activations[0]
+    assert activation.is_leaf and activation.requires_grad  # the graph starts at the layer
+    assert capture.logits.requires_grad
+    # Gradients reach only the activation: parameters below it are not part of the graph at all.
+    first_conv = tiny_net.features[0].weight  # type: ignore[index]
+    with pytest.raises(RuntimeError, match="does not require grad|not have been used"):
+        torch.autograd.grad(capture.logits.sum(), first_conv)
+
+
+def test_batch_independence(resnet18: nn.Module) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    with FinerCAM(resnet18, "layer4", "layercam") as cam:
+        together = cam(x, targets=[1, 2, 3], gamma=0.6)
+        for b in range(3):
+            alone = cam(x[b : b + 1], targets=[b + 1], gamma=0.6)
+            assert torch.equal(alone.references[0], together.references[b])
+            scale = alone.raw_maps.abs().max()
+            torch.testing.assert_close(together.raw_maps[b] / scale, alone.raw_maps[0] / scale, atol=1e-5, rtol=0)
+            torch.testing.assert_close(together.maps[b], alone.maps[0], atol=1e-4, rtol=0)
+
+
+def test_dtype_is_the_models(tiny_net: nn.Module, images: Tensor) -> None:
+    model = tiny_net.double()
+    with FinerCAM(model, "features") as cam:
+        result = cam(images)  # float32 images are cast to the model's float64
+    assert result.maps.dtype == result.raw_maps.dtype == result.logits.dtype == torch.float64
+
+
+def test_inference_mode_inputs_and_context(tiny_net: nn.Module, images: Tensor) -> None:
+    expected = FinerCAM(tiny_net, "features")(images).raw_maps
+    with torch.inference_mode():
+        frozen = images.clone()
+        result = FinerCAM(tiny_net, "features")(frozen)
+    torch.testing.assert_close(result.raw_maps, expected)
+
+
+def test_no_host_copies_in_the_hot_path(tiny_net: nn.Module, images: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*_: object, **__: object) -> None:
+        raise AssertionError("host copy in the hot path")
+
+    monkeypatch.setattr(Tensor, "numpy", forbidden)
+    monkeypatch.setattr(Tensor, "cpu", forbidden)
+    monkeypatch.setattr(Tensor, "tolist", forbidden)
+    for method in METHODS:
+        FinerCAM(tiny_net, "features", method).sweep(images, gammas=[0.0, 0.6])
+
+
+def test_an_all_zero_map_stays_zero_not_nan(linear_head_net: nn.Module) -> None:
+    x = torch.zeros(2, 3, 16, 16)
+    with torch.no_grad():
+        linear_head_net.features[0].bias.fill_(-1.0)  # type: ignore[index]
+    result = FinerCAM(linear_head_net, "features")(x)  # ReLU features are all zero
+    assert torch.equal(result.maps, torch.zeros_like(result.maps))
+    assert torch.equal(result.baseline_maps, torch.zeros_like(result.maps))
+
+
+def test_maps_are_normalised_at_input_size(resnet18: nn.Module) -> None:
+    x = torch.randn(2, 3, 70, 90)
+    result = FinerCAM(resnet18, "layer4")(x, gamma=0.3)
+    assert result.maps.shape == (2, 70, 90)
+    assert result.raw_maps.shape == (2, 3, 3)
+    assert float(result.maps.min()) == 0.0
+    assert float(result.maps.amax(dim=(1, 2)).min()) > 0.999
+
+
+def test_several_layers(resnet18: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 64)
+    result = FinerCAM(resnet18, ["layer3", "layer4"])(x)
+    assert [tuple(r.shape) for r in result.layer_raw_maps] == [(2, 4, 4), (2, 2, 2)]
+    assert result.maps.shape == (2, 64, 64)
+    with pytest.raises(InvalidArgumentError, match="layer_raw_maps"):
+        _ = result.raw_maps
+
+
+def test_token_layers_with_an_explicit_grid(timm_vit: nn.Module) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    result = FinerCAM(timm_vit, "blocks.-1.norm1", reshape=TokenGrid(4, 4, prefix_tokens=1))(x)
+    assert result.raw_maps.shape == (2, 4, 4)
+    assert result.maps.shape == (2, 32, 32)
+    with pytest.raises(ModelShapeError, match="TokenGrid"):
+        FinerCAM(timm_vit, "blocks.-1.norm1")(x)
+    with pytest.raises(ModelShapeError, match="17 tokens"):
+        FinerCAM(timm_vit, "blocks.-1.norm1", reshape=TokenGrid(5, 5))(x)
+
+
+def test_single_class_model_explains_the_logit_and_says_so(tiny_net: nn.Module, images: Tensor) -> None:
+    tiny_net.head[-1] = nn.Linear(8, 1)  # type: ignore[index]
+    result = FinerCAM(tiny_net, "features")(images)
+    assert result.references.shape == (4, 0)
+    assert not result.has_references
+    torch.testing.assert_close(result.raw_maps, result.baseline_raw_maps)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "fragment"),
+    [
+        (lambda m, x: FinerCAM(m, "layer5"), LayerNotFoundError, r"'layer5' does not exist.*did you mean 'layer4'"),
+        (lambda m, x: FinerCAM(m, "layer4.7"), LayerNotFoundError, "index 7 is out of range"),
+        (lambda m, x: FinerCAM(m, 42), InvalidTypeError, "dotted name"),
+        (lambda m, x: FinerCAM(m, "layer4", "gradcam3"), InvalidArgumentError, "unknown CAM method 'gradcam3'"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, targets=10), InvalidArgumentError, "10 classes"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, gamma=-0.5), InvalidArgumentError, "-0.5"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, gamma=float("nan")), InvalidArgumentError, ">= 0"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, gamma=True), InvalidTypeError, "real number"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, references=[[1, 2]]), InvalidArgumentError, "list of 2 lists"),
+        (
+            lambda m, x: FinerCAM(m, "layer4")(x, references=torch.ones(2, 2, 2, dtype=torch.long)),
+            InvalidArgumentError,
+            r"\(B, T\)",
+        ),
+        (lambda m, x: FinerCAM(m, "layer4")(x[0]), InvalidArgumentError, "4-D batch.*unsqueeze"),
+        (lambda m, x: FinerCAM(m, "layer4")(x.long()), InvalidTypeError, "floating-point"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, aggregation="max"), InvalidArgumentError, "'mean', 'softmax'"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, num_references=0), InvalidArgumentError, "num_references"),
+        (lambda m, x: FinerCAM(m, "layer4").sweep(x, gammas=[]), InvalidArgumentError, "gammas is empty"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(resnet18: nn.Module, call, error, fragment) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(error, match=fragment):
+        call(resnet18, x)
+
+
+def test_a_layer_that_does_not_feed_the_logits(tiny_net: nn.Module, images: Tensor) -> None:
+    tiny_net.unused = nn.Conv2d(3, 3, 1)  # type: ignore[assignment]
+    with pytest.raises(ModelOutputError, match="did not run"):
+        FinerCAM(tiny_net, "unused")(images)
+
+
+def test_a_model_without_class_logits(tiny_net: nn.Module, images: Tensor) -> None:
+    with pytest.raises(ModelOutputError, match=r"shape \(4, 8, 8, 8\); expected \(B, C\)"):
+        FinerCAM(tiny_net.features, "2")(images)
