@@ -104,7 +104,7 @@ def test_no_graph_is_recorded_below_the_target_layer(tiny_net: nn.Module, images
     assert capture.logits.requires_grad
     # Gradients reach only the activation: parameters below it are not part of the graph at all.
     first_conv = tiny_net.features[0].weight  # type: ignore[index]
-    with pytest.raises(RuntimeError, match="does not require grad|not have been used"):
+    with pytest.raises(RuntimeError, match=r"does not require grad|not have been used"):
         torch.autograd.grad(capture.logits.sum(), first_conv)
 
 

@@ -75,7 +75,7 @@ def test_fewer_classes_than_t_and_a_single_class() -> None:
     assert not (refs.indices == targets[:, None]).any()
     single = select_references("nearest", torch.randn(2, 1), torch.zeros(2, dtype=torch.long), 3)
     assert single.indices.shape == (2, 0)
-    u, v = contrast_terms(torch.randn(2, 1), torch.zeros(2, dtype=torch.long), single, "softmax")
+    _, v = contrast_terms(torch.randn(2, 1), torch.zeros(2, dtype=torch.long), single, "softmax")
     assert torch.equal(v, torch.zeros(2))
 
 
@@ -116,7 +116,7 @@ def test_softmax_aggregation_equals_grad_cam_finer_weighted_target_with_gradient
     rows = [[1, 2, 3], [0, 6, 5], [2, 3, 1]]
     ours = finer_score(logits, targets, References(torch.tensor(rows), "explicit"), gamma, "softmax")
     oracle = torch.stack(
-        [FinerWeightedTarget(int(c), r, gamma)(logits[i]) for i, (c, r) in enumerate(zip(targets, rows))]
+        [FinerWeightedTarget(int(c), r, gamma)(logits[i]) for i, (c, r) in enumerate(zip(targets, rows, strict=True))]
     )
     torch.testing.assert_close(ours, oracle, rtol=1e-12, atol=1e-12)
     # The probabilities are not detached: gradients agree too.

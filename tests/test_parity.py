@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
 from torch import Tensor, nn
 from torchcam import methods as torchcam_methods
 
-from finercam import FinerCAM, TokenGrid
+from finercam import FinerCAM
 from finercam.postprocess import normalize_maps
 
 TOLERANCE = 1e-4
@@ -100,7 +100,6 @@ def test_grad_cam_default_references_are_our_nearest(resnet18: nn.Module, timm_v
     oracle = GradCamFinerCAM(model, [model.get_submodule(layer)], reshape_transform=reshape)
     oracle_maps = torch.from_numpy(oracle(x, alpha=1.0))
     oracle.base_cam.activations_and_grads.release()
-    size = (x.shape[-2], x.shape[-1])
     torch.testing.assert_close(ours.maps, oracle_maps, atol=TOLERANCE, rtol=0)
 
 
