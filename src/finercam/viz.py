@@ -1,0 +1,158 @@
+"""Overlays of maps on images and a labelled comparison figure (needs matplotlib: ``pip install finercam[viz]``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = Tensor | np.ndarray
+
+
+class MissingDependencyError(ModuleNotFoundError):
+    """An optional dependency of the figures (matplotlib) is not installed."""
+
+
+def _matplotlib() -> ModuleType:
+    """Import matplotlib with the non-interactive Agg backend, or explain how to install it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MissingDependencyError(
+            "finercam's figures need matplotlib, which is not installed: pip install finercam[viz]"
+        ) from error
+    matplotlib.use("Agg", force=True)
+    return matplotlib
+
+
+def _to_numpy_image(image: ArrayLike) -> np.ndarray:
+    """An image ``(3, H, W)`` or ``(H, W, 3)`` (tensor or array) as a float ``(H, W, 3)`` array in ``[0, 1]``."""
+    array = image.detach().cpu().float().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=float)
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"expected an image (3, H, W) or (H, W, 3); got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:  # normalised pixels: stretch for display
+        array = (array - low) / (high - low + 1e-7)
+    return np.clip(array, 0.0, 1.0)
+
+
+def _to_numpy_map(cam: ArrayLike) -> np.ndarray:
+    array = cam.detach().cpu().float().numpy() if isinstance(cam, Tensor) else np.asarray(cam, dtype=float)
+    if array.ndim != 2:
+        raise ValueError(f"expected a map (H, W); got shape {array.shape}")
+    return np.clip(array, 0.0, 1.0)
+
+
+def overlay(image: ArrayLike, cam: ArrayLike, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """Blend a colour-mapped map in ``[0, 1]`` over an image: ``(1 - alpha) * image + alpha * cmap(map)``.
+
+    Args:
+        image: ``(3, H, W)`` or ``(H, W, 3)`` pixels (stretched to ``[0, 1]`` if outside it).
+        cam: ``(H, W)`` map in ``[0, 1]``, e.g. ``result.maps[i]``.
+        alpha: weight of the map.
+        cmap: a matplotlib colormap name (``"jet"``, ``"inferno"``).
+
+    Returns:
+        An ``(H, W, 3)`` float array in ``[0, 1]``.
+    """
+    matplotlib = _matplotlib()
+    pixels, heat = _to_numpy_image(image), _to_numpy_map(cam)
+    if pixels.shape[:2] != heat.shape:
+        raise ValueError(f"image is {pixels.shape[:2]} but the map is {heat.shape}; resize one to the other")
+    colours = matplotlib.colormaps[cmap](heat)[..., :3]
+    return np.clip((1 - alpha) * pixels + alpha * colours, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of :func:`save_comparison`.
+
+    Attributes:
+        title: the column header (first row).
+        maps: ``(B, H, W)`` maps in ``[0, 1]`` to overlay; ``None`` shows the image alone.
+        captions: one line (or a few) per row, under the header.
+        outlines: ``(B, H, W)`` boolean masks drawn as white contours, e.g. the difference mask.
+        mark_peak: mark each map's maximum with a cross (the pointing game's answer).
+    """
+
+    title: str
+    maps: Tensor | None = None
+    captions: Sequence[str] | None = None
+    outlines: Tensor | None = None
+    mark_peak: bool = True
+
+
+def save_comparison(
+    path: str | Path,
+    images: Tensor,
+    columns: Sequence[Column],
+    *,
+    row_labels: Sequence[str] | None = None,
+    suptitle: str | None = None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    panel_inches: float = 2.3,
+    dpi: int = 110,
+) -> Path:
+    """Save a grid figure: one row per image, one panel per :class:`Column`; returns the path written.
+
+    Args:
+        path: the output file (``.png``, ``.pdf``, ``.svg``...); parent folders are created.
+        images: ``(B, 3, H, W)`` images in ``[0, 1]`` (or normalised pixels, stretched for display).
+        columns: what to show in each column.
+        row_labels: one label per row, at the left of the row.
+        suptitle: a title over the whole figure.
+    """
+    _matplotlib()
+    import matplotlib.pyplot as plt
+
+    rows, cols = images.shape[0], len(columns)
+    figure, axes = plt.subplots(
+        rows, cols, figsize=(panel_inches * cols, (panel_inches + 0.45) * rows + 0.6), squeeze=False
+    )
+    try:
+        for column_index, column in enumerate(columns):
+            for row in range(rows):
+                axis: Any = axes[row, column_index]
+                picture = (
+                    _to_numpy_image(images[row])
+                    if column.maps is None
+                    else overlay(images[row], column.maps[row], alpha=alpha, cmap=cmap)
+                )
+                axis.imshow(picture, interpolation="nearest")
+                if column.outlines is not None:
+                    mask = column.outlines[row].detach().cpu().float().numpy()
+                    if mask.any():
+                        axis.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
+                if column.maps is not None and column.mark_peak:
+                    peak = int(torch.argmax(column.maps[row]))
+                    y, x = divmod(peak, column.maps.shape[-1])
+                    axis.plot(x, y, marker="x", color="white", markersize=7, markeredgewidth=2)
+                caption = column.captions[row] if column.captions is not None else ""
+                header = f"{column.title}\n" if row == 0 else ""
+                axis.set_title(header + caption, fontsize=8, fontweight="normal")
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if column_index == 0 and row_labels is not None:
+                    axis.set_ylabel(row_labels[row], fontsize=8)
+        if suptitle:
+            figure.suptitle(suptitle, fontsize=10)
+        figure.tight_layout()
+        output = Path(path)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(output, dpi=dpi)
+    finally:
+        plt.close(figure)
+    return output
