@@ -19,10 +19,11 @@ from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
 from torch import Tensor, nn
 from torchcam import methods as torchcam_methods
 
-from finercam import FinerCAM
+from finercam import CAMResult, FinerCAM
 from finercam.postprocess import normalize_maps
 
 TOLERANCE = 1e-4
+GAMMA = 0.6
 GRAD_CAM_METHODS = {
     "gradcam": GradCAM,
     "hirescam": HiResCAM,
@@ -43,6 +44,17 @@ def _setup(name: str, resnet18: nn.Module, timm_vit: nn.Module) -> tuple[nn.Modu
     if name == "resnet18":
         return resnet18, "layer4", None, torch.randn(3, 3, 64, 64)
     return timm_vit, "blocks.1.norm1", _vit_grid, torch.randn(3, 3, 32, 32)
+
+
+def _ours(
+    name: str, method: str, aggregation: str, resnet18: nn.Module, timm_vit: nn.Module, gamma: float = GAMMA
+) -> tuple[nn.Module, str, object, Tensor, CAMResult]:
+    """The model, its layer, reshape and input, and finercam's explanation with 3 nearest references."""
+    model, layer, reshape, x = _setup(name, resnet18, timm_vit)
+    result = FinerCAM(model, layer, method, reshape=reshape)(  # type: ignore[arg-type]
+        x, references="nearest", num_references=3, gamma=gamma, aggregation=aggregation
+    )
+    return model, layer, reshape, x, result
 
 
 def _relative(actual: Tensor, expected: Tensor) -> float:
@@ -66,15 +78,11 @@ def _grad_cam_convention(raw: Tensor, size: tuple[int, int]) -> Tensor:
 def test_parity_with_grad_cam_finer_cam(
     resnet18: nn.Module, timm_vit: nn.Module, model_name: str, method: str
 ) -> None:
-    model, layer, reshape, x = _setup(model_name, resnet18, timm_vit)
-    gamma = 0.6
-    ours = FinerCAM(model, layer, method, reshape=reshape)(
-        x, references="nearest", num_references=3, gamma=gamma, aggregation="softmax"
-    )
+    model, layer, reshape, x, ours = _ours(model_name, method, "softmax", resnet18, timm_vit)
     module = model.get_submodule(layer)
     oracle = GradCamFinerCAM(model, [module], reshape_transform=reshape, base_method=GRAD_CAM_METHODS[method])
     targets = [
-        FinerWeightedTarget(int(c), [int(d) for d in refs], gamma)
+        FinerWeightedTarget(int(c), [int(d) for d in refs], GAMMA)
         for c, refs in zip(ours.targets, ours.references, strict=True)
     ]
     oracle_maps = torch.from_numpy(oracle(x, targets=targets))
@@ -95,8 +103,7 @@ def test_parity_with_grad_cam_finer_cam(
 @pytest.mark.parametrize("model_name", ["resnet18", "vit"])
 def test_grad_cam_default_references_are_our_nearest(resnet18: nn.Module, timm_vit: nn.Module, model_name: str) -> None:
     """End to end with grad-cam choosing its own (nearest, top-prediction) references."""
-    model, layer, reshape, x = _setup(model_name, resnet18, timm_vit)
-    ours = FinerCAM(model, layer, reshape=reshape)(x, references="nearest", gamma=1.0, aggregation="softmax")
+    model, layer, reshape, x, ours = _ours(model_name, "gradcam", "softmax", resnet18, timm_vit, gamma=1.0)
     oracle = GradCamFinerCAM(model, [model.get_submodule(layer)], reshape_transform=reshape)
     oracle_maps = torch.from_numpy(oracle(x, alpha=1.0))
     oracle.base_cam.activations_and_grads.release()
@@ -108,13 +115,11 @@ def test_grad_cam_default_references_are_our_nearest(resnet18: nn.Module, timm_v
 def test_parity_with_torchcam_finer_cam(
     resnet18: nn.Module, timm_vit: nn.Module, model_name: str, method: str
 ) -> None:
-    model, layer, reshape, x = _setup(model_name, resnet18, timm_vit)
-    gamma = 0.6
-    ours = FinerCAM(model, layer, method, reshape=reshape)(x, references="nearest", num_references=3, gamma=gamma)
+    model, layer, reshape, x, ours = _ours(model_name, method, "mean", resnet18, timm_vit)
     input_shape = tuple(x.shape[1:])
     kwargs = {"reshape_transform": reshape} if reshape is not None else {}
     with torchcam_methods.FinerCAM(
-        model, layer, input_shape=input_shape, base_method=TORCHCAM_METHODS[method], gamma=gamma,
+        model, layer, input_shape=input_shape, base_method=TORCHCAM_METHODS[method], gamma=GAMMA,
         num_references=3, **kwargs,
     ) as extractor:
         scores = model(x)
