@@ -180,7 +180,7 @@ def test_token_layers_with_an_explicit_grid(timm_vit: nn.Module) -> None:
     assert result.raw_maps.shape == (2, 4, 4)
     assert result.maps.shape == (2, 32, 32)
     with pytest.raises(ModelShapeError, match="TokenGrid"):
-        FinerCAM(timm_vit, "blocks.-1.norm1")(x)
+        FinerCAM(timm_vit, "blocks.-1.norm1", reshape=None)(x)
     with pytest.raises(ModelShapeError, match="17 tokens"):
         FinerCAM(timm_vit, "blocks.-1.norm1", reshape=TokenGrid(5, 5))(x)
 

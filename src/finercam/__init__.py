@@ -4,8 +4,12 @@ Finer-CAM (Zhang et al., CVPR 2025) explains ``y_c - gamma * agg_t y_{d_t}`` ins
 target class ``c`` that its most similar reference classes ``d_t`` do not share.
 """
 
+from finercam.autolayer import LayerCandidate, auto_layer, candidate_layers
 from finercam.errors import (
+    AmbiguousLayoutError,
+    AutoLayerError,
     FinerCAMError,
+    GridInferenceError,
     InvalidArgumentError,
     InvalidTypeError,
     LayerNotFoundError,
@@ -24,15 +28,21 @@ __all__ = [
     "AGGREGATIONS",
     "METHODS",
     "REFERENCE_STRATEGIES",
+    "AmbiguousLayoutError",
+    "AutoLayerError",
     "CAMResult",
     "FinerCAM",
     "FinerCAMError",
+    "GridInferenceError",
     "InvalidArgumentError",
     "InvalidTypeError",
+    "LayerCandidate",
     "LayerNotFoundError",
     "ModelOutputError",
     "ModelShapeError",
     "SweepResult",
     "TokenGrid",
     "__version__",
+    "auto_layer",
+    "candidate_layers",
 ]

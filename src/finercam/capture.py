@@ -10,13 +10,16 @@ Guarantees (each is tested):
 * The model is left exactly as found: every module's train/eval flag, the global grad mode, and no hooks left behind,
   also when an exception is raised. ``requires_grad`` flags are never touched. Frozen models and in-place operations
   after the target layer work (the model continues on a copy of the recorded activation).
+
+:func:`dry_run` records every module's output shape in one pass without gradients, for ``target_layer="auto"``; it
+leaves the model as found in the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -97,8 +100,8 @@ def forward_with_capture(
             tensor = first_tensor(output)
             if tensor is None:
                 raise ModelOutputError(
-                    f"target layer {layer.name!r} returned {type(output).__name__}; expected a tensor or a tuple "
-                    "whose first element is a tensor"
+                    f"target layer {layer.name!r} returned {type(output).__name__}; expected a tensor, or a tuple, "
+                    "list, dict or ModelOutput holding one"
                 )
             if not record_graph:
                 captured[index] = tensor.detach().clone()
@@ -170,3 +173,70 @@ def vector_jacobian_products(scores: Tensor, activations: Sequence[Tensor], name
         gradients.append(torch.stack([part for part in parts if part is not None]))
         assert gradients[-1].shape[1:] == activation.shape
     return gradients
+
+
+@dataclass
+class ModuleRecord:
+    """What a dry run saw of one module.
+
+    Attributes:
+        name: the module's dotted name (``""`` for the model itself).
+        module: the module.
+        depth: how deep it sits: ``0`` for the model's children, ``-1`` for the model itself.
+        order: when its forward last finished (0, 1, 2... in finishing order).
+        calls: how many times it ran (modules reused in one forward, like torchvision's ResNet ReLUs, run twice).
+        shape: the shape of its primary output tensor, ``None`` when it emitted none.
+        identity: ``(tensor number, version)``: modules with equal identities emitted the very same tensor in the
+            same state (an in-place operation after a module changes the version).
+    """
+
+    name: str
+    module: nn.Module
+    order: int = -1
+    calls: int = 0
+    shape: tuple[int, ...] | None = None
+    identity: tuple[int, int] | None = field(default=None, repr=False)
+
+    @property
+    def depth(self) -> int:
+        return self.name.count(".") if self.name else -1
+
+
+def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
+    """Run ``model(example)`` once without gradients and record every module's output shape, in finishing order.
+
+    The model is left exactly as found: its train/eval flags and the grad mode are restored and every hook is
+    removed, also when the forward raises. Outputs are kept alive only during the run (to tell tensors apart).
+
+    Returns:
+        The records of the modules that ran, sorted by ``order``.
+    """
+    records = {id(module): ModuleRecord(name, module) for name, module in model.named_modules()}
+    alive: list[Tensor] = []  # keeps outputs alive, so that id() identifies tensors during the run
+    numbers: dict[int, int] = {}
+    finished = [0]
+
+    def hook(module: nn.Module, _inputs: object, output: object) -> None:
+        record = records[id(module)]
+        record.calls += 1
+        record.order = finished[0]
+        finished[0] += 1
+        tensor = first_tensor(output)
+        if tensor is None:
+            record.shape, record.identity = None, None
+            return
+        if id(tensor) not in numbers:
+            numbers[id(tensor)] = len(alive)
+            alive.append(tensor)
+        record.shape = tuple(tensor.shape)
+        record.identity = (numbers[id(tensor)], tensor._version)
+
+    handles = [module.register_forward_hook(hook) for module in model.modules()]
+    try:
+        with preserved_model(model), torch.inference_mode(False), torch.no_grad():
+            model(example.clone() if example.is_inference() else example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        alive.clear()
+    return sorted((r for r in records.values() if r.calls), key=lambda r: r.order)

@@ -29,3 +29,39 @@ class ModelOutputError(FinerCAMError, RuntimeError):
 
 class ModelShapeError(InvalidArgumentError):
     """A layer's activations cannot be arranged as maps ``(B, K, h, w)``."""
+
+
+class GridInferenceError(ModelShapeError):
+    """No token grid or map layout fits a layer's activations and the input size (``reshape="auto"``)."""
+
+
+class AmbiguousLayoutError(GridInferenceError):
+    """Several token grids or map layouts fit a layer's activations equally well; an explicit reshape is needed."""
+
+
+class AutoLayerError(LayerNotFoundError):
+    """``target_layer="auto"`` found no transformer block and no spatial layer in the model."""
+
+
+class MissingDependencyError(FinerCAMError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install finercam[...]`` extra."""
+
+
+class ModelNotFoundError(FinerCAMError, LookupError):
+    """A model name, model kind or hub id is unknown or not available locally; the message lists close names."""
+
+
+class ModelFileNotFoundError(FinerCAMError, FileNotFoundError):
+    """A weights, head, checkpoint or model file does not exist."""
+
+
+class WeightsError(InvalidArgumentError):
+    """A weights or head file cannot be used: wrong shapes or keys, not a state dict, or unsafe to unpickle."""
+
+
+class ModelLoadError(FinerCAMError, RuntimeError):
+    """Building a model failed for a reason other than the above, e.g. a user factory raised."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built with random weights because no pretrained weights were found locally."""

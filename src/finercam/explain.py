@@ -15,9 +15,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from finercam.autolayer import auto_layer
 from finercam.capture import extract_logits, forward_with_capture, preserved_model, vector_jacobian_products
 from finercam.errors import InvalidArgumentError, InvalidTypeError
-from finercam.layers import LayerSpec, Reshape, infer_device_dtype, resolve_layers, to_maps
+from finercam.grids import grid_reshape
+from finercam.layers import (
+    LayerSpec,
+    Reshape,
+    TargetLayer,
+    check_model,
+    infer_device_dtype,
+    resolve_layers,
+    to_maps,
+)
 from finercam.methods import get_method
 from finercam.objectives import (
     AGGREGATIONS,
@@ -34,6 +44,7 @@ from finercam.result import CAMResult, SweepResult
 from finercam.scorecam import channel_scores, score_cam_maps
 
 ReferenceSpec = str | Tensor | Sequence[Sequence[int]]
+AUTO = "auto"
 DEFAULT_GAMMA = 0.6
 DEFAULT_NUM_REFERENCES = 3
 DEFAULT_SWEEP = (0.0, 0.3, 0.6, 1.0, 2.0)
@@ -68,11 +79,15 @@ def _check_images(images: object) -> Tensor:
     return images
 
 
+def _is_auto(target_layer: object) -> bool:
+    return isinstance(target_layer, str) and target_layer == AUTO
+
+
 class FinerCAM:
     """Finer-CAM explanations of a classifier.
 
     Example:
-        >>> with FinerCAM(model, target_layer="layer4", method="gradcam") as cam:  # doctest: +SKIP
+        >>> with FinerCAM(model) as cam:  # doctest: +SKIP  (target layer and token grid found automatically)
         ...     result = cam(images, references="nearest", num_references=3, gamma=0.6)
         >>> result.maps.shape  # doctest: +SKIP
         torch.Size([8, 224, 224])
@@ -82,11 +97,15 @@ class FinerCAM:
 
     Args:
         model: a classifier returning logits ``(B, C)`` (or a tuple / an output with ``.logits``).
-        target_layer: a submodule, its dotted name (``"layer4"``, ``"blocks.-1.norm1"``), or a list of those.
+        target_layer: ``"auto"`` (default: the last transformer block's first norm, or a CNN's last spatial stage;
+            see :mod:`finercam.autolayer`; resolved at the first call, on its images, and kept), a submodule, its
+            dotted name (``"layer4"``, ``"blocks.-1.norm1"``), or a list of those.
         method: a base CAM from :data:`finercam.methods.METHODS` (``gradcam``, ``hirescam``, ``xgradcam``,
             ``gradcam++``, ``layercam``, ``scorecam``).
-        reshape: turns a token layer's output ``(B, N, D)`` into maps ``(B, D, h, w)``, e.g.
-            :class:`finercam.TokenGrid`; ``None`` for layers that already emit maps.
+        reshape: ``"auto"`` (default: inferred per layer and per call from the activation, the image size and the
+            model, see :func:`finercam.grids.grid_reshape`), a callable turning a layer's output into maps
+            ``(B, K, h, w)`` for every layer (e.g. :class:`finercam.TokenGrid`), or ``None`` for layers that
+            already emit channels-first maps.
         classifier_weights: the classifier's ``(C, D)`` rows or the linear head, for ``references="weights"``.
         score_batch_size: masked inputs per forward pass for Score-CAM.
     """
@@ -94,21 +113,24 @@ class FinerCAM:
     def __init__(
         self,
         model: nn.Module,
-        target_layer: LayerSpec | Sequence[LayerSpec],
+        target_layer: LayerSpec | Sequence[LayerSpec] = AUTO,
         method: str = "gradcam",
         *,
-        reshape: Reshape | None = None,
+        reshape: Reshape | str | None = AUTO,
         classifier_weights: ClassifierWeights | None = None,
         score_batch_size: int = 64,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if reshape is not None and not callable(reshape):
-            raise InvalidTypeError(f"reshape must be callable (e.g. TokenGrid(14, 14)); got {type(reshape).__name__}")
+        check_model(model)
+        if isinstance(reshape, str) and reshape != AUTO:
+            raise InvalidArgumentError(f"reshape must be 'auto', None or a callable; got {reshape!r}")
+        if reshape is not None and not isinstance(reshape, str) and not callable(reshape):
+            raise InvalidTypeError(
+                f"reshape must be 'auto', None or a callable (e.g. TokenGrid(14, 14)); got {type(reshape).__name__}"
+            )
         if isinstance(score_batch_size, bool) or not isinstance(score_batch_size, int) or score_batch_size < 1:
             raise InvalidArgumentError(f"score_batch_size must be a positive int; got {score_batch_size!r}")
         self.model = model
-        self.layers = resolve_layers(model, target_layer)
+        self._layers = None if _is_auto(target_layer) else resolve_layers(model, target_layer)
         self.method = get_method(method)
         self.reshape = reshape
         self.classifier_weights = classifier_weights
@@ -121,10 +143,22 @@ class FinerCAM:
         return None
 
     def __repr__(self) -> str:
-        return (
-            f"FinerCAM(model={type(self.model).__name__}, target_layer={[layer.name for layer in self.layers]}, "
-            f"method={self.method.name!r})"
-        )
+        layers = "'auto'" if self._layers is None else [layer.name for layer in self._layers]
+        return f"FinerCAM(model={type(self.model).__name__}, target_layer={layers}, method={self.method.name!r})"
+
+    @property
+    def layers(self) -> tuple[TargetLayer, ...]:
+        """The target layers. With ``target_layer="auto"`` not yet resolved by a call, resolving it here makes a
+        dry run at the size the model declares (else 224 x 224)."""
+        if self._layers is None:
+            self._layers = resolve_layers(self.model, auto_layer(self.model))
+        return self._layers
+
+    def _resolve_layers(self, images: Tensor) -> tuple[TargetLayer, ...]:
+        """The target layers, ``"auto"`` resolved on the first of ``images`` (model already in eval mode)."""
+        if self._layers is None:
+            self._layers = resolve_layers(self.model, auto_layer(self.model, example=images[:1]))
+        return self._layers
 
     def __call__(
         self,
@@ -183,6 +217,7 @@ class FinerCAM:
         device, dtype = infer_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype or images.dtype)
         with torch.inference_mode(False), preserved_model(self.model):
+            self._resolve_layers(images)
             return self._explain(
                 images, gamma_values, targets, references, num_references, aggregation,
                 classifier_weights if classifier_weights is not None else self.classifier_weights,
@@ -206,10 +241,15 @@ class FinerCAM:
         chosen = select_references(references, logits, target_classes, num_references, weights)
         gamma = torch.tensor(gammas, dtype=logits.dtype, device=logits.device)
 
+        reshapes = self._reshapes(capture.activations, images)
         if method.uses_gradients:
-            raw, baseline = self._gradient_maps(capture.activations, logits, target_classes, chosen, aggregation, gamma)
+            raw, baseline = self._gradient_maps(
+                capture.activations, reshapes, logits, target_classes, chosen, aggregation, gamma
+            )
         else:
-            raw, baseline = self._score_maps(capture.activations, images, target_classes, chosen, aggregation, gamma)
+            raw, baseline = self._score_maps(
+                capture.activations, reshapes, images, target_classes, chosen, aggregation, gamma
+            )
 
         size = (images.shape[-2], images.shape[-1])
         return SweepResult(
@@ -227,17 +267,25 @@ class FinerCAM:
             gammas=gammas,
         )
 
-    def _activation_maps(self, activation: Tensor) -> Tensor:
-        return to_maps(activation, self.reshape)
+    def _reshapes(self, activations: tuple[Tensor, ...], images: Tensor) -> list[Reshape | None]:
+        """The reshape of each layer: the user's, or inferred from its activation and the image size."""
+        if not isinstance(self.reshape, str):
+            return [self.reshape] * len(activations)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return [
+            grid_reshape(self.model, layer.module, tuple(activation.shape), size, batch_size=images.shape[0])
+            for layer, activation in zip(self.layers, activations, strict=True)
+        ]
 
-    def _stacked_maps(self, stacked: Tensor) -> Tensor:
-        """Reshape a stack ``(S, B, ...)`` of layer-shaped tensors into ``(S, B, K, h, w)``."""
-        maps = self._activation_maps(stacked.flatten(0, 1))
-        return maps.unflatten(0, stacked.shape[:2])
+    @staticmethod
+    def _stacked_maps(stacked: Tensor, reshape: Reshape | None) -> Tensor:
+        """Reshape a stack ``(S, ...)`` of layer-shaped tensors (one per score) into ``(S, B, K, h, w)``."""
+        return torch.stack([to_maps(tensor, reshape) for tensor in stacked])
 
     def _gradient_maps(
         self,
         activations: tuple[Tensor, ...],
+        reshapes: list[Reshape | None],
         logits: Tensor,
         targets: Tensor,
         references: References,
@@ -253,9 +301,9 @@ class FinerCAM:
         compute = self.method.compute
         assert compute is not None
         raw_per_layer, baseline_per_layer = [], []
-        for activation, gradient in zip(activations, gradients, strict=True):
-            maps = self._activation_maps(activation.detach())
-            grads = self._stacked_maps(gradient)
+        for activation, gradient, reshape in zip(activations, gradients, reshapes, strict=True):
+            maps = to_maps(activation.detach(), reshape)
+            grads = self._stacked_maps(gradient, reshape)
             if self.method.linear_in_gradient:
                 terms = compute(maps, grads)
                 raw = terms[0] - gamma[:, None, None, None] * terms[1]
@@ -270,6 +318,7 @@ class FinerCAM:
     def _score_maps(
         self,
         activations: tuple[Tensor, ...],
+        reshapes: list[Reshape | None],
         images: Tensor,
         targets: Tensor,
         references: References,
@@ -279,8 +328,8 @@ class FinerCAM:
         """Score-CAM raw maps per layer: one set of masked forwards serves every gamma and the baseline."""
         forward: Callable[[Tensor], Tensor] = lambda batch: extract_logits(self.model(batch))  # noqa: E731
         raw_per_layer, baseline_per_layer = [], []
-        for activation in activations:
-            maps = self._activation_maps(activation)
+        for activation, reshape in zip(activations, reshapes, strict=True):
+            maps = to_maps(activation, reshape)
             u, v, target_logit = channel_scores(
                 forward, images, maps, targets, references, aggregation, self.score_batch_size
             )

@@ -3,13 +3,16 @@
 A target layer is given as a module, a dotted name (``"layer4"``, ``"blocks.-1.norm1"``: integer parts index
 ``nn.Sequential`` / ``nn.ModuleList`` containers and may be negative), or a list of those. Transformer layers emit
 token sequences ``(B, N, D)``; a :class:`TokenGrid` (or any callable) turns them into activation maps
-``A`` of shape ``(B, K, h, w)`` as every base CAM expects.
+``A`` of shape ``(B, K, h, w)`` as every base CAM expects; :class:`ChannelsLast` does so for Swin's ``(B, h, w, C)``.
+:mod:`finercam.grids` picks the right one automatically. A layer may return a tensor, a tuple or list (HF layers
+return ``(hidden_states, attentions)``), a dict or an HF ``ModelOutput``: its first tensor is its activation.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,18 @@ class TargetLayer:
 
     name: str
     module: nn.Module
+
+
+def check_model(model: object) -> nn.Module:
+    """Return ``model`` if finercam can hook it: an ``nn.Module`` that is not TorchScript."""
+    if not isinstance(model, nn.Module):
+        raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidTypeError(
+            f"model is a TorchScript module ({type(model).__name__}): PyTorch runs no forward hooks on TorchScript, "
+            "so no layer can be recorded. Explain the Python model instead (build it and load its state dict)."
+        )
+    return model
 
 
 def _child(parent: nn.Module, part: str, path: str) -> nn.Module:
@@ -137,13 +152,36 @@ class TokenGrid:
         return patches.reshape(tokens.shape[0], self.height, self.width, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
+@dataclass(frozen=True)
+class ChannelsLast:
+    """Permute channel-last activations ``(B, h, w, C)`` (Swin) into maps ``(B, C, h, w)``."""
+
+    def __call__(self, activation: Tensor) -> Tensor:
+        if activation.ndim != 4:
+            raise ModelShapeError(f"ChannelsLast expects (B, h, w, C); got {tuple(activation.shape)}")
+        return activation.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class SequenceFirst:
+    """Transpose sequence-first tokens ``(N, B, D)`` to ``(B, N, D)``, then apply ``grid``."""
+
+    grid: TokenGrid
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if tokens.ndim != 3:
+            raise ModelShapeError(f"SequenceFirst expects tokens (N, B, D); got {tuple(tokens.shape)}")
+        return self.grid(tokens.transpose(0, 1))
+
+
 def to_maps(activation: Tensor, reshape: Reshape | None) -> Tensor:
     """Apply ``reshape`` (if any) and check that the result is ``(B, K, h, w)``."""
     maps = reshape(activation) if reshape is not None else activation
     if not isinstance(maps, Tensor) or maps.ndim != 4:
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
         hint = (
-            " A transformer layer emits tokens (B, N, D): pass reshape=TokenGrid(h, w, prefix_tokens)."
+            " A transformer layer emits tokens (B, N, D): use reshape='auto' (the default) or pass "
+            "reshape=TokenGrid(h, w, prefix_tokens)."
             if isinstance(maps, Tensor) and maps.ndim == 3
             else ""
         )
@@ -153,21 +191,57 @@ def to_maps(activation: Tensor, reshape: Reshape | None) -> Tensor:
     return maps
 
 
-def first_tensor(output: object) -> Tensor | None:
-    """The tensor a layer emits: the output itself, or the first element of a tuple or list."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
+def _first_tensor_key(output: object) -> int | str | None:
+    """Where the primary tensor of a layer's output sits: an index of a tuple or list, a key of a mapping."""
+    if isinstance(output, tuple | list):
+        return next((i for i, item in enumerate(output) if isinstance(item, Tensor)), None)
+    if isinstance(output, Mapping):  # dicts and HF ModelOutputs (their None fields are not keys)
+        return next((key for key, item in output.items() if isinstance(item, Tensor)), None)
     return None
 
 
+def first_tensor(output: object) -> Tensor | None:
+    """The tensor a layer emits: the output itself, the first tensor of a tuple or list (HF layers return
+    ``(hidden_states, attention)``), or the first tensor value of a dict or HF ``ModelOutput``."""
+    if isinstance(output, Tensor):
+        return output
+    key = _first_tensor_key(output)
+    if key is None:
+        return None
+    return output[key]  # type: ignore[index]
+
+
 def replace_first_tensor(output: object, tensor: Tensor) -> object:
-    """Return ``output`` with its primary tensor (see :func:`first_tensor`) replaced by ``tensor``."""
+    """Return a copy of ``output`` with its primary tensor (see :func:`first_tensor`) replaced by ``tensor``."""
     if isinstance(output, Tensor):
         return tensor
-    assert isinstance(output, tuple | list)
-    return type(output)([tensor, *output[1:]])
+    key = _first_tensor_key(output)
+    if key is None:
+        raise InvalidTypeError(f"the layer output {type(output).__name__} holds no tensor to replace")
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+        return output._replace(**{output._fields[key]: tensor})  # type: ignore[index, attr-defined]
+    if isinstance(output, tuple | list):
+        items = list(output)
+        items[key] = tensor  # type: ignore[index]
+        return type(output)(items)
+    if not isinstance(output, MutableMapping):
+        raise InvalidTypeError(f"the layer output {type(output).__name__} is a read-only mapping; cannot replace it")
+    copied = copy.copy(output)  # a ModelOutput copy keeps its type, its fields and their attributes in sync
+    copied[key] = tensor
+    return copied
+
+
+def int_pair(value: object) -> tuple[int, int] | None:
+    """``(a, b)`` from a positive int ``a`` (``(a, a)``) or a pair of positive ints; ``None`` for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, value
+    if (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    return None
 
 
 def infer_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:

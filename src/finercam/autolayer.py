@@ -1,0 +1,318 @@
+"""Choosing the target layer automatically: ``target_layer="auto"``.
+
+Two rules, searched over the whole module tree (so a backbone wrapped with a head is found):
+
+1. **Transformers.** A *transformer block* is a module with a LayerNorm-like first norm child (``norm1``: timm ViT,
+   DeiT, DINOv2 with or without registers, Swin, HF DINOv2; ``ln_1``: torchvision ViT, open_clip; ``layernorm_before``:
+   HF ViT and Swin; ``layer_norm1``: HF CLIP) next to an attention child (its name contains ``attn`` or
+   ``attention``). The choice is the **last block's first norm**, the layer of the Finer-CAM paper and of CLIP-ES:
+   its output still holds one token per patch, and it feeds the last attention that mixes them into the logits.
+   Hierarchical transformers (Swin) have one stack of blocks per stage; the choice is again the last block's first
+   norm, which sits in the last stage (stride 32, channel-last ``(B, h, w, C)`` in timm and torchvision).
+   When several stacks exist (stages, or a text and an image tower), a dry run keeps those that ran on the image.
+2. **CNNs.** A dry run (one forward pass without gradients on a zero image, or on the user's first image) records
+   every module's output. The choice is the module that finishes last with a 4-D output larger than 1 x 1, ignoring
+   modules run more than once and trivial ones (identity, activations, dropout, flatten, adaptive pooling). Of the
+   modules that emitted that very tensor (a stage and its last block), the shallowest one that is not a container of
+   several resolutions is named: ``layer4`` for a ResNet, ``stages.3`` for a timm ConvNeXt, ``features.7`` for a
+   torchvision ConvNeXt. The result depends on the image size: at inputs so small that the last stage is 1 x 1,
+   the stage before it is chosen.
+
+Names are canonical (``model.named_modules()``), e.g. ``blocks.11.norm1``; :func:`finercam.layers.resolve_layer`
+accepts them. Dry runs leave the model exactly as found (see :func:`finercam.capture.dry_run`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from finercam.capture import ModuleRecord, dry_run
+from finercam.errors import AutoLayerError, InvalidArgumentError, InvalidTypeError, ModelOutputError
+from finercam.grids import plausible_grid
+from finercam.layers import check_model, infer_device_dtype, int_pair
+
+FIRST_NORM_NAMES = ("norm1", "ln_1", "layernorm_before", "layer_norm1")
+DEFAULT_IMAGE_SIZE = (224, 224)
+_TRIVIAL_NAMES = frozenset(
+    {"Identity", "DropPath", "Flatten", "Unflatten", "GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "Mish",
+     "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "Hardswish"}
+)
+_TRIVIAL_TYPES = (
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+
+@dataclass(frozen=True)
+class LayerCandidate:
+    """A layer ``target_layer="auto"`` considered.
+
+    Attributes:
+        name: canonical dotted name, accepted by ``FinerCAM(model, target_layer=name)``.
+        kind: ``"vit-block-<norm>"`` (first norm of a ViT block), ``"swin-block-<norm>"`` (of a hierarchical
+            transformer block) or ``"cnn-stage"`` (last module at one spatial resolution).
+        output_shape: its output shape for one image (batch dimension 1), ``None`` when no dry run was made.
+        recommended: whether ``target_layer="auto"`` picks it (exactly one candidate).
+        description: a short human explanation.
+    """
+
+    name: str
+    kind: str
+    output_shape: tuple[int, ...] | None
+    recommended: bool
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TransformerBlock:
+    """A transformer block: its dotted name and the attribute name of its first norm."""
+
+    name: str
+    norm: str
+
+    @property
+    def layer(self) -> str:
+        return f"{self.name}.{self.norm}" if self.name else self.norm
+
+    @property
+    def stack(self) -> str:
+        return self.name.rpartition(".")[0]
+
+
+def _is_layer_norm(module: nn.Module) -> bool:
+    """LayerNorm-like: a ``normalized_shape`` (LayerNorm, RMSNorm) or a ``*Norm`` class that is not a batch norm."""
+    name = type(module).__name__
+    return hasattr(module, "normalized_shape") or ("Norm" in name and "BatchNorm" not in name)
+
+
+def _first_norm(module: nn.Module) -> str | None:
+    for attribute in FIRST_NORM_NAMES:
+        child = module._modules.get(attribute)
+        if child is not None and _is_layer_norm(child):
+            return attribute
+    return None
+
+
+def _has_attention(module: nn.Module) -> bool:
+    return any("attn" in name.lower() or "attention" in name.lower() for name in module._modules)
+
+
+def transformer_blocks(model: nn.Module) -> list[TransformerBlock]:
+    """Every transformer block of ``model`` (outermost only), in registration order."""
+    blocks: list[TransformerBlock] = []
+    for name, module in model.named_modules():
+        norm = _first_norm(module)
+        if norm is None or not _has_attention(module):
+            continue
+        if not any(name.startswith(f"{block.name}.") for block in blocks if block.name):
+            blocks.append(TransformerBlock(name, norm))
+    return blocks
+
+
+def _check_image_size(image_size: object) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    pair = int_pair(image_size) if isinstance(image_size, tuple | list) else None
+    if pair is None:
+        raise InvalidArgumentError(
+            f"image_size must be (height, width) in pixels, two positive ints; got {image_size!r}"
+        )
+    return pair
+
+
+def declared_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size the model declares: timm ``patch_embed.img_size`` or ``pretrained_cfg["input_size"]``,
+    torchvision and open_clip ``image_size``, HF ``config.image_size``; ``None`` when it declares none."""
+    for module in model.modules():
+        config = getattr(module, "pretrained_cfg", None)
+        cfg_size = config.get("input_size") if isinstance(config, dict) else None
+        sources = (
+            getattr(getattr(module, "patch_embed", None), "img_size", None),
+            getattr(module, "image_size", None),
+            getattr(getattr(module, "config", None), "image_size", None),
+            tuple(cfg_size[-2:]) if isinstance(cfg_size, tuple | list) and len(cfg_size) == 3 else None,
+        )
+        for source in sources:
+            pair = int_pair(source)
+            if pair is not None:
+                return pair
+    return None
+
+
+def _example_input(model: nn.Module, image_size: tuple[int, int] | None) -> Tensor:
+    """A zero image ``(1, C, H, W)`` on the model's device: ``C`` from the first convolution (else 3)."""
+    size = image_size or declared_image_size(model) or DEFAULT_IMAGE_SIZE
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
+    device, dtype = infer_device_dtype(model)
+    return torch.zeros(1, channels, *size, device=device, dtype=dtype or torch.float32)
+
+
+def _run(model: nn.Module, example: Tensor, synthesized: bool) -> list[ModuleRecord]:
+    """Dry-run ``example``; when finercam made it up (a zero image of a guessed size), a failure says so."""
+    if not synthesized:
+        return dry_run(model, example)
+    try:
+        return dry_run(model, example)
+    except Exception as error:  # the model's own error, re-raised with what finercam tried to do
+        raise ModelOutputError(
+            f"target_layer='auto': a dry run of {type(model).__name__} on an input of shape {tuple(example.shape)} "
+            f"failed ({type(error).__name__}: {error}). Pass image_size= (the size the model expects) or "
+            "target_layer= explicitly."
+        ) from error
+
+
+def _is_trivial(module: nn.Module) -> bool:
+    name = type(module).__name__
+    if isinstance(module, _TRIVIAL_TYPES) or name in _TRIVIAL_NAMES or ("Adaptive" in name and "Pool" in name):
+        return True
+    return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(module, nn.MultiheadAttention)
+
+
+def _is_spatial(record: ModuleRecord, image_size: tuple[int, int]) -> bool:
+    """Whether ``record`` emitted channels-first maps larger than 1x1 that fit the image (and ran once)."""
+    shape = record.shape
+    return (
+        bool(record.name)
+        and record.calls == 1
+        and shape is not None
+        and len(shape) == 4
+        and (shape[-1] > 1 or shape[-2] > 1)
+        and plausible_grid(shape[-2], shape[-1], image_size)
+        and not _is_trivial(record.module)
+    )
+
+
+class _Tree:
+    """The dry run's records of spatial modules, with which modules span several resolutions."""
+
+    def __init__(self, records: list[ModuleRecord], image_size: tuple[int, int]) -> None:
+        self.maps = [record for record in records if _is_spatial(record, image_size)]
+        sizes = {record.name: record.shape[-2:] for record in self.maps if record.shape is not None}
+        self.spanning = {record.name for record in records if self._child_sizes(record, sizes) > 1}
+
+    @staticmethod
+    def _child_sizes(record: ModuleRecord, sizes: dict[str, tuple[int, ...]]) -> int:
+        """How many spatial sizes ``record``'s direct children emitted."""
+        names = (f"{record.name}.{child}" if record.name else child for child in record.module._modules)
+        return len({sizes[name] for name in names if name in sizes})
+
+    def depth(self, record: ModuleRecord) -> int:
+        """Ancestors (below the model) at a single resolution: 0 for a backbone's stages, 1 for their blocks."""
+        parts = record.name.split(".")
+        return sum(".".join(parts[:i]) not in self.spanning for i in range(1, len(parts)))
+
+    def stage(self, records: list[ModuleRecord], final: bool) -> ModuleRecord:
+        """The stage among ``records`` (one resolution, in finishing order). The final one is the last to finish;
+        an earlier one is the last among the shallowest, containers first (a stage, not a layer of the transition
+        after it). Of the modules that emitted that very tensor (a stage and its last block), the outermost that
+        spans a single resolution is named."""
+        last = records[-1]
+        if not final:
+            shallowest = min(map(self.depth, records))
+            chosen = [record for record in records if self.depth(record) == shallowest]
+            last = ([record for record in chosen if record.module._modules] or chosen)[-1]
+        same = sorted((r for r in self.maps if r.identity == last.identity), key=lambda r: r.name.count("."))
+        return next((r for r in same if r.name not in self.spanning), same[0])
+
+
+def _cnn_candidates(model: nn.Module, records: list[ModuleRecord], example: Tensor) -> list[LayerCandidate]:
+    tree = _Tree(records, (int(example.shape[-2]), int(example.shape[-1])))
+    if not tree.maps:
+        raise AutoLayerError(
+            f"target_layer='auto' found no layer in {type(model).__name__}: no transformer block (a child named "
+            f"{', '.join(FIRST_NORM_NAMES)} next to an attention module) and no module emitting a map larger than "
+            f"1x1 for an input of shape {tuple(example.shape)}. Pass target_layer= explicitly (all names: "
+            "model.named_modules())."
+        )
+    per_size: dict[tuple[int, ...], list[ModuleRecord]] = {}
+    for record in tree.maps:
+        key = record.shape[-2:]  # type: ignore[index]
+        per_size[key] = [*per_size.pop(key, []), record]  # ordered by the last module at each size
+    groups = list(per_size.values())
+    chosen = [tree.stage(group, final=index == len(groups) - 1) for index, group in enumerate(groups)]
+    stages = list({stage.name: stage for stage in chosen}.values())
+    return [
+        LayerCandidate(
+            stage.name, "cnn-stage", stage.shape, stage is stages[-1],
+            "last stage at this resolution" + (" (the last spatial layer)" if stage is stages[-1] else ""),
+        )
+        for stage in stages
+    ]
+
+
+def _transformer_candidates(
+    blocks: list[TransformerBlock], records: list[ModuleRecord] | None
+) -> list[LayerCandidate]:
+    ran = {record.name: record for record in records} if records is not None else None
+    if ran is not None:
+        blocks = sorted((b for b in blocks if b.name in ran), key=lambda b: ran[b.name].order)
+    if not blocks:
+        return []
+    stacks = list(dict.fromkeys(block.stack for block in blocks))
+    hierarchical = len(stacks) > 1 and len({re.sub(r"\d+", "#", stack) for stack in stacks}) == 1
+    family = "swin" if hierarchical else "vit"
+    candidates = []
+    for index, block in enumerate(blocks):
+        last = index == len(blocks) - 1
+        record = ran.get(block.layer) if ran is not None else None
+        candidates.append(
+            LayerCandidate(
+                block.layer, f"{family}-block-{block.norm}", record.shape if record else None, last,
+                "first norm of the " + ("last " if last else "") + ("stage's " if hierarchical else "") + "block",
+            )
+        )
+    return candidates
+
+
+def candidate_layers(
+    model: nn.Module, image_size: tuple[int, int] | None = None, *, example: Tensor | None = None
+) -> list[LayerCandidate]:
+    """The layers ``target_layer="auto"`` considers, in forward order, the chosen one marked ``recommended``.
+
+    Args:
+        model: any model, possibly a backbone wrapped with a head.
+        image_size: ``(H, W)`` of the dry run's zero image; default: the size the model declares, else 224 x 224.
+        example: an input batch for the dry run instead of a zero image (only its first image is used).
+
+    Raises:
+        AutoLayerError: no transformer block and no spatial layer was found.
+        ModelOutputError: the dry run failed (e.g. the model needs another input size).
+    """
+    check_model(model)
+    size = _check_image_size(image_size)
+    if example is not None and not isinstance(example, Tensor):
+        raise InvalidTypeError(f"example must be an input batch tensor (B, C, H, W); got {type(example).__name__}")
+    blocks = transformer_blocks(model)
+    single_stack = bool(blocks) and len({block.stack for block in blocks}) == 1
+    records: list[ModuleRecord] | None = None
+    synthesized = example is None
+    batch = _example_input(model, size) if example is None else example[:1]
+    if not single_stack or size is not None or not synthesized:
+        records = _run(model, batch, synthesized)
+    candidates = _transformer_candidates(blocks, records) if blocks else []
+    if candidates:
+        return candidates
+    assert records is not None  # without a dry run every block is a candidate
+    return _cnn_candidates(model, records, batch)
+
+
+def auto_layer(model: nn.Module, image_size: tuple[int, int] | None = None, *, example: Tensor | None = None) -> str:
+    """The canonical name of the layer ``target_layer="auto"`` picks (see the module's rules).
+
+    A model with a single stack of transformer blocks needs no forward pass; otherwise a dry run at ``image_size``
+    (or on ``example``) decides. Arguments and errors are those of :func:`candidate_layers`.
+    """
+    check_model(model)
+    _check_image_size(image_size)
+    blocks = transformer_blocks(model)
+    if blocks and len({block.stack for block in blocks}) == 1:
+        return blocks[-1].layer
+    return next(c.name for c in candidate_layers(model, image_size, example=example) if c.recommended)
