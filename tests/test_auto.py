@@ -399,9 +399,20 @@ def test_bad_auto_arguments_get_clear_errors(timm_vit: nn.Module) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_torchscript_models_get_a_clear_error(tiny_net: nn.Module) -> None:
-    scripted = torch.jit.script(tiny_net)
-    with pytest.raises(InvalidTypeError, match=r"TorchScript.*no forward hooks"):
-        FinerCAM(scripted)
-    with pytest.raises(InvalidTypeError, match="TorchScript"):
-        auto_layer(scripted)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_torchscript_models_give_the_python_models_maps(resnet18: nn.Module, frozen: bool) -> None:
+    """No hooks run inside TorchScript: the layer output is read from the graph, with the same maps as Python."""
+    resnet18.requires_grad_(not frozen)
+    scripted = torch.jit.script(resnet18)
+    x = torch.randn(2, 3, 64, 64)
+    assert auto_layer(scripted, (64, 64)) == auto_layer(resnet18, (64, 64)) == "layer4"
+    for method in ("gradcam", "layercam", "scorecam"):
+        expected = FinerCAM(resnet18, "layer4", method)(x, gamma=0.6)
+        result = FinerCAM(scripted, method=method)(x, gamma=0.6)
+        assert torch.equal(result.references, expected.references)
+        scale = expected.raw_maps.abs().max()
+        torch.testing.assert_close(result.raw_maps / scale, expected.raw_maps / scale, atol=1e-5, rtol=0)
+    assert all(p.grad is None for p in scripted.parameters())
+    assert all(p.requires_grad is not frozen for p in scripted.parameters())
+
+

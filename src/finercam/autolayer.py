@@ -95,14 +95,14 @@ def _is_layer_norm(module: nn.Module) -> bool:
 
 def _first_norm(module: nn.Module) -> str | None:
     for attribute in FIRST_NORM_NAMES:
-        child = module._modules.get(attribute)
+        child = dict(module.named_children()).get(attribute)
         if child is not None and _is_layer_norm(child):
             return attribute
     return None
 
 
 def _has_attention(module: nn.Module) -> bool:
-    return any("attn" in name.lower() or "attention" in name.lower() for name in module._modules)
+    return any("attn" in name.lower() or "attention" in name.lower() for name, _ in module.named_children())
 
 
 def transformer_blocks(model: nn.Module) -> list[TransformerBlock]:
@@ -201,7 +201,7 @@ class _Tree:
     @staticmethod
     def _child_sizes(record: ModuleRecord, sizes: dict[str, tuple[int, ...]]) -> int:
         """How many spatial sizes ``record``'s direct children emitted."""
-        names = (f"{record.name}.{child}" if record.name else child for child in record.module._modules)
+        names = (f"{record.name}.{child}" if record.name else child for child, _ in record.module.named_children())
         return len({sizes[name] for name in names if name in sizes})
 
     def depth(self, record: ModuleRecord) -> int:
@@ -218,7 +218,7 @@ class _Tree:
         if not final:
             shallowest = min(map(self.depth, records))
             chosen = [record for record in records if self.depth(record) == shallowest]
-            last = ([record for record in chosen if record.module._modules] or chosen)[-1]
+            last = ([record for record in chosen if next(record.module.children(), None) is not None] or chosen)[-1]
         same = sorted((r for r in self.maps if r.identity == last.identity), key=lambda r: r.name.count("."))
         return next((r for r in same if r.name not in self.spanning), same[0])
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from finercam.errors import ModelOutputError
 from finercam.layers import TargetLayer, first_tensor, replace_first_tensor
+from finercam.torchscript import is_scripted, module_outputs, run_with_taps
 
 
 @contextmanager
@@ -116,6 +117,8 @@ def forward_with_capture(
 
         return hook
 
+    if is_scripted(model):
+        return _scripted_capture(model, images, layers, record_graph=record_graph)
     grad_enabled = torch.is_grad_enabled()
     handles = [layer.module.register_forward_hook(make_hook(i, layer)) for i, layer in enumerate(layers)]
     try:
@@ -138,6 +141,29 @@ def forward_with_capture(
             f"{[layer.name for layer in layers]}: pick a layer that feeds the classifier"
         )
     return Capture(logits=logits, activations=tuple(t for t in captured if t is not None))
+
+
+def _scripted_capture(
+    model: nn.Module, images: Tensor, layers: Sequence[TargetLayer], *, record_graph: bool
+) -> Capture:
+    """:func:`forward_with_capture` for TorchScript, whose layers are read from the graph (no hooks run there).
+
+    The graph cannot be cut at the layer, so it is recorded from the parameters (or, for a frozen model, from the
+    input); gradients are still taken with respect to the layer outputs only.
+    """
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        with torch.inference_mode(False):
+            torch.set_grad_enabled(record_graph)
+            frozen = not any(parameter.requires_grad for parameter in model.parameters())
+            inputs = images.detach().clone().requires_grad_(True) if record_graph and frozen else images
+            output, activations = run_with_taps(model, inputs, [layer.name for layer in layers])  # type: ignore[arg-type]
+            logits = extract_logits(output)
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+    if not record_graph:
+        activations = [activation.detach() for activation in activations]
+    return Capture(logits=logits, activations=tuple(activations))
 
 
 def vector_jacobian_products(scores: Tensor, activations: Sequence[Tensor], names: Sequence[str]) -> list[Tensor]:
@@ -211,6 +237,8 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
     Returns:
         The records of the modules that ran, sorted by ``order``.
     """
+    if is_scripted(model):
+        return _scripted_dry_run(model, example)
     records = {id(module): ModuleRecord(name, module) for name, module in model.named_modules()}
     alive: list[Tensor] = []  # keeps outputs alive, so that id() identifies tensors during the run
     numbers: dict[int, int] = {}
@@ -240,3 +268,18 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
             handle.remove()
         alive.clear()
     return sorted((r for r in records.values() if r.calls), key=lambda r: r.order)
+
+
+def _scripted_dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
+    """:func:`dry_run` for TorchScript: submodule outputs are located in the graph instead of hooked."""
+    modules = dict(model.named_modules())
+    identities: dict[str, int] = {}
+    records = []
+    with preserved_model(model), torch.inference_mode(False):
+        located = module_outputs(model, example)  # type: ignore[arg-type]
+    for name, shape, order, value in located:
+        record = ModuleRecord(name, modules[name])
+        record.calls, record.order, record.shape = 1, order, shape
+        record.identity = (identities.setdefault(value, len(identities)), 0)
+        records.append(record)
+    return records

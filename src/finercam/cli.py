@@ -1,5 +1,8 @@
-"""The ``finercam`` command line: ``finercam example`` (train a toy fine-grained classifier on the spot and explain it)
-and ``finercam version``."""
+"""The ``finercam`` command line.
+
+``example`` trains a toy fine-grained classifier on the spot and explains it; ``explain`` explains one image with any
+model; ``layers`` lists a model's candidate target layers; ``train-probe`` fits a linear head on a frozen backbone;
+``version`` prints versions. User errors are printed as one line (exit status 2), never as a traceback."""
 
 from __future__ import annotations
 
@@ -38,8 +41,60 @@ def _parser() -> argparse.ArgumentParser:
         "which for a linear head is nearly the baseline map)",
     )
     example.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _add_explain(commands)
+    _add_layers(commands)
+    _add_probe(commands)
     commands.add_parser("version", help="print the versions of finercam and torch")
     return parser
+
+
+MODEL_HELP = (
+    "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH, torchscript:PATH or python:FILE.py:FACTORY"
+)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--weights", help="weights file: safetensors, or a state dict (loaded with weights_only=True)")
+    if head:
+        parser.add_argument("--head", help="a linear head (from train-probe, or an official Finer-CAM head file)")
+    parser.add_argument("--preprocess", help="preprocessing preset (default: the model's own configuration)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+
+
+def _add_explain(commands: argparse._SubParsersAction) -> None:
+    explain = commands.add_parser("explain", help="explain one image: prediction, references and a PNG")
+    explain.add_argument("image", help="the image file")
+    _add_model_arguments(explain)
+    explain.add_argument("--layer", help="target layer (default: the model's recommended layer, else auto)")
+    explain.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    explain.add_argument("--target", help="class index or name to explain (default: the top prediction)")
+    explain.add_argument("--references", default="nearest", choices=["nearest", "top", "weights"])
+    explain.add_argument("--num-references", type=int, default=3)
+    explain.add_argument("--gamma", type=float, default=DEFAULT_GAMMA)
+    explain.add_argument("--aggregation", default="mean", choices=["mean", "softmax"])
+    explain.add_argument("--out", help="PNG to write (default: <image name>.finercam.png in ./finercam-out)")
+
+
+def _add_layers(commands: argparse._SubParsersAction) -> None:
+    layers = commands.add_parser("layers", help="list a model's candidate target layers")
+    layers.add_argument("model", help=MODEL_HELP)
+    layers.add_argument("--weights")
+    layers.add_argument("--head")
+    layers.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size for the dry run")
+
+
+def _add_probe(commands: argparse._SubParsersAction) -> None:
+    probe = commands.add_parser("train-probe", help="fit a linear head on a frozen backbone over an ImageFolder")
+    _add_model_arguments(probe, head=False)
+    probe.add_argument("--data", required=True, help="ImageFolder root, or a folder with train/ and val/ (or test/)")
+    probe.add_argument("--out", required=True, help="the head file to write (.safetensors)")
+    probe.add_argument("--pooling", default="auto", help="auto, mean-patch, cls or pooled")
+    probe.add_argument("--val-fraction", type=float, default=0.2, help="held out per class without a val/ folder")
+    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--weight-decay", type=float, default=1e-4)
+    probe.add_argument("--cache", default=".finercam-cache", help="feature cache folder")
+    probe.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,15 +103,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"finercam {finercam.__version__} (torch {torch.__version__})")
         return 0
+    from finercam.errors import FinerCAMError
     from finercam.viz import MissingDependencyError
 
     try:
-        from finercam.example import run_example
+        if args.command == "example":
+            from finercam.example import run_example
 
-        return run_example(args)
+            return run_example(args)
+        from finercam import commands
+
+        return {"explain": commands.run_explain, "layers": commands.run_layers, "train-probe": commands.run_probe}[
+            args.command
+        ](args)
     except MissingDependencyError as error:
         print(f"finercam: {error}", file=sys.stderr)
         return 1
+    except FinerCAMError as error:
+        print(f"finercam {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

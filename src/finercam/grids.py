@@ -103,7 +103,7 @@ def _ancestors(model: nn.Module, module: nn.Module) -> list[nn.Module]:
         if candidate is module:
             chain = [model]
             for part in name.split(".") if name else []:
-                chain.append(chain[-1]._modules[part])  # type: ignore[arg-type]
+                chain.append(dict(chain[-1].named_children())[part])
             return chain[::-1]
     return [model]
 

@@ -33,14 +33,9 @@ class TargetLayer:
 
 
 def check_model(model: object) -> nn.Module:
-    """Return ``model`` if finercam can hook it: an ``nn.Module`` that is not TorchScript."""
+    """Return ``model`` if it is an ``nn.Module`` (TorchScript modules included)."""
     if not isinstance(model, nn.Module):
         raise InvalidTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise InvalidTypeError(
-            f"model is a TorchScript module ({type(model).__name__}): PyTorch runs no forward hooks on TorchScript, "
-            "so no layer can be recorded. Explain the Python model instead (build it and load its state dict)."
-        )
     return model
 
 
@@ -53,7 +48,7 @@ def _child(parent: nn.Module, part: str, path: str) -> nn.Module:
                 f"target layer {path!r}: index {index} is out of range for a container of {len(parent)} modules"
             )
         return parent[index]
-    child = parent._modules.get(part)
+    child = dict(parent.named_children()).get(part)
     if child is None:
         raise KeyError(part)
     return child

@@ -1,0 +1,133 @@
+"""``finercam explain IMAGE --model SPEC``: one image in; the prediction, its reference classes with their
+probabilities, and a figure with the image, the base CAM and the Finer-CAM side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from finercam.errors import InvalidArgumentError
+from finercam.explain import FinerCAM
+from finercam.images import load_image
+from finercam.methods import get_method
+from finercam.models import LoadedModel, Preprocess
+from finercam.result import CAMResult
+
+DISPLAY_MAX_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    """A class with its index, name and probability."""
+
+    index: int
+    name: str
+    probability: float
+
+    def __str__(self) -> str:
+        return f"{self.name} (class {self.index}, p={self.probability:.3f})"
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    """The explanation of one image: what was predicted, explained and contrasted, and the maps."""
+
+    prediction: ClassScore
+    target: ClassScore
+    references: tuple[ClassScore, ...]
+    result: CAMResult
+    layer: str
+
+
+def class_name(names: tuple[str, ...] | None, index: int) -> str:
+    """The name of a class, or ``class N`` when the model has no names."""
+    return names[index] if names is not None and index < len(names) else f"class {index}"
+
+
+def parse_target(target: str | None, names: tuple[str, ...] | None) -> int | None:
+    """A target given on the command line as a class index or a class name."""
+    if target is None:
+        return None
+    if target.lstrip("-").isdigit():
+        return int(target)
+    if names is not None and target in names:
+        return names.index(target)
+    known = f"; known names include {list(names[:5])}" if names else " (this model has no class names)"
+    raise InvalidArgumentError(f"--target {target!r} is neither a class index nor a class name{known}")
+
+
+def last_linear(model: nn.Module) -> nn.Linear | None:
+    """The classifier head: the last ``nn.Linear`` of the model (for ``references="weights"``)."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def explain_image(
+    loaded: LoadedModel,
+    pixels: Tensor,
+    *,
+    layer: str | None = None,
+    method: str = "gradcam",
+    target: int | None = None,
+    references: str = "nearest",
+    num_references: int = 3,
+    gamma: float = 0.6,
+    aggregation: str = "mean",
+) -> ImageExplanation:
+    """Explain one preprocessed image ``(3, H, W)`` with Finer-CAM."""
+    chosen_layer = layer or loaded.target_layer or "auto"
+    cam = FinerCAM(loaded.model, chosen_layer, method)
+    weights = last_linear(loaded.model) if references == "weights" else None
+    result = cam(
+        pixels[None], targets=target, references=references, num_references=num_references, gamma=gamma,
+        aggregation=aggregation, classifier_weights=weights,
+    )
+    probabilities = result.probabilities[0]
+    names = loaded.class_names
+
+    def score(index: int) -> ClassScore:
+        return ClassScore(index, class_name(names, index), float(probabilities[index]))
+
+    return ImageExplanation(
+        prediction=score(int(probabilities.argmax())),
+        target=score(int(result.targets[0])),
+        references=tuple(score(int(d)) for d in result.references[0] if d >= 0),
+        result=result,
+        layer=", ".join(cam_layer.name for cam_layer in cam.layers),
+    )
+
+
+def save_figure(path: Path, display: Tensor, explanation: ImageExplanation, method: str, gamma: float) -> Path:
+    """Image | base CAM | Finer-CAM, titled with the classes and probabilities."""
+    from finercam import viz
+
+    title = get_method(method).title
+    result = explanation.result
+    size = display.shape[-2:]
+    maps = [
+        torch.nn.functional.interpolate(m[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        for m in (result.baseline_maps, result.maps)
+    ]
+    versus = ", ".join(f"{r.name} ({r.probability:.2f})" for r in explanation.references) or "no reference class"
+    columns = [
+        viz.Column("image", captions=[f"predicted: {explanation.prediction}"]),
+        viz.Column(f"{title}", maps[0].cpu(), captions=[f"explains {explanation.target.name}"]),
+        viz.Column(f"Finer-CAM γ={gamma:g}", maps[1].cpu(), captions=[f"vs {versus}"]),
+    ]
+    return viz.save_comparison(path, display[None].cpu(), columns, panel_inches=3.2)
+
+
+def display_image(image_path: str | Path, preprocess: Preprocess) -> Tensor:
+    """The image to draw the maps on, ``(3, H, W)`` in ``[0, 1]``.
+
+    Without a centre crop the whole image reaches the model, so the maps go back onto the original image (as the
+    official pipeline does); with a crop, the model's view is shown: the same geometry without normalisation.
+    """
+    image = load_image(image_path)
+    geometry = replace(preprocess, mean=None, std=None)
+    if preprocess.crop is None:
+        geometry = Preprocess(name="display", max_size=DISPLAY_MAX_SIZE)
+    return geometry(image)

@@ -1,0 +1,115 @@
+"""``torchvision:NAME`` models: random weights unless a weights file is given (torchvision downloads are never used).
+
+The number of classes is read from the checkpoint's classifier when ``num_classes`` is not given. The default
+preprocessing is the one torchvision's own weights for that architecture declare (resize, crop, interpolation),
+which is available offline; ImageNet names are attached when a 1000-class checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+from torch import nn
+
+from finercam.errors import ModelNotFoundError, RandomWeightsWarning
+from finercam.models._deps import require
+from finercam.models.parts import BackboneParts, ClassifierParts
+from finercam.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_PRESETS, Preprocess, with_name
+from finercam.models.weights import classifier_rows, last_linear_name, load_into, read_state_dict
+
+
+def _tv() -> ModuleType:
+    return require("torchvision", "torchvision: model specs")
+
+
+def _check_name(tv: ModuleType, name: str) -> None:
+    names = tv.models.list_models()
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f"; close names: {close}" if close else ""
+    raise ModelNotFoundError(
+        f"torchvision has no model {name!r}{hint}. All names: torchvision.models.list_models()"
+    )
+
+
+def _default_weights(tv: ModuleType, name: str) -> object | None:
+    try:
+        return tv.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        return None
+
+
+def _preprocess(tv: ModuleType, name: str) -> Preprocess:
+    """The evaluation transform declared by torchvision's default weights for ``name``."""
+    default = _default_weights(tv, name)
+    keywords = getattr(getattr(default, "transforms", None), "keywords", None)
+    if not isinstance(keywords, dict):
+        return with_name(PREPROCESS_PRESETS["imagenet"], f"imagenet (torchvision default for {name})")
+    crop = keywords.get("crop_size", 224)
+    resize = keywords.get("resize_size", 256)
+    crop = int(crop[0] if isinstance(crop, list | tuple) else crop)
+    resize = int(resize[0] if isinstance(resize, list | tuple) else resize)
+    interpolation = getattr(keywords.get("interpolation"), "value", "bilinear")
+    return Preprocess(
+        f"torchvision preset of {name}", resize=resize, crop=(crop, crop),
+        interpolation=interpolation if interpolation in ("nearest", "bilinear", "bicubic") else "bilinear",
+        mean=tuple(keywords.get("mean", IMAGENET_MEAN)), std=tuple(keywords.get("std", IMAGENET_STD)),
+    )
+
+
+def _random_warning(name: str) -> None:
+    warnings.warn(
+        f"torchvision model {name!r} has random weights (no weights file given); pass weights=FILE or "
+        f"torchvision:{name}@FILE to explain a trained model",
+        RandomWeightsWarning,
+        stacklevel=4,
+    )
+
+
+def load_classifier(name: str, weights: Path | None, num_classes: int | None) -> ClassifierParts:
+    """A torchvision classifier, its classes inferred from the checkpoint when not given."""
+    tv = _tv()
+    _check_name(tv, name)
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    model = tv.models.get_model(name, weights=None, **kwargs)
+    names = None
+    if weights is None:
+        _random_warning(name)
+    else:
+        state = read_state_dict(weights)
+        linear = last_linear_name(model)
+        rows = classifier_rows(state, f"{linear}.weight") if linear else None
+        if num_classes is None and rows is not None and rows != model.get_submodule(linear).out_features:
+            model = tv.models.get_model(name, weights=None, num_classes=rows)
+        load_into(model, state, f"weights file {str(weights)!r}", hint="set num_classes to the checkpoint's")
+        head = model.get_submodule(linear) if linear else None
+        default = _default_weights(tv, name)
+        categories = getattr(default, "meta", {}).get("categories")
+        if isinstance(head, nn.Linear) and categories and len(categories) == head.out_features:
+            names = tuple(categories)
+    return ClassifierParts(model, _preprocess(tv, name), names, None)
+
+
+def load_backbone(name: str, weights: Path | None) -> BackboneParts:
+    """A torchvision model whose last ``nn.Linear`` (the classifier) is replaced by ``nn.Identity``."""
+    tv = _tv()
+    _check_name(tv, name)
+    model = tv.models.get_model(name, weights=None)
+    linear = last_linear_name(model)
+    if linear is None:
+        raise ModelNotFoundError(f"torchvision model {name!r} has no nn.Linear classifier to remove")
+    in_features = model.get_submodule(linear).in_features
+    parent, _, child = linear.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    if weights is None:
+        _random_warning(name)
+    else:
+        load_into(
+            model, read_state_dict(weights), f"weights file {str(weights)!r}",
+            ignore_unexpected=lambda key: key.startswith(f"{linear}."),
+        )
+    return BackboneParts(model, "call", {"pooled": in_features}, "pooled", _preprocess(tv, name))

@@ -1,0 +1,122 @@
+"""The ``explain``, ``layers`` and ``train-probe`` commands, end to end, with every loader kind."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from finercam.cli import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, list[str]]]:
+    folder = tmp_path_factory.mktemp("zoo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {kind: build(folder) for kind, build in zoo.BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return zoo.picture(tmp_path_factory.mktemp("images") / "bird.jpg")
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a missing preprocessor_config.json falls back with a warning
+        status = main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("kind", sorted(zoo.BUILDERS))
+def test_explain_with_every_loader_kind(
+    kind: str, models: dict[str, tuple[str, list[str]]], image: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec, extra = models[kind]
+    out = tmp_path / "explained.png"
+    status, printed, errors = _run(["explain", str(image), "--model", spec, *extra, "--out", str(out)], capsys)
+    assert status == 0, errors
+    prediction = re.search(r"prediction: (.+) \(class (\d+), p=([0-9.]+)\)", printed)
+    assert prediction is not None, printed
+    references = re.findall(r"^  (.+) \(class (\d+), p=([0-9.]+)\)$", printed, flags=re.MULTILINE)
+    assert 1 <= len(references) <= 3
+    assert prediction.group(2) not in [index for _, index, _ in references]  # never its own reference
+    probabilities = [float(prediction.group(3))] + [float(p) for _, _, p in references]
+    assert all(0 <= p <= 1 for p in probabilities) and probabilities[0] == max(probabilities)
+    with Image.open(out) as figure:
+        assert figure.format == "PNG" and figure.width > 3 * figure.height / 2
+
+
+def test_explain_names_and_targets(models: dict[str, tuple[str, list[str]]], image: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    spec, extra = models["hf"]
+    argv = ["explain", str(image), "--model", spec, *extra, "--out", str(tmp_path / "a.png")]
+    status, printed, _ = _run([*argv, "--target", "bee", "--references", "top", "--num-references", "1"], capsys)
+    assert status == 0
+    assert "explained:  bee (class 1" in printed or "prediction: bee (class 1" in printed
+    status, _, errors = _run([*argv, "--target", "zebra"], capsys)
+    assert status == 2 and "'zebra' is neither a class index nor a class name" in errors
+    status, _, errors = _run([*argv, "--target", "7"], capsys)
+    assert status == 2 and "target class 7" in errors and errors[-1] == "\n" and "Traceback" not in errors
+
+
+def test_explain_bad_inputs_are_one_line_errors(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, errors = _run(["explain", str(tmp_path / "missing.jpg"), "--model", "timm:resnet18"], capsys)
+    assert status == 2 and "does not exist" in errors
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    status, _, errors = _run(["explain", str(not_an_image), "--model", "python:nowhere.py:build"], capsys)
+    assert status == 2 and "nowhere.py" in errors and "Traceback" not in errors
+    status, _, errors = _run(["explain", str(image), "--model", "timm:resnet1888"], capsys)
+    assert status == 2 and "resnet1888" in errors
+
+
+def test_layers_lists_candidates_and_marks_the_automatic_choice(
+    models: dict[str, tuple[str, list[str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, extra = models["torchvision"]
+    status, printed, _ = _run(["layers", spec, *extra], capsys)
+    assert status == 0
+    assert re.search(r"^ \* layer4 ", printed, flags=re.MULTILINE), printed
+    spec, extra = models["timm"]
+    status, printed, _ = _run(["layers", spec, *extra], capsys)
+    assert status == 0
+    assert re.search(r"^ \* blocks\.11\.norm1 ", printed, flags=re.MULTILINE), printed
+
+
+def test_train_probe_beats_chance_caches_features_and_its_head_loads(
+    tmp_path: Path, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    classes = zoo.shapes_dataset(tmp_path / "shapes")
+    torch.manual_seed(26)
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "backbone.safetensors")
+    argv = ["train-probe", "--model", "timm:resnet18", "--weights", str(tmp_path / "backbone.safetensors"),
+            "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "head.safetensors"),
+            "--cache", str(tmp_path / "cache"), "--preprocess", "imagenet"]
+    status, printed, errors = _run(argv, capsys)
+    assert status == 0, errors
+    accuracy = re.search(r"accuracy: train ([0-9.]+)%, val ([0-9.]+)%", printed)
+    assert accuracy is not None, printed
+    assert float(accuracy.group(2)) >= 80.0  # chance is 33 %: random-init features still separate the shapes
+    assert "36 train / 18 val images" in printed
+    status, printed, _ = _run(argv, capsys)
+    assert status == 0 and "features from the cache" in printed
+    status, printed, errors = _run(
+        ["explain", str(image), "--model", "timm:resnet18", "--weights", str(tmp_path / "backbone.safetensors"),
+         "--head", str(tmp_path / "head.safetensors"), "--out", str(tmp_path / "probe.png")], capsys,
+    )
+    assert status == 0, errors
+    assert any(f"prediction: {name} (class" in printed for name in classes), printed

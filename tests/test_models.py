@@ -1,0 +1,578 @@
+"""finercam.models: every loader kind, offline, from random-init models saved to temporary files and directories.
+
+Each test compares the loaded model's outputs with the original model's on the same input. Nothing is downloaded:
+the pretrained-weights paths are exercised with fake local caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from finercam.compat import import_torchvision
+from finercam.errors import (
+    FinerCAMError,
+    InvalidArgumentError,
+    ModelFileNotFoundError,
+    ModelNotFoundError,
+    RandomWeightsWarning,
+    WeightsError,
+)
+from finercam.models import (
+    PREPROCESS_PRESETS,
+    BackboneWithHead,
+    Preprocess,
+    get_preprocess,
+    load_backbone,
+    load_head,
+    load_model,
+    parse_spec,
+    save_head,
+)
+
+timm = pytest.importorskip("timm")
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@contextmanager
+def _no_random_warning() -> Iterator[None]:
+    """Fail if a model ends up with random weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------- specs
+
+
+def test_parse_spec_forms() -> None:
+    assert parse_spec("timm:resnet18").kind == "timm"
+    assert parse_spec("timm:resnet18@/w.pt").weights == "/w.pt"
+    spec = parse_spec("python:/a/b.py:build")
+    assert (spec.kind, spec.name, spec.factory) == ("python", "/a/b.py", "build")
+    assert parse_spec("tv:resnet18").kind == "torchvision"
+    assert parse_spec("hf:facebook/dinov2-base").name == "facebook/dinov2-base"
+    with pytest.raises(ModelNotFoundError, match="known kinds"):
+        parse_spec("caffe:alexnet")
+    with pytest.raises(InvalidArgumentError, match="timm:resnet18"):
+        parse_spec("resnet18")
+    with pytest.raises(InvalidArgumentError, match="FUNCTION"):
+        parse_spec("python:model.py")
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finercam.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if open_clip_torch were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'finercam\[clip\]'"):
+        load_backbone("open_clip:ViT-B-16")
+
+
+# ------------------------------------------------------------------------------------------------ preprocess
+
+
+def _official_preprocess(image: Image.Image, patch_size: int = 14, max_size: int = 1000) -> torch.Tensor:
+    """The official Finer-CAM ``preprocess`` (tutorials/tutorial.ipynb, generate_cams.py), verbatim in logic."""
+    from torchvision.transforms import Compose, Normalize, Resize, ToTensor
+
+    image = image.convert("RGB")
+    width, height = image.size
+    if max(width, height) > max_size:
+        scale = max_size / max(width, height)
+        width = int(width * scale)
+        height = int(height * scale)
+        image = image.resize((width, height), Image.BICUBIC)
+    new_height = int(np.ceil(height / patch_size) * patch_size)
+    new_width = int(np.ceil(width / patch_size) * patch_size)
+    transform = Compose([
+        Resize((new_height, new_width), interpolation=Image.BICUBIC),
+        ToTensor(),
+        Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+    ])
+    return transform(image).to(torch.float32)
+
+
+@pytest.mark.parametrize("size", [(333, 517), (3000, 1234), (50, 2001), (5, 5), (1000, 999), (1400, 1000)])
+def test_dinov2_official_sizes(size: tuple[int, int]) -> None:
+    pre = PREPROCESS_PRESETS["dinov2-official"]
+    height, width = pre.output_size(*size)
+    assert height % 14 == 0 and width % 14 == 0
+    assert max(height, width) <= 1008  # longest side <= 1000 before rounding up to a multiple of 14
+    width0, height0 = size
+    if max(size) > 1000:  # the official code: scale so the longest side is 1000, truncating
+        scale = 1000 / max(size)
+        width0, height0 = int(width0 * scale), int(height0 * scale)
+    assert max(width0, height0) <= 1000
+    assert (height, width) == (int(np.ceil(height0 / 14) * 14), int(np.ceil(width0 / 14) * 14))
+    assert height - height0 < 14 and width - width0 < 14  # rounded up, never down
+
+
+@pytest.mark.parametrize("size", [(333, 517), (1500, 700), (20, 31)])
+def test_dinov2_official_matches_the_official_code(size: tuple[int, int]) -> None:
+    import_torchvision()
+    image = _image(*size)
+    ours = PREPROCESS_PRESETS["dinov2-official"](image)
+    assert ours.shape == _official_preprocess(image).shape
+    assert torch.allclose(ours, _official_preprocess(image), atol=1e-6)
+
+
+def test_imagenet_preset_matches_torchvision() -> None:
+    tv = import_torchvision()
+    t = tv.transforms
+    image = _image(301, 257)
+    reference = t.Compose([t.Resize(256), t.CenterCrop(224), t.ToTensor(),
+                           t.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(image)
+    assert torch.allclose(get_preprocess("imagenet")(image), reference, atol=1e-6)
+
+
+def test_timm_config_preprocess_matches_timm() -> None:
+    model = timm.create_model("resnet18", pretrained=False)
+    config = timm.data.resolve_data_config({}, model=model)
+    reference = timm.data.create_transform(**config)(_image(300, 211))
+    from finercam.models.configs import from_timm_config
+
+    ours = from_timm_config(config, "resnet18")(_image(300, 211))
+    assert ours.shape == reference.shape and torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_preprocess_presets_and_errors() -> None:
+    image = _image(40, 30).convert("L")  # converted to RGB
+    assert get_preprocess("none")(image).shape == (3, 30, 40)
+    assert get_preprocess("clip")(image).shape == (3, 224, 224)
+    assert "multiples of 14" in PREPROCESS_PRESETS["dinov2"].describe()
+    with pytest.raises(InvalidArgumentError, match="dinov2-official"):
+        get_preprocess("imagenett")
+    with pytest.raises(FinerCAMError, match="PIL"):
+        get_preprocess("clip")(torch.zeros(3, 8, 8))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="interpolation"):
+        Preprocess(interpolation="cubic")
+
+
+# ----------------------------------------------------------------------------------------------------- heads
+
+
+def test_save_and_load_head_roundtrip(tmp_path: Path) -> None:
+    linear = nn.Linear(6, 3)
+    save_head(tmp_path / "h.safetensors", linear, ["a", "b", "c"], {"backbone": "timm:x", "pooling": "cls"})
+    loaded, names, metadata = load_head(tmp_path / "h.safetensors")
+    assert names == ("a", "b", "c") and metadata["pooling"] == "cls" and metadata["backbone"] == "timm:x"
+    assert torch.equal(loaded.weight, linear.weight) and torch.equal(loaded.bias, linear.bias)
+    with pytest.raises(InvalidArgumentError, match="3 classes"):
+        save_head(tmp_path / "x.safetensors", linear, ["a"])
+
+
+def test_load_head_official_formats(tmp_path: Path) -> None:
+    linear = nn.Linear(768, 525)
+    torch.save(linear.state_dict(), tmp_path / "classifier_birds_DINO.pth")  # the official repository's format
+    loaded, names, metadata = load_head(tmp_path / "classifier_birds_DINO.pth")
+    assert (loaded.in_features, loaded.out_features) == (768, 525) and names is None
+    assert metadata["format"] == "torch-state-dict"
+    nested = {"state_dict": {f"module.classifier.{k}": v for k, v in nn.Linear(4, 2).state_dict().items()}}
+    (tmp_path / "sub").mkdir()
+    torch.save(nested, tmp_path / "sub" / "best.pth")
+    (tmp_path / "sub" / "class_names.json").write_text(json.dumps(["x", "y"]))  # as tutorials/dino_train.py writes
+    loaded, names, _ = load_head(tmp_path / "sub" / "best.pth")
+    assert loaded.out_features == 2 and names == ("x", "y")
+
+
+def test_load_head_rejects_non_linear_and_pickles(tmp_path: Path) -> None:
+    mlp = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pth")
+    with pytest.raises(WeightsError, match="not a single linear head"):
+        load_head(tmp_path / "mlp.pth")
+    torch.save(nn.Linear(3, 2), tmp_path / "module.pth")  # a pickled module, not a state dict
+    with pytest.raises(WeightsError, match="weights_only"):
+        load_head(tmp_path / "module.pth")
+    with pytest.raises(ModelFileNotFoundError, match="does not exist"):
+        load_head(tmp_path / "missing.pth")
+
+
+# ------------------------------------------------------------------------------------------------------ timm
+
+
+def test_timm_weights_file_and_errors(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    save_file(model.state_dict(), tmp_path / "r18.safetensors")
+    loaded = load_model("timm:resnet18", weights=tmp_path / "r18.safetensors")  # 7 classes read from the file
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _close(loaded.model(x), model(x))
+    assert loaded.preprocess.crop == (224, 224) and loaded.preprocess.interpolation == "bicubic"
+    assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
+
+    with pytest.raises(WeightsError, match=r"fc.weight: checkpoint \(7, 512\) vs model \(5, 512\)"):
+        load_model("timm:resnet18", weights=tmp_path / "r18.safetensors", num_classes=5)
+    with pytest.raises(ModelNotFoundError, match="resnet18"):
+        load_model("timm:resnet81")
+    with pytest.raises(ModelFileNotFoundError, match=r"nope\.safetensors"):
+        load_model("timm:resnet18", weights=tmp_path / "nope.safetensors")
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled.pth")
+    with pytest.raises(WeightsError, match="pickled"):
+        load_model("timm:resnet18", weights=tmp_path / "pickled.pth")
+
+
+def test_timm_random_init_warns() -> None:
+    with pytest.warns(RandomWeightsWarning, match="randomly initialised"):
+        loaded = load_model("timm:resnet18", num_classes=4)
+    assert loaded.model(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_timm_weights_from_local_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18", pretrained=False).eval()  # 1000 ImageNet classes
+    snapshot = tmp_path / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    save_file(model.state_dict(), snapshot / "model.safetensors")
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with _no_random_warning():
+        loaded = load_model("timm:resnet18.a1_in1k")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _close(loaded.model(x), model(x))
+    assert loaded.class_names is not None and len(loaded.class_names) == 1000
+    assert loaded.class_names[0].startswith("tench")
+
+
+def _official_dinov2_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final-normed tokens of a timm DINOv2 computed like facebookresearch/dinov2's ``forward_features``:
+    ``interpolate_pos_encoding`` with ``scale_factor=(grid + 0.1) / sqrt(N)``, bicubic, no antialiasing."""
+    _, _, w, h = x.shape  # the official code's (swapped) names
+    tokens = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat((vit.cls_token.expand(x.shape[0], -1, -1), tokens), dim=1)
+    pos_embed = vit.pos_embed.float()
+    n = pos_embed.shape[1] - 1
+    if tokens.shape[1] - 1 == n and w == h:
+        pos = pos_embed
+    else:
+        w0, h0 = w // 14 + 0.1, h // 14 + 0.1
+        side = int(math.sqrt(n))
+        patch_pos = torch.nn.functional.interpolate(
+            pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2),
+            scale_factor=(w0 / side, h0 / side), mode="bicubic", antialias=False,
+        ).permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1])
+        pos = torch.cat((pos_embed[:, :1], patch_pos), dim=1)
+    tokens = tokens + pos
+    for block in vit.blocks:
+        tokens = block(tokens)
+    return vit.norm(tokens)
+
+
+def _official_dinov2_checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict laid out like the official dinov2_vit*14_pretrain.pth (timm names + ``mask_token``)."""
+    state = dict(model.state_dict())
+    state["mask_token"] = torch.zeros(1, model.embed_dim)
+    return state
+
+
+def test_timm_dinov2_official_checkpoint_and_head(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
+    dino.eval()
+    torch.save(_official_dinov2_checkpoint(dino), tmp_path / "dinov2_vits14_pretrain.pth")
+    head = nn.Linear(384, 5)
+    torch.save(head.state_dict(), tmp_path / "classifier.pth")  # official plain state-dict head
+    loaded = load_model(
+        "timm:vit_small_patch14_dinov2",
+        weights=tmp_path / "dinov2_vits14_pretrain.pth",
+        head=tmp_path / "classifier.pth",
+    )
+    assert isinstance(loaded.model, BackboneWithHead)
+    assert loaded.target_layer == "backbone.blocks.-1.norm1"
+    assert loaded.preprocess.name == "dinov2-official"  # plain head on DINOv2: the official preprocessing
+    assert loaded.model.num_prefix_tokens == 1 and loaded.model.patch_size == 14
+    pixels = loaded.preprocess(_image(45, 30))  # variable size: 56 x 42 after rounding up
+    assert pixels.shape == (3, 42, 56)
+    with torch.no_grad():
+        expected = head(_official_dinov2_tokens(dino, pixels[None])[:, 1:].mean(dim=1))
+        assert _close(loaded.model(pixels[None]), expected)
+        assert not _close(dino.forward_features(pixels[None])[:, 1:].mean(dim=1) @ head.weight.T + head.bias, expected)
+    from finercam.layers import resolve_layer
+
+    assert resolve_layer(loaded.model, loaded.target_layer).module is loaded.model.backbone.blocks[-1].norm1
+
+
+def test_timm_dinov2_from_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
+    dino.eval()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(_official_dinov2_checkpoint(dino), tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # where torch.hub.load('facebookresearch/dinov2')
+    with _no_random_warning():
+        backbone = load_backbone("timm:vit_small_patch14_dinov2", preprocess="dinov2")
+    assert backbone.pooling == "mean-patch" and backbone.dim == 384
+    x = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        assert _close(backbone.features(x), _official_dinov2_tokens(dino, x)[:, 1:].mean(dim=1))
+
+
+def test_official_interpolation_only_changes_resized_position_embeddings() -> None:
+    from finercam.models.dinov2 import use_official_interpolation
+
+    torch.manual_seed(12)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
+    native = torch.randn(1, 37, 37, 384)  # patch tokens (NHWC) at 518 x 518
+    resized = torch.randn(1, 3, 5, 384)
+    timm_native, timm_resized = vit._pos_embed(native), vit._pos_embed(resized)
+    assert use_official_interpolation(vit)
+    assert torch.equal(vit._pos_embed(native), timm_native)
+    assert vit._pos_embed(resized).shape == timm_resized.shape
+    assert not torch.allclose(vit._pos_embed(resized), timm_resized, atol=1e-4)
+    registers = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, dynamic_img_size=True)
+    assert not use_official_interpolation(registers)  # upstream's register models interpolate as timm does
+
+
+def test_official_birds_head_on_vit_base_dinov2(tmp_path: Path) -> None:
+    """A Linear(768, 525) file like classifier_birds_DINO.pth on the real ViT-B/14 DINOv2 architecture."""
+    torch.manual_seed(4)
+    head = nn.Linear(768, 525)
+    torch.save(head.state_dict(), tmp_path / "classifier_birds_DINO.pth")
+    with pytest.warns(RandomWeightsWarning):
+        loaded = load_model("timm:vit_base_patch14_dinov2", head=tmp_path / "classifier_birds_DINO.pth")
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        logits = loaded.model(x)
+        tokens = _official_dinov2_tokens(loaded.model.backbone, x)  # final-normed tokens: CLS + 8 x 8 patches
+        assert tokens.shape == (2, 65, 768)
+        expected = head(tokens[:, 1:].mean(dim=1))
+    assert logits.shape == (2, 525) and _close(logits, expected)
+
+
+def test_backbone_pooling_modes_and_errors(tmp_path: Path) -> None:
+    with pytest.warns(RandomWeightsWarning):
+        backbone = load_backbone("timm:vit_small_patch14_dinov2", pooling="cls", preprocess="dinov2")
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert _close(backbone.features(x), backbone.features.backbone.forward_features(x)[:, 0])
+    with pytest.raises(InvalidArgumentError, match="unknown pooling"):
+        load_backbone("timm:resnet18", pooling="max")
+    torch.save(nn.Linear(100, 3).state_dict(), tmp_path / "h.pth")
+    with pytest.warns(RandomWeightsWarning), pytest.raises(InvalidArgumentError, match="100-d features"):
+        load_model("timm:resnet18", head=tmp_path / "h.pth")
+
+
+# ----------------------------------------------------------------------------------------------- torchvision
+
+
+def test_torchvision_weights_file(tmp_path: Path) -> None:
+    tv = import_torchvision()
+    torch.manual_seed(5)
+    model = tv.models.resnet18(weights=None, num_classes=10).eval()
+    checkpoint = {  # as training scripts save: DataParallel names, argparse args, numpy metrics
+        "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+        "args": argparse.Namespace(lr=0.1, model="resnet18"),
+        "best_metric": np.float64(0.93),
+    }
+    torch.save(checkpoint, tmp_path / "r.pth")
+    loaded = load_model("torchvision:resnet18", weights=tmp_path / "r.pth")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _close(loaded.model(x), model(x))
+    assert loaded.preprocess.resize == 256 and loaded.preprocess.crop == (224, 224)
+    backbone = load_backbone(f"torchvision:resnet18@{tmp_path / 'r.pth'}")
+    model.fc = nn.Identity()
+    with torch.no_grad():
+        assert backbone.dim == 512 and _close(backbone.features(x), model(x))
+    with pytest.raises(ModelNotFoundError, match="resnet18"):
+        load_model("torchvision:resnt18")
+
+
+# ------------------------------------------------------------------------------------------ torchscript, python
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript(tmp_path: Path, tiny_net: nn.Module) -> None:
+    torch.jit.script(tiny_net).save(str(tmp_path / "m.pt"))
+    loaded = load_model(f"torchscript:{tmp_path / 'm.pt'}")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _close(loaded.model(x), tiny_net(x))
+    torch.save(tiny_net.state_dict(), tmp_path / "state.pt")
+    with pytest.raises(WeightsError, match="not a TorchScript archive"):
+        load_model(f"torchscript:{tmp_path / 'state.pt'}")
+
+
+def test_python_factory(tmp_path: Path) -> None:
+    (tmp_path / "mine.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build(num_classes: int = 3) -> nn.Module:\n"
+        "    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                        nn.Linear(4, num_classes))\n"
+        "    net.class_names = [f'c{i}' for i in range(num_classes)]\n"
+        "    return net\n\n"
+        "def broken():\n    raise ValueError('no GPU here')\n"
+    )
+    torch.manual_seed(6)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    save_file(reference.state_dict(), tmp_path / "w.safetensors")
+    loaded = load_model(f"python:{tmp_path / 'mine.py'}:build", weights=tmp_path / "w.safetensors", num_classes=5)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert _close(loaded.model(x), reference(x))
+    assert loaded.class_names == ("c0", "c1", "c2", "c3", "c4")
+    with pytest.raises(ModelNotFoundError, match="build"):
+        load_model(f"python:{tmp_path / 'mine.py'}:make")
+    with pytest.raises(FinerCAMError, match="no GPU here"):
+        load_model(f"python:{tmp_path / 'mine.py'}:broken")
+    with pytest.raises(WeightsError, match=r"other shapes.*\(5, 4\) vs model \(3, 4\)"):
+        load_model(f"python:{tmp_path / 'mine.py'}:build", weights=tmp_path / "w.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+@pytest.fixture(scope="module")
+def transformers_module() -> object:
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def test_hf_dinov2_dir_with_head(tmp_path: Path, transformers_module: object) -> None:
+    tf: Any = transformers_module
+    torch.manual_seed(7)
+    config = tf.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=28, patch_size=14)
+    dino = tf.Dinov2Model(config).eval()
+    dino.save_pretrained(tmp_path / "dino")
+    head = nn.Linear(32, 4)
+    save_head(tmp_path / "head.safetensors", head, ["w", "x", "y", "z"], {"pooling": "mean-patch"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no preprocessor_config.json in this directory
+        loaded = load_model(f"hf:{tmp_path / 'dino'}", head=tmp_path / "head.safetensors")
+    assert loaded.class_names == ("w", "x", "y", "z")
+    assert loaded.target_layer == "backbone.encoder.layer.-1.norm1"
+    x = torch.randn(2, 3, 42, 56)
+    with torch.no_grad():
+        expected = head(dino(pixel_values=x).last_hidden_state[:, 1:].mean(dim=1))
+        assert _close(loaded.model(x), expected)
+    with pytest.raises(InvalidArgumentError, match="not an image classifier"):
+        load_model(f"hf:{tmp_path / 'dino'}")
+    with pytest.raises(ModelFileNotFoundError, match="does not exist"):
+        load_model(f"hf:{tmp_path / 'missing'}")
+    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
+        load_model("hf:nobody/no-such-model")
+
+
+def test_hf_vit_classifier_dir(tmp_path: Path, transformers_module: object) -> None:
+    tf: Any = transformers_module
+    torch.manual_seed(8)
+    config = tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=32, patch_size=8, num_labels=3, id2label={0: "ant", 1: "bee", 2: "cat"},
+                          label2id={"ant": 0, "bee": 1, "cat": 2})
+    vit = tf.ViTForImageClassification(config).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    loaded = load_model(f"hf:{tmp_path / 'vit'}")
+    assert loaded.class_names == ("ant", "bee", "cat")
+    assert loaded.preprocess.resize == (32, 32) and loaded.preprocess.mean == (0.5, 0.5, 0.5)
+    x = loaded.preprocess(_image(50, 40))[None]
+    with torch.no_grad():
+        assert _close(loaded.model(x).logits, vit(pixel_values=x).logits)
+    backbone = load_backbone(f"hf:{tmp_path / 'vit'}")  # the classifier checkpoint's ViTModel, CLS features
+    assert backbone.pooling == "cls" and backbone.dim == 32
+
+
+def test_hf_model_from_local_hf_cache(
+    tmp_path: Path, transformers_module: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    tf: Any = transformers_module
+    torch.manual_seed(11)
+    config = tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=32, patch_size=8, num_labels=2)
+    vit = tf.ViTForImageClassification(config).eval()
+    repo = tmp_path / "models--someone--tiny-vit"
+    vit.save_pretrained(repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    loaded = load_model("hf:someone/tiny-vit", preprocess="clip")  # an explicit preset: no fallback warning
+    assert loaded.class_names is None  # LABEL_0, LABEL_1 are not names
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert _close(loaded.model(x).logits, vit(pixel_values=x).logits)
+
+
+def test_hf_clip_image_tower_with_head(tmp_path: Path, transformers_module: object) -> None:
+    tf: Any = transformers_module
+    torch.manual_seed(9)
+    config = tf.CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 64, "max_position_embeddings": 8, "bos_token_id": 0, "eos_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=24,
+    )
+    clip = tf.CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    head = nn.Linear(24, 3)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_model(f"hf:{tmp_path / 'clip'}", head=tmp_path / "head.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        embeds = clip.get_image_features(pixel_values=x)
+        embeds = embeds if isinstance(embeds, torch.Tensor) else embeds.pooler_output
+        assert _close(loaded.model(x), head(embeds))
+    assert loaded.target_layer == "backbone.vision_model.encoder.layers.-1.layer_norm1"
+
+
+# -------------------------------------------------------------------------------------------------- open_clip
+
+
+def test_open_clip_config_and_checkpoint(tmp_path: Path) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / "finercam-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "finercam-tiny-clip.json")
+    torch.manual_seed(10)
+    clip = open_clip.create_model("finercam-tiny-clip", pretrained=None).eval()
+    torch.save({"state_dict": clip.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    head = nn.Linear(16, 4)
+    save_head(tmp_path / "head.safetensors", head, list("abcd"))
+    with _no_random_warning():
+        loaded = load_model(f"open_clip:{tmp_path / 'finercam-tiny-clip.json'}@{tmp_path / 'ckpt.pt'}",
+                            head=tmp_path / "head.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _close(loaded.model(x), head(clip.visual(x)))
+    assert loaded.target_layer == "backbone.transformer.resblocks.-1.ln_1"
+    assert loaded.preprocess.crop == (32, 32) and loaded.preprocess.mean == tuple(CLIP_MEAN)
+    with pytest.raises(InvalidArgumentError, match="head=FILE"):
+        load_model(f"open_clip:finercam-tiny-clip@{tmp_path / 'ckpt.pt'}")
+    with pytest.raises(ModelNotFoundError, match="ViT-B-16"):
+        load_backbone("open_clip:ViT-B-61")
