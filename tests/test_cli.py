@@ -44,12 +44,12 @@ def test_explain_with_every_loader_kind(
     out = tmp_path / "explained.png"
     status, printed, errors = _run(["explain", str(image), "--model", spec, *extra, "--out", str(out)], capsys)
     assert status == 0, errors
-    prediction = re.search(r"prediction: (.+) \(class (\d+), p=([0-9.]+)\)", printed)
+    prediction = re.search(r"prediction: (?:.+ )?\(class (\d+), p=([0-9.]+)\)", printed)
     assert prediction is not None, printed
-    references = re.findall(r"^  (.+) \(class (\d+), p=([0-9.]+)\)$", printed, flags=re.MULTILINE)
+    references = re.findall(r"^  (?:.+ )?\(class (\d+), p=([0-9.]+)\)$", printed, flags=re.MULTILINE)
     assert 1 <= len(references) <= 3
-    assert prediction.group(2) not in [index for _, index, _ in references]  # never its own reference
-    probabilities = [float(prediction.group(3))] + [float(p) for _, _, p in references]
+    assert prediction.group(1) not in [index for index, _ in references]  # never its own reference
+    probabilities = [float(prediction.group(2))] + [float(p) for _, p in references]
     assert all(0 <= p <= 1 for p in probabilities) and probabilities[0] == max(probabilities)
     with Image.open(out) as figure:
         assert figure.format == "PNG" and figure.width > 3 * figure.height / 2

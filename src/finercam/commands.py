@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
+from finercam.errors import InvalidArgumentError
 from finercam.images import load_image, train_val_folders
+from finercam.models import LoadedBackbone
 
 
 def _say(line: str) -> None:
@@ -61,20 +63,34 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_layers(args: argparse.Namespace) -> int:
     """``finercam layers MODEL``: the candidate target layers, the automatic choice marked."""
     from finercam.autolayer import candidate_layers
-    from finercam.models import load_model
+    from finercam.models import load_backbone, load_model
 
-    loaded = load_model(args.model, weights=args.weights, head=args.head)
+    try:
+        loaded = load_model(args.model, weights=args.weights, head=args.head)
+        model, recommended = loaded.model, loaded.target_layer
+    except InvalidArgumentError:
+        if args.head:
+            raise
+        model, recommended = load_backbone(args.model, weights=args.weights).features, None  # a head-less backbone
     size = tuple(args.size) if args.size else None
-    candidates = candidate_layers(loaded.model, size)  # type: ignore[arg-type]
+    candidates = candidate_layers(model, size)  # type: ignore[arg-type]
     width = max((len(c.name) for c in candidates), default=10)
     _say(f"candidate target layers of {args.model} (* = used by target_layer='auto'):")
     for candidate in candidates:
         shape = "x".join(str(d) for d in candidate.output_shape) if candidate.output_shape else "?"
         mark = "*" if candidate.recommended else " "
         _say(f" {mark} {candidate.name:<{width}}  {candidate.kind:<22} {shape}")
-    if loaded.target_layer:
-        _say(f"the loader recommends: {loaded.target_layer}")
+    if recommended:
+        _say(f"the loader recommends: {recommended}")
     return 0
+
+
+def _head_metadata(backbone: LoadedBackbone, preset: str | None) -> dict[str, str]:
+    """What ``--head`` needs to rebuild the features: the resolved pooling and, when a preset was named, it."""
+    metadata = {"pooling": backbone.pooling, "preprocessing": backbone.preprocess.describe()}
+    if preset:
+        metadata["preprocess"] = preset
+    return metadata
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -95,7 +111,7 @@ def run_probe(args: argparse.Namespace) -> int:
     report = train_probe(
         backbone, train, val, Path(args.out),
         cache_dir=Path(args.cache), weights=args.weights, batch_size=args.batch_size,
-        weight_decay=args.weight_decay, metadata={"pooling": args.pooling}, log=_say,
+        weight_decay=args.weight_decay, metadata=_head_metadata(backbone, args.preprocess), log=_say,
     )
     cached = " (features from the cache)" if all(report.cached) else ""
     _say(f"features: {report.feature_seconds:.1f} s{cached}; head fitted in {report.train_seconds:.1f} s")

@@ -28,7 +28,8 @@ class ClassScore:
     probability: float
 
     def __str__(self) -> str:
-        return f"{self.name} (class {self.index}, p={self.probability:.3f})"
+        named = f"{self.name} " if self.name != f"class {self.index}" else ""
+        return f"{named}(class {self.index}, p={self.probability:.3f})"
 
 
 @dataclass(frozen=True)
