@@ -39,7 +39,8 @@ FIRST_NORM_NAMES = ("norm1", "ln_1", "layernorm_before", "layer_norm1")
 DEFAULT_IMAGE_SIZE = (224, 224)
 _TRIVIAL_NAMES = frozenset(
     {"Identity", "DropPath", "Flatten", "Unflatten", "GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "Mish",
-     "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "Hardswish"}
+     "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "Hardswish",
+     "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"}
 )
 _TRIVIAL_TYPES = (
     nn.Identity,
@@ -87,9 +88,14 @@ class TransformerBlock:
         return self.name.rpartition(".")[0]
 
 
+def _class_name(module: nn.Module) -> str:
+    """The module's Python class name, also for TorchScript modules (which are all ``RecursiveScriptModule``)."""
+    return str(getattr(module, "original_name", "") or type(module).__name__)
+
+
 def _is_layer_norm(module: nn.Module) -> bool:
     """LayerNorm-like: a ``normalized_shape`` (LayerNorm, RMSNorm) or a ``*Norm`` class that is not a batch norm."""
-    name = type(module).__name__
+    name = _class_name(module)
     return hasattr(module, "normalized_shape") or ("Norm" in name and "BatchNorm" not in name)
 
 
@@ -170,7 +176,7 @@ def _run(model: nn.Module, example: Tensor, synthesized: bool) -> list[ModuleRec
 
 
 def _is_trivial(module: nn.Module) -> bool:
-    name = type(module).__name__
+    name = _class_name(module)
     if isinstance(module, _TRIVIAL_TYPES) or name in _TRIVIAL_NAMES or ("Adaptive" in name and "Pool" in name):
         return True
     return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(module, nn.MultiheadAttention)

@@ -155,14 +155,17 @@ def _scripted_capture(
     try:
         with torch.inference_mode(False):
             torch.set_grad_enabled(record_graph)
-            frozen = not any(parameter.requires_grad for parameter in model.parameters())
-            inputs = images.detach().clone().requires_grad_(True) if record_graph and frozen else images
+            # Recorded from the input, so that the layer outputs are in the graph whichever parameters are frozen.
+            inputs = images.detach().clone().requires_grad_(True) if record_graph else images
             output, activations = run_with_taps(model, inputs, [layer.name for layer in layers])  # type: ignore[arg-type]
             logits = extract_logits(output)
     finally:
         torch.set_grad_enabled(grad_enabled)
     if not record_graph:
-        activations = [activation.detach() for activation in activations]
+        return Capture(logits=logits, activations=tuple(activation.detach() for activation in activations))
+    for layer, activation in zip(layers, activations, strict=True):
+        if not activation.requires_grad:
+            raise ModelOutputError(f"the logits of this TorchScript model do not depend on layer {layer.name!r}")
     return Capture(logits=logits, activations=tuple(activations))
 
 

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from finercam.errors import ModelOutputError
 
-_SEGMENT = re.compile(r"\.([^.()]+)\(")
+_SEGMENT = re.compile(r"(?:^|\.)([^.()]+)\(")
+_HELPER_KINDS = frozenset({"aten::size", "aten::dim", "aten::len", "prim::shape", "aten::numel"})
 _CACHE: weakref.WeakKeyDictionary[torch.jit.ScriptModule, dict[tuple[str, ...], object]] = (
     weakref.WeakKeyDictionary()
 )
@@ -28,12 +29,9 @@ def is_scripted(model: object) -> bool:
     return isinstance(model, torch.jit.ScriptModule)
 
 
-def _path(node: torch._C.Node) -> list[str] | None:
-    """The submodule path of a node (``["layer4", "1", "relu"]``); ``None`` for inlined free functions."""
-    hierarchy = node.getModuleHierarchy()
-    if not hierarchy:
-        return None
-    return [part for part in _SEGMENT.findall(hierarchy) if part not in ("SELF", "UNKNOWN_INSTANCE")]
+def _path(node: torch._C.Node) -> list[str]:
+    """The submodule path of a node (``["layer4", "1", "relu"]``); ``[]`` for the model's own forward."""
+    return [part for part in _SEGMENT.findall(node.getModuleHierarchy()) if part not in ("SELF", "UNKNOWN_INSTANCE")]
 
 
 def _layer_output(graph: torch._C.Graph, name: str) -> torch._C.Value:
@@ -41,8 +39,7 @@ def _layer_output(graph: torch._C.Graph, name: str) -> torch._C.Value:
     target = name.split(".")
 
     def inside(node: torch._C.Node) -> bool:
-        path = _path(node)
-        return path is not None and path[: len(target)] == target
+        return _path(node)[: len(target)] == target
 
     returned = set(graph.return_node().inputs())
     candidates = []
@@ -52,7 +49,12 @@ def _layer_output(graph: torch._C.Graph, name: str) -> torch._C.Value:
         for value in node.outputs():
             if value.type().kind() != "TensorType":
                 continue
-            used_outside = any(_path(use.user) is not None and not inside(use.user) for use in value.uses())
+            # Uses by nodes without a module hierarchy of their own (helpers inlined into a module, such as the
+            # shape checks of batch norm) carry an empty path and must not count as "outside".
+            used_outside = any(
+                not inside(use.user) and (_path(use.user) or use.user.kind() not in _HELPER_KINDS)
+                for use in value.uses()
+            )
             if used_outside or value in returned:
                 candidates.append(value)
     if not candidates:
@@ -63,12 +65,42 @@ def _layer_output(graph: torch._C.Graph, name: str) -> torch._C.Value:
     return candidates[-1]
 
 
-def _compile(model: torch.jit.ScriptModule, names: tuple[str, ...]) -> object:
+def _snapshot(graph: torch._C.Graph, value: torch._C.Value) -> None:
+    """Make the rest of the graph work on a copy of ``value`` (``aten::clone``), so that in-place operations after
+    the layer (``out += identity``, ``relu_``) leave the recorded output intact, as the eager hook's copy does."""
+    none = graph.create("prim::Constant")
+    none.output().setType(torch._C.NoneType.get())
+    clone = graph.create("aten::clone", [value, none.output()])
+    clone.output().setType(value.type())
+    none.insertAfter(value.node())
+    clone.insertAfter(none)
+    value.replaceAllUsesAfterNodeWith(clone, clone.output())
+
+
+def _tapped_graph(
+    model: torch.jit.ScriptModule, names: Sequence[str], *, skip_missing: bool = False
+) -> tuple[torch._C.Graph, list[tuple[str, torch._C.Value]]]:
+    """An inlined copy of ``forward`` that also returns the outputs of the submodules ``names`` (those that cannot be
+    located are skipped with ``skip_missing``, else raise); returns the graph and the located values in order."""
     graph = model.forward.graph.copy()
     torch._C._jit_pass_inline(graph)
+    located = []
     for name in names:
-        graph.registerOutput(_layer_output(graph, name))
+        try:
+            located.append((name, _layer_output(graph, name)))
+        except ModelOutputError:
+            if not skip_missing:
+                raise
+    for value in dict.fromkeys(value for _, value in located):
+        _snapshot(graph, value)
+    for _, value in located:
+        graph.registerOutput(value)
     graph.makeMultiOutputIntoTuple()
+    return graph, located
+
+
+def _compile(model: torch.jit.ScriptModule, names: tuple[str, ...]) -> object:
+    graph, _ = _tapped_graph(model, names)
     return torch._C._create_function_from_graph(f"finercam_taps_{len(_CACHE)}", graph)
 
 
@@ -85,20 +117,9 @@ def run_with_taps(model: torch.jit.ScriptModule, images: Tensor, names: Sequence
 def module_outputs(model: torch.jit.ScriptModule, example: Tensor) -> list[tuple[str, tuple[int, ...], int, str]]:
     """What a dry run of a scripted model records: for each submodule whose output can be located in the graph,
     ``(name, output shape, finishing order, identity of the output value)``, in finishing order."""
-    graph = model.forward.graph.copy()
-    torch._C._jit_pass_inline(graph)
+    names = [name for name, _ in model.named_modules() if name]
+    graph, located = _tapped_graph(model, names, skip_missing=True)
     order = {node: index for index, node in enumerate(graph.nodes())}
-    located: list[tuple[str, torch._C.Value]] = []
-    for name, _ in model.named_modules():
-        if not name:
-            continue
-        try:
-            located.append((name, _layer_output(graph, name)))
-        except ModelOutputError:
-            continue
-    for _, value in located:
-        graph.registerOutput(value)
-    graph.makeMultiOutputIntoTuple()
     function = torch._C._create_function_from_graph("finercam_dry_run", graph)
     with torch.no_grad():
         _, *outputs = function(model._c, example)  # type: ignore[operator]
