@@ -52,6 +52,19 @@ def test_nearest_is_closest_logit_and_never_the_target_even_on_ties() -> None:
     assert refs.indices.tolist() == [[1, 3]]
 
 
+@pytest.mark.parametrize("strategy", ["nearest", "top"])
+def test_the_target_is_excluded_also_among_infinite_logits(strategy: str) -> None:
+    # Masked classes at -inf (and a target at -inf) must neither displace the exclusion nor be preferred.
+    logits = torch.tensor([[0.0, 0.5, float("-inf"), 0.2], [float("-inf"), 0.5, float("-inf"), 0.1]])
+    targets = torch.tensor([0, 2])
+    refs = select_references(strategy, logits, targets, 3).indices
+    assert not (refs == targets[:, None]).any()
+    assert refs[0, -1] == 2  # the masked class comes last
+    assert set(refs[1].tolist()) == {0, 1, 3}
+    with pytest.raises(InvalidArgumentError, match=r"NaN for image\(s\) \[1\]"):
+        select_references(strategy, torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), targets[:1].repeat(2), 2)
+
+
 def test_top_is_the_highest_other_classes() -> None:
     logits = torch.tensor([[0.0, 3.0, 2.0, 5.0, 1.0]])
     assert select_references("top", logits, torch.tensor([3]), 3).indices.tolist() == [[1, 2, 4]]

@@ -101,11 +101,15 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
 
 
 def _ranked_excluding_target(keys: Tensor, targets: Tensor, count: int, *, descending: bool) -> Tensor:
-    """The ``count`` classes ranked first by ``keys`` (B, C), never the target; ties broken by class index."""
-    keys = keys.detach().clone()
-    keys.scatter_(1, targets[:, None], float("-inf") if descending else float("inf"))
+    """The ``count`` classes ranked first by ``keys`` (B, C), never the target; ties broken by class index.
+
+    The target is removed by index (not by an extreme key, which other classes may share, e.g. masked classes at
+    ``-inf``); undefined keys (NaN, e.g. ``inf - inf``) rank last.
+    """
+    keys = keys.detach().nan_to_num(nan=float("-inf") if descending else float("inf"), posinf=None, neginf=None)
     order = torch.sort(keys, dim=1, descending=descending, stable=True).indices
-    return order[:, :count]
+    others = order[order != targets[:, None]].view(order.shape[0], order.shape[1] - 1)
+    return others[:, :count]
 
 
 @reference_strategy("nearest")
@@ -228,6 +232,12 @@ def select_references(
         classifier_weights: the ``(C, D)`` classifier rows, for the ``weights`` strategy.
     """
     num_classes = logits.shape[1]
+    nan_rows = logits.detach().isnan().any(dim=1)
+    if bool(nan_rows.any()):
+        raise InvalidArgumentError(
+            f"the model's logits contain NaN for image(s) {nan_rows.nonzero().flatten().tolist()}: nothing can be "
+            "explained for them (check the input for NaN, and the model's dtype for overflow)"
+        )
     if isinstance(references, str):
         strategy = REFERENCE_STRATEGIES.get(references)
         if strategy is None:
