@@ -12,6 +12,7 @@ from PIL import Image
 
 import zoo
 from finercam.cli import main
+from finercam.errors import InvalidArgumentError
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,40 @@ def test_explain_bad_inputs_are_one_line_errors(
     assert status == 2 and "nowhere.py" in errors and "Traceback" not in errors
     status, _, errors = _run(["explain", str(image), "--model", "timm:resnet1888"], capsys)
     assert status == 2 and "resnet1888" in errors
+
+
+def test_command_line_values_are_checked(
+    models: dict[str, tuple[str, list[str]]], image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, extra = models["hf"]
+    explain = ["explain", str(image), "--model", spec, *extra]
+    for bad, expected in (("cuda", "CUDA device"), ("tpu:9", "not a device")):
+        if bad == "cuda" and torch.cuda.is_available():
+            continue
+        status, _, errors = _run([*explain, "--device", bad], capsys)
+        assert status == 2 and expected in errors and "Traceback" not in errors
+    for argv in (["example", "--train-size", "0"], ["example", "--threads", "-1"], ["example", "--dilation", "-1"],
+                 ["example", "--eval-size", "50", "--test-size", "8"], [*explain, "--gamma", "-1"],
+                 [*explain, "--num-references", "0"]):
+        with pytest.raises(SystemExit) as raised:
+            main(argv)
+        assert raised.value.code == 2, argv
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    status, printed, _ = _run([*explain, "--out", str(folder)], capsys)  # a directory: the figure goes inside
+    assert status == 0 and (folder / "bird.finercam.png").is_file() and str(folder / "bird.finercam.png") in printed
+    status, printed, _ = _run([*explain, "--out", str(tmp_path / "nosuffix")], capsys)
+    assert status == 0 and (tmp_path / "nosuffix.png").is_file() and str(tmp_path / "nosuffix.png") in printed
+
+
+def test_digit_class_names_are_not_mistaken_for_indices() -> None:
+    from finercam.explain_image import parse_target
+
+    names = ("001", "002", "003")
+    assert parse_target("002", names) == 1
+    assert parse_target("2", names) == 2
+    with pytest.raises(InvalidArgumentError, match="both the name of class 0 and the index 1"):
+        parse_target("1", ("1", "0"))
 
 
 def test_layers_lists_candidates_and_marks_the_automatic_choice(

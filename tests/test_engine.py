@@ -69,8 +69,9 @@ def test_model_is_restored_when_an_exception_is_raised(tiny_net: nn.Module, imag
         raise Boom("inside the model")
 
     handle = model.head[0].register_forward_hook(explode)  # type: ignore[index]
-    with torch.no_grad(), pytest.raises(Boom):  # also the caller's grad mode is restored
+    with torch.no_grad(), pytest.raises(ModelOutputError, match="inside the model") as raised:  # grad mode too
         cam(images)
+    assert isinstance(raised.value.__cause__, Boom)  # the model's own error, chained
     handle.remove()
     _assert_unchanged(model, before)
 
@@ -227,6 +228,11 @@ def test_a_layer_that_does_not_feed_the_logits(tiny_net: nn.Module, images: Tens
     tiny_net.unused = nn.Conv2d(3, 3, 1)  # type: ignore[assignment]
     with pytest.raises(ModelOutputError, match="did not run"):
         FinerCAM(tiny_net, "unused")(images)
+
+
+def test_an_input_the_model_cannot_take_names_its_shape(resnet18: nn.Module) -> None:
+    with pytest.raises(ModelOutputError, match=r"failed on images of shape \(2, 1, 32, 32\).*3 channels"):
+        FinerCAM(resnet18, "layer4")(torch.randn(2, 1, 32, 32))
 
 
 def test_a_model_without_class_logits(tiny_net: nn.Module, images: Tensor) -> None:

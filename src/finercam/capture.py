@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from finercam.errors import ModelOutputError
+from finercam.errors import FinerCAMError, ModelOutputError
 from finercam.layers import TargetLayer, first_tensor, replace_first_tensor
 from finercam.torchscript import is_scripted, module_outputs, run_with_taps
 
@@ -64,6 +64,18 @@ def extract_logits(output: object) -> Tensor:
             "returns one row of class scores per image."
         )
     return logits
+
+
+def _forward(model: nn.Module, images: Tensor) -> object:
+    """``model(images)``; an error raised by the model itself names the input it failed on (chained)."""
+    try:
+        return model(images)
+    except FinerCAMError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        raise ModelOutputError(
+            f"the model's forward pass failed on images of shape {tuple(images.shape)} ({images.dtype}): {error}"
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ def forward_with_capture(
             if images.is_inference():
                 images = images.clone()
             torch.set_grad_enabled(False)
-            logits = extract_logits(model(images))
+            logits = extract_logits(_forward(model, images))
     finally:
         torch.set_grad_enabled(grad_enabled)
         for handle in handles:

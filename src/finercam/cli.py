@@ -17,6 +17,27 @@ from finercam.explain import DEFAULT_GAMMA
 from finercam.methods import METHODS
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def _gamma(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the base CAM), got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finercam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -26,21 +47,23 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--out", default="finercam-out", help="output folder (default: ./finercam-out)")
     example.add_argument("--seed", type=int, default=0)
     example.add_argument("--method", default="gradcam", choices=sorted(METHODS))
-    example.add_argument("--gamma", type=float, default=DEFAULT_GAMMA)
-    example.add_argument("--epochs", type=int, default=5)
-    example.add_argument("--train-size", type=int, default=5000)
-    example.add_argument("--test-size", type=int, default=1000)
-    example.add_argument("--eval-size", type=int, default=100, help="test images scored by the pointing game")
+    example.add_argument("--gamma", type=_gamma, default=DEFAULT_GAMMA)
+    example.add_argument("--epochs", type=_positive_int, default=5)
+    example.add_argument("--train-size", type=_positive_int, default=5000)
+    example.add_argument("--test-size", type=_positive_int, default=1000)
+    example.add_argument("--eval-size", type=_positive_int, default=100, help="test images scored by the pointing game")
     example.add_argument(
-        "--dilation", type=int, default=1,
+        "--dilation", type=_non_negative_int, default=1,
         help="also score with the difference mask grown by this many pixels (always: one cell of the map, 4 px)",
     )
     example.add_argument(
-        "--num-references", type=int, default=1,
+        "--num-references", type=_positive_int, default=1,
         help="T nearest reference classes (default 1: with 4 classes, T=3 would contrast with every other class, "
         "which for a linear head is nearly the baseline map)",
     )
-    example.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    example.add_argument(
+        "--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's choice)"
+    )
     _add_explain(commands)
     _add_layers(commands)
     _add_probe(commands)
@@ -70,8 +93,8 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--method", default="gradcam", choices=sorted(METHODS))
     explain.add_argument("--target", help="class index or name to explain (default: the top prediction)")
     explain.add_argument("--references", default="nearest", choices=["nearest", "top", "weights"])
-    explain.add_argument("--num-references", type=int, default=3)
-    explain.add_argument("--gamma", type=float, default=DEFAULT_GAMMA)
+    explain.add_argument("--num-references", type=_positive_int, default=3)
+    explain.add_argument("--gamma", type=_gamma, default=DEFAULT_GAMMA)
     explain.add_argument("--aggregation", default="mean", choices=["mean", "softmax"])
     explain.add_argument("--out", help="PNG to write (default: <image name>.finercam.png in ./finercam-out)")
 
@@ -81,7 +104,7 @@ def _add_layers(commands: argparse._SubParsersAction) -> None:
     layers.add_argument("model", help=MODEL_HELP)
     layers.add_argument("--weights")
     layers.add_argument("--head")
-    layers.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size for the dry run")
+    layers.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), help="input size for the dry run")
 
 
 def _add_probe(commands: argparse._SubParsersAction) -> None:
@@ -91,7 +114,7 @@ def _add_probe(commands: argparse._SubParsersAction) -> None:
     probe.add_argument("--out", required=True, help="the head file to write (.safetensors)")
     probe.add_argument("--pooling", default="auto", help="auto, mean-patch, cls or pooled")
     probe.add_argument("--val-fraction", type=float, default=0.2, help="held out per class without a val/ folder")
-    probe.add_argument("--batch-size", type=int, default=32)
+    probe.add_argument("--batch-size", type=_positive_int, default=32)
     probe.add_argument("--weight-decay", type=float, default=1e-4)
     probe.add_argument("--cache", default=".finercam-cache", help="feature cache folder")
     probe.add_argument("--seed", type=int, default=0)
@@ -99,12 +122,14 @@ def _add_probe(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finercam`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "example" and args.eval_size > args.test_size:
+        parser.error(f"--eval-size {args.eval_size} is larger than --test-size {args.test_size}")
     if args.command == "version":
         print(f"finercam {finercam.__version__} (torch {torch.__version__})")
         return 0
-    from finercam.errors import FinerCAMError
-    from finercam.viz import MissingDependencyError
+    from finercam.errors import FinerCAMError, MissingDependencyError
 
     try:
         if args.command == "example":

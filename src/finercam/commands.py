@@ -18,10 +18,20 @@ def _say(line: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU."""
+    """``auto`` is CUDA when present, else the CPU; other names must be devices that exist here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidArgumentError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise InvalidArgumentError(
+                f"--device {name}: this machine has {count} CUDA device(s); use --device cpu (or auto)"
+            )
+    return device
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -53,7 +63,10 @@ def run_explain(args: argparse.Namespace) -> int:
             _say(f"  {reference}")
     else:
         _say("references: none (the model has a single class): the base CAM of y_c is shown")
-    out = Path(args.out) if args.out else Path("finercam-out") / f"{Path(args.image).stem}.finercam.png"
+    default_name = f"{Path(args.image).stem}.finercam.png"
+    out = Path(args.out) if args.out else Path("finercam-out") / default_name
+    if out.is_dir():
+        out = out / default_name
     display = display_image(args.image, loaded.preprocess)
     written = save_figure(out, display, explanation, args.method, args.gamma)
     _say(f"wrote {written}")

@@ -52,10 +52,18 @@ def parse_target(target: str | None, names: tuple[str, ...] | None) -> int | Non
     """A target given on the command line as a class index or a class name."""
     if target is None:
         return None
-    if target.lstrip("-").isdigit():
-        return int(target)
-    if names is not None and target in names:
-        return names.index(target)
+    by_name = names.index(target) if names is not None and target in names else None
+    # Only a plain integer ("2", not "002") can be an index; a zero-padded folder name is a name.
+    by_index = int(target) if target.lstrip("-").isdigit() and str(int(target)) == target else None
+    if by_name is not None and by_index is not None and by_name != by_index:
+        raise InvalidArgumentError(
+            f"--target {target!r} is both the name of class {by_name} and the index {by_index}; "
+            f"give the other class's name, or the index {by_name} for the class named {target!r}"
+        )
+    if by_name is not None:
+        return by_name
+    if by_index is not None:
+        return by_index
     known = f"; known names include {list(names[:5])}" if names else " (this model has no class names)"
     raise InvalidArgumentError(f"--target {target!r} is neither a class index nor a class name{known}")
 

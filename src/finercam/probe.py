@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from finercam.errors import InvalidArgumentError
 from finercam.images import ImageFolder, load_image
 from finercam.models import LoadedBackbone, save_head
 
@@ -56,6 +57,8 @@ def _fingerprint(backbone: LoadedBackbone, folder: ImageFolder, weights: str | N
 
 def _batches(folder: ImageFolder, backbone: LoadedBackbone, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Preprocessed images in batches; consecutive images of equal size are stacked (variable-size presets)."""
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch size must be at least 1; got {batch_size}")
     pending: list[Tensor] = []
     labels: list[int] = []
     for path, label in folder.samples:

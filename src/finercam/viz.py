@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from finercam.errors import MissingDependencyError
+
 ArrayLike = Tensor | np.ndarray
-
-
-class MissingDependencyError(ModuleNotFoundError):
-    """An optional dependency of the figures (matplotlib) is not installed."""
+__all__ = ["Column", "MissingDependencyError", "overlay", "save_comparison"]
 
 
 def _matplotlib() -> ModuleType:
@@ -151,6 +150,8 @@ def save_comparison(
             figure.suptitle(suptitle, fontsize=10)
         figure.tight_layout()
         output = Path(path)
+        if not output.suffix:
+            output = output.with_suffix(".png")
         output.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(output, dpi=dpi)
     finally:

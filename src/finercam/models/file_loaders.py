@@ -1,7 +1,7 @@
 """``torchscript:FILE`` and ``python:FILE.py:FUNC`` models.
 
-TorchScript archives load with ``torch.jit.load``. Note that PyTorch does not support forward hooks on scripted
-modules, so CAM methods, which record a layer's activations with hooks, cannot look inside them.
+TorchScript archives load with ``torch.jit.load``. PyTorch runs no forward hooks inside scripted modules, so the
+engine reads their layers from the scripted graph instead (:mod:`finercam.torchscript`).
 
 A Python factory file is imported by path (it runs as ordinary Python code: only use files you trust) and
 ``FUNC()`` must return an ``nn.Module``; ``num_classes`` is passed when given and the function accepts it. A

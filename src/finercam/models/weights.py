@@ -81,6 +81,10 @@ def read_checkpoint(path: str | Path, what: str = "weights file") -> object:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if re.search(r"Unsupported operand|invalid load key|could not find MARK", str(error)):
+            raise WeightsError(
+                f"{what} {str(path)!r} is not a checkpoint (neither safetensors nor a torch.save file)"
+            ) from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         what_object = f"a pickled {found.group(1)}" if found else "pickled Python objects"
         raise WeightsError(
