@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_explain(commands)
     _add_layers(commands)
     _add_probe(commands)
+    _add_synth(commands)
     commands.add_parser("version", help="print the versions of finercam and torch")
     return parser
 
@@ -120,6 +121,33 @@ def _add_probe(commands: argparse._SubParsersAction) -> None:
     probe.add_argument("--seed", type=int, default=0)
 
 
+def _add_synth(commands: argparse._SubParsersAction) -> None:
+    synth = commands.add_parser(
+        "synth", help="write a procedural fine-grained dataset (ImageFolder train/ test/ + annotations.json)"
+    )
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--train", type=_non_negative_int, default=2000, help="training images (default 2000)")
+    synth.add_argument("--test", type=_non_negative_int, default=500, help="test images (default 500)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--genera", type=_positive_int, default=3, help="number of genera, 1 to 5 (default 3)")
+    synth.add_argument("--species", type=_positive_int, default=4, help="species per genus, 1 to 12 (default 4)")
+    synth.add_argument("--occlusion", type=float, default=0.5, help="probability of an occluder (default 0.5)")
+    synth.add_argument("--distractors", type=_non_negative_int, default=4, help="blobs per background (default 4)")
+    synth.add_argument("--max-rotation", type=float, default=25.0, help="degrees either way (default 25)")
+    synth.add_argument(
+        "--scale", type=float, nargs=2, metavar=("LOW", "HIGH"),
+        help="body semi-major axis as a fraction of the image side (default 0.17 0.21)",
+    )
+    synth.add_argument(
+        "--min-visible", type=float, default=0.5,
+        help="an occluder leaves at least this fraction of each species-telling part visible (default 0.5)",
+    )
+    synth.add_argument("--noise", type=float, default=0.02, help="pixel noise standard deviation (default 0.02)")
+    synth.add_argument("--overwrite", action="store_true", help="replace train/, test/ and annotations.json")
+    synth.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finercam`` console script; returns the exit status."""
     parser = _parser()
@@ -132,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from finercam.errors import FinerCAMError, MissingDependencyError
 
     try:
+        if args.command == "synth":
+            from finercam.synth.command import run_synth
+
+            return run_synth(args)
         if args.command == "example":
             from finercam.example import run_example
 

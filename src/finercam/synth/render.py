@@ -228,6 +228,14 @@ def part_map(ind: Individuals, size: int) -> tuple[Tensor, Tensor, Tensor]:
     return layer, u, v
 
 
+def per_image(values: Tensor | int, n: int, name: str) -> Tensor:
+    """``values`` (one per image, or one for all) as an ``(n,)`` long tensor."""
+    values = torch.as_tensor(values, dtype=torch.long)
+    if values.dim() > 1 or (values.dim() == 1 and values.shape[0] != n):
+        raise SynthArgumentError(f"{name} must be one class or one per image ({n}), got shape {tuple(values.shape)}")
+    return values.expand(n)
+
+
 def _bank_index(config: SynthConfig) -> Tensor:
     """``(C, P)``: for each class and part, which row of ``cat([coarse_rgb, named_rgb], 1)`` paints it."""
     rows = []
@@ -264,7 +272,7 @@ def render(
         not depend on the species: a plain part's pixels are those where it would be visible.
     """
     ind, n, size = individuals, len(individuals), config.image_size
-    labels = torch.as_tensor(labels, dtype=torch.long).expand(n)
+    labels = per_image(labels, n, "labels")
     classes = species_of(config)
     if n and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
         raise SynthArgumentError(f"labels must be classes 0 to {len(classes) - 1}, got {labels.unique().tolist()}")
