@@ -1,0 +1,214 @@
+"""Train an embedded model on :mod:`finercam.synth` birds and write ``<name>.safetensors`` + its card ``<name>.json``.
+
+    python -m finercam.embedded.train --model cnn --threads 1   # the shipped weights: about 5 min on one core
+    python -m finercam.embedded.train --model vit --threads 1   # the shipped weights: about 9-10 min on one core
+    python -m finercam.embedded.train --model cnn --out /tmp/models --threads 1
+
+Everything is seeded: the training images are ``synth.generate(train_size, seed=TRAIN_DATA_SEED)``, the held-out test
+images ``synth.generate(test_size, seed=TEST_DATA_SEED)`` (other individuals), and ``--seed`` seeds the
+initialisation, the shuffling and the augmentation. The same command on the same torch build and thread count
+gives the same weights; other thread counts or CPUs may differ in the last bits of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import finercam
+from finercam import synth
+from finercam.embedded import EMBEDDED_MODELS, WEIGHTS_DIR
+from finercam.embedded.architectures import build
+
+TRAIN_DATA_SEED = 0
+TEST_DATA_SEED = 1
+IMAGE_SIZE = 64
+
+# Per-model recipes; every field can be overridden on the command line.
+RECIPES: dict[str, dict[str, Any]] = {
+    "cnn": {
+        "architecture": "SmallCNN",
+        "config": {"widths": [16, 32, 64, 64]},
+        "target_layer": "stage3",
+        "train_size": 8000, "test_size": 2000, "epochs": 12, "batch_size": 64,
+        "lr": 3e-3, "weight_decay": 5e-4, "warmup": 0.2, "label_smoothing": 0.0, "shift": 0, "clip": 0.0,
+    },
+    "vit": {
+        "architecture": "SmallViT",
+        "config": {"dim": 96, "depth": 5, "heads": 4, "mlp_ratio": 2.0, "stem_widths": [32, 64]},
+        "target_layer": "blocks.4.norm1",
+        "train_size": 8000, "test_size": 2000, "epochs": 18, "batch_size": 64,
+        "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 0.1, "label_smoothing": 0.1, "shift": 4, "clip": 1.0,
+    },
+}
+
+
+def augment(images: Tensor, generator: torch.Generator, shift: int) -> Tensor:
+    """Random horizontal flips, and random translations of up to ``shift`` pixels (reflection padding)."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    if shift:
+        n, _, h, w = images.shape
+        padded = F.pad(images, (shift,) * 4, mode="reflect")
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator).tolist()
+        crops = [padded[i, :, y : y + h, x : x + w] for i, (x, y) in enumerate(zip(dx, dy, strict=True))]
+        images = torch.stack(crops)
+    return images
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``model`` (switched to eval mode and back)."""
+    was_training = model.training
+    model.eval()
+    correct = sum(
+        int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(labels), batch_size)
+    )
+    model.train(was_training)
+    return correct / max(len(labels), 1)
+
+
+def train(
+    name: str, out: Path, seed: int = 0, threads: int = 2, log=print, command: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train the model ``name`` with its recipe (fields overridden by ``overrides``); write it to ``out``; return
+    the card."""
+    recipe = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    data_config = synth.SynthConfig(image_size=IMAGE_SIZE)
+    log(f"generating {recipe['train_size']} training images (seed {TRAIN_DATA_SEED}) and "
+        f"{recipe['test_size']} test images (seed {TEST_DATA_SEED})...")
+    train_set = synth.generate(recipe["train_size"], seed=TRAIN_DATA_SEED, config=data_config)
+    test_set = synth.generate(recipe["test_size"], seed=TEST_DATA_SEED, config=data_config)
+    mean = [round(float(v), 4) for v in train_set.images.mean(dim=(0, 2, 3))]
+    std = [round(float(v), 4) for v in train_set.images.std(dim=(0, 2, 3))]
+    data_time = time.perf_counter() - start
+    log(f"data ready in {data_time:.0f} s; mean {mean}, std {std}")
+
+    config = {"num_classes": data_config.num_classes, **recipe["config"], "mean": mean, "std": std}
+    if recipe["architecture"] == "SmallViT":
+        config["img_size"] = IMAGE_SIZE
+    torch.manual_seed(seed)
+    model = build(recipe["architecture"], config)
+    generator = torch.Generator().manual_seed(seed)
+    decay = [p for p in model.parameters() if p.ndim in (2, 4)]  # linear and conv weights
+    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe["lr"],
+    )
+    n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
+    steps = epochs * math.ceil(n / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=recipe["lr"], total_steps=steps, pct_start=recipe["warmup"], anneal_strategy="cos",
+        cycle_momentum=False,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    log(f"{recipe['architecture']} {config} ({params:,} parameters): {epochs} epochs of {n} images, "
+        f"batch {batch_size}, {threads} threads")
+    model.train()
+    test_accuracy = 0.0
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total_loss, correct = 0.0, 0
+        for i in range(0, n, batch_size):
+            index = order[i : i + batch_size]
+            images = augment(train_set.images[index], generator, recipe["shift"])
+            labels = train_set.labels[index]
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=recipe["label_smoothing"])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe["clip"]:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
+            optimiser.step()
+            schedule.step()
+            total_loss += loss.detach().item() * len(index)
+            correct += int((logits.detach().argmax(1) == labels).sum())
+        test_accuracy = accuracy(model, test_set.images, test_set.labels)
+        log(f"epoch {epoch + 1}/{epochs}: loss {total_loss / n:.3f}, train accuracy (augmented) {correct / n:.1%}, "
+            f"test accuracy {test_accuracy:.2%} ({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    train_accuracy = accuracy(model, train_set.images, train_set.labels)
+    wall = time.perf_counter() - start
+    log(f"final: train accuracy {train_accuracy:.2%}, test accuracy {test_accuracy:.2%}, wall time {wall:.0f} s")
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{name}.safetensors"
+    state = {key: value for key, value in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt", "model": name})
+    card = {
+        "name": name,
+        "architecture": {"class": recipe["architecture"], "config": config,
+                         "module": "finercam.embedded.architectures"},
+        "parameter_count": params,
+        "weights_bytes": weights.stat().st_size,
+        "dtype": "float32",
+        "class_names": list(train_set.class_names),
+        "num_classes": data_config.num_classes,
+        "target_layer": recipe["target_layer"],
+        "image_size": IMAGE_SIZE,
+        "mean": mean,
+        "std": std,
+        "input": "RGB images (B, 3, H, W) in [0, 1]; the model normalises internally with mean/std",
+        "data": {
+            "generator": "finercam.synth.generate",
+            "config": {"image_size": data_config.image_size, "num_genera": data_config.num_genera,
+                       "species_per_genus": data_config.species_per_genus, "note": "all other fields default"},
+            "train_seed": TRAIN_DATA_SEED, "test_seed": TEST_DATA_SEED,
+            "train_size": len(train_set), "test_size": len(test_set),
+        },
+        "training": {
+            "seed": seed, "threads": threads, "epochs": epochs, "batch_size": batch_size,
+            "optimizer": "AdamW", "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
+            "schedule": f"one-cycle, cosine warmup ({recipe['warmup']:.0%} of steps) then cosine decay",
+            "label_smoothing": recipe["label_smoothing"], "grad_clip": recipe["clip"],
+            "augmentation": "random horizontal flip" + (f", random shift up to {recipe['shift']} px (reflect)"
+                                                       if recipe["shift"] else ""),
+        },
+        "train_accuracy": round(train_accuracy, 4),
+        "test_accuracy": round(test_accuracy, 4),
+        "training_command": command or f"python -m finercam.embedded.train --model {name}",
+        "wall_time_s": round(wall, 1),
+        "data_generation_time_s": round(data_time, 1),
+        "torch_version": torch.__version__,
+        "finercam_version": finercam.__version__,
+    }
+    (out / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    log(f"wrote {weights} ({card['weights_bytes'] / 1e6:.2f} MB) and {out / f'{name}.json'}")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finercam.embedded.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=EMBEDDED_MODELS, required=True)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the package's)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation / shuffling / augmentation seed")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--train-size", type=int, help="override the recipe's number of training images")
+    parser.add_argument("--test-size", type=int, help="override the recipe's number of test images")
+    parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
+    args = parser.parse_args(argv)
+    command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
+          epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""The embedded default models: they load offline, match their cards, classify fresh synthetic birds, and work with
+FinerCAM's automatic layer and grid inference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finercam
+from finercam import synth
+from finercam.embedded import (
+    EMBEDDED_MODELS,
+    WEIGHTS_DIR,
+    EmbeddedModel,
+    load_embedded,
+)
+from finercam.errors import InvalidArgumentError
+
+# A seed used by neither the training data (0) nor the card's test set (1): images the models never saw.
+FRESH_SEED = 20250
+FRESH_SIZE = 400
+# The models are shipped at >= 95% test accuracy (2000 images). A 400-image estimate of an accuracy p = 0.95 has a
+# standard error sqrt(0.95 * 0.05 / 400) = 0.011, so the fresh-seed check allows two standard errors below 0.95.
+MIN_ACCURACY = 0.95
+TOLERANCE = 0.02
+
+EXPECTED = {"cnn": {"layer": "stage3", "grid": (16, 16)}, "vit": {"grid": (8, 8)}}
+
+
+@pytest.fixture(scope="module")
+def fresh() -> synth.SynthDataset:
+    return synth.generate(FRESH_SIZE, seed=FRESH_SEED)
+
+
+@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+def embedded(request: pytest.FixtureRequest) -> EmbeddedModel:
+    return load_embedded(request.param)
+
+
+def test_registry() -> None:
+    assert EMBEDDED_MODELS == ("cnn", "vit")
+    for name in EMBEDDED_MODELS:
+        assert (WEIGHTS_DIR / f"{name}.safetensors").is_file()
+        assert (WEIGHTS_DIR / f"{name}.json").is_file()
+
+
+def test_loads(embedded: EmbeddedModel) -> None:
+    model = embedded.model
+    assert not model.training
+    assert embedded.image_size == 64
+    assert len(embedded.class_names) == 12
+    assert embedded.class_names == tuple(synth.generate(0).class_names)
+    assert torch.allclose(model.mean.flatten(), torch.tensor(embedded.mean))
+    assert torch.allclose(model.std.flatten(), torch.tensor(embedded.std))
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 12)
+    # "zero in normalised space" is filling with the mean in pixel space
+    filled = torch.tensor(embedded.mean).view(1, 3, 1, 1).expand(1, 3, 64, 64)
+    assert model.normalise(filled).abs().max() < 1e-6
+    if embedded.name == "vit":
+        assert embedded.target_layer == f"blocks.{len(model.blocks) - 1}.norm1"
+        assert model.patch_embed.patch_size == (8, 8) and model.num_prefix_tokens == 1
+
+
+def test_card_matches_weights(embedded: EmbeddedModel) -> None:
+    card, model = embedded.card, embedded.model
+    assert card["name"] == embedded.name
+    assert card["parameter_count"] == sum(p.numel() for p in model.parameters())
+    assert card["num_classes"] == len(card["class_names"]) == 12
+    assert tuple(card["class_names"]) == embedded.class_names
+    path = WEIGHTS_DIR / f"{embedded.name}.safetensors"
+    assert card["weights_bytes"] == path.stat().st_size < 2_500_000
+    assert set(load_file(path)) == set(model.state_dict())
+    assert card["test_accuracy"] >= MIN_ACCURACY
+    assert card["data"]["test_seed"] != card["data"]["train_seed"]
+    assert card["data"]["test_size"] >= 1000
+    for key in ("training_command", "wall_time_s", "torch_version", "finercam_version", "architecture"):
+        assert card[key]
+
+
+def test_fresh_seed_accuracy(embedded: EmbeddedModel, fresh: synth.SynthDataset) -> None:
+    with torch.no_grad():
+        predictions = embedded.model(fresh.images).argmax(1)
+    accuracy = (predictions == fresh.labels).float().mean().item()
+    assert accuracy >= MIN_ACCURACY - TOLERANCE, f"{embedded.name}: {accuracy:.3f}"
+
+
+def test_auto_layer_is_the_target_layer(embedded: EmbeddedModel, fresh: synth.SynthDataset) -> None:
+    assert finercam.auto_layer(embedded.model, example=fresh.images[:1]) == embedded.target_layer
+    assert finercam.auto_layer(embedded.model, image_size=(64, 64)) == embedded.target_layer
+    if embedded.name == "cnn":
+        assert embedded.target_layer == EXPECTED["cnn"]["layer"]
+
+
+def test_finercam_runs(embedded: EmbeddedModel, fresh: synth.SynthDataset) -> None:
+    images = fresh.images[:4]
+    with finercam.FinerCAM(embedded.model) as cam:
+        result = cam(images)
+        assert [layer.name for layer in cam.layers] == [embedded.target_layer]
+    assert result.maps.shape == (4, 64, 64)
+    assert torch.isfinite(result.maps).all()
+    assert tuple(result.raw_maps.shape[1:]) == EXPECTED[embedded.name]["grid"]
+    assert result.references.shape == (4, 3)
+
+
+def test_unknown_name() -> None:
+    with pytest.raises(InvalidArgumentError, match="cnn, vit") as info:
+        load_embedded("resnet")
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(InvalidArgumentError):
+        load_embedded(None)  # type: ignore[arg-type]
+
+
+def test_missing_weights_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr("finercam.embedded.WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"finercam\.embedded\.train --model vit"):
+        load_embedded("vit")
+
+
+def test_loading_needs_no_network_and_no_model_library() -> None:
+    code = (
+        "import socket, sys\n"
+        "def refuse(*a, **k): raise RuntimeError('network access')\n"
+        "socket.socket.connect = refuse; socket.socket.connect_ex = refuse\n"
+        "socket.create_connection = refuse; socket.getaddrinfo = refuse\n"
+        "for name in ('timm', 'torchvision', 'transformers', 'open_clip'): sys.modules[name] = None\n"
+        "from finercam.embedded import load_embedded\n"
+        "import torch\n"
+        "for name in ('cnn', 'vit'):\n"
+        "    m = load_embedded(name)\n"
+        "    assert m.model(torch.rand(1, 3, 64, 64)).shape == (1, 12)\n"
+        "assert not {'timm', 'torchvision'} & {k for k, v in sys.modules.items() if v is not None}\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_training_script_smoke(tmp_path) -> None:
+    from finercam.embedded.train import main
+
+    assert main(["--model", "cnn", "--out", str(tmp_path), "--epochs", "1", "--train-size", "48",
+                 "--test-size", "24", "--threads", "1"]) == 0
+    import json
+
+    card = json.loads((tmp_path / "cnn.json").read_text())
+    assert card["data"]["train_size"] == 48 and card["training"]["epochs"] == 1
+    assert card["parameter_count"] == load_embedded("cnn").card["parameter_count"]
+    assert (tmp_path / "cnn.safetensors").stat().st_size == card["weights_bytes"]
