@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_layers(commands)
     _add_probe(commands)
     _add_synth(commands)
+    _add_demo(commands)
     commands.add_parser("version", help="print the versions of finercam and torch")
     return parser
 
@@ -148,6 +149,29 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's)")
 
 
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    from finercam import demo
+
+    parser = commands.add_parser(
+        "demo", help="explain the embedded models on a fresh synthetic test set; write report.html and metrics.json"
+    )
+    parser.add_argument("--out", default="finercam-demo", help="output folder (default: ./finercam-demo)")
+    parser.add_argument("--size", type=_positive_int, default=demo.DEFAULT_SIZE,
+                        help=f"test images (default {demo.DEFAULT_SIZE})")
+    parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED,
+                        help="test-set seed; moved on if a model's card lists it (default %(default)s)")
+    parser.add_argument("--models", nargs="+", default=["cnn", "vit"], help="embedded models (default: cnn vit)")
+    parser.add_argument("--methods", nargs="+", default=list(demo.DEMO_METHODS), choices=sorted(METHODS),
+                        help="base CAM methods (default: gradcam layercam scorecam)")
+    parser.add_argument("--tolerance", type=_non_negative_int, default=demo.DEFAULT_TOLERANCE,
+                        help="pointing-game tolerance in pixels (default %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=demo.DEFAULT_BATCH,
+                        help="images explained at once (default %(default)s)")
+    parser.add_argument("--score-batch-size", type=_positive_int, default=demo.DEFAULT_SCORE_BATCH,
+                        help="masked inputs per forward pass for Score-CAM (default %(default)s)")
+    parser.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finercam`` console script; returns the exit status."""
     parser = _parser()
@@ -168,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from finercam.example import run_example
 
             return run_example(args)
+        if args.command == "demo":
+            from finercam.demo import run_demo
+
+            return run_demo(args)
         from finercam import commands
 
         return {"explain": commands.run_explain, "layers": commands.run_layers, "train-probe": commands.run_probe}[
