@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone: sets up .venv (once, and again whenever the pins change), then runs a job.
+#   ./finercam.sh demo [ARGS]      the main job: explain the embedded models on the synthetic benchmark, write
+#                                  finercam-demo/report.html and metrics.json (the default job)
 #   ./finercam.sh example [ARGS]   train a small model on the spot, explain it, write finercam-out/example.png
 #   ./finercam.sh test [ARGS]      lint, then the full test suite (what CI runs)
 #   ./finercam.sh bench [ARGS]     the engine benchmark (benchmarks/engine.py; minutes, not a test)
@@ -29,14 +31,15 @@ if [ ! -f "$stamp" ]; then
 fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-job=${1:-example}
+job=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$job" in
   setup) ;;
+  demo) exec .venv/bin/finercam demo "$@" ;;
   example) exec .venv/bin/finercam example "$@" ;;
   test)
     .venv/bin/python -m ruff check src tests benchmarks
     exec .venv/bin/python -m pytest "$@" ;;
   bench) exec .venv/bin/python benchmarks/engine.py "$@" ;;
-  *) echo "usage: ./finercam.sh [example|test|bench|setup] [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: ./finercam.sh [demo|example|test|bench|setup] [ARGS]" >&2; exit 2 ;;
 esac
