@@ -179,3 +179,18 @@ def relative_confidence_drop(
             drop = clean - probabilities(masked)
             drops[k] = drop[:, 0] - drop[:, 1]
     return drops
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on a dataset, evaluated in eval mode (its train/eval flag is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = sum(
+            int((extract_logits(model(images[i : i + batch_size])).argmax(1) == labels[i : i + batch_size]).sum())
+            for i in range(0, len(labels), batch_size)
+        )
+    finally:
+        model.train(was_training)
+    return correct / max(len(labels), 1)

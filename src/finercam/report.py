@@ -44,6 +44,14 @@ def _matplotlib_pyplot() -> Any:
     return plt
 
 
+def _png(figure: Any, dpi: int) -> bytes:
+    """A finished matplotlib figure as PNG bytes."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
 def _png_base64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -79,12 +87,9 @@ def gamma_plot(runs: Sequence[ModelRun], ks: Sequence[float]) -> bytes:
                 axis.grid(alpha=0.3)
                 if row == 0 and column == 0:
                     axis.legend(fontsize=7)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
+        return _png(figure, dpi=100)
     finally:
         plt.close(figure)
-    return buffer.getvalue()
 
 
 def sample_indices(run: ModelRun, count: int = SHOWN) -> list[int]:
@@ -148,12 +153,9 @@ def _grid(panels: list[list[dict[str, Any]]], headers: Sequence[str]) -> bytes:
                 axis.set_title(header + panel.get("caption", ""), fontsize=7)
                 axis.set_xticks([])
                 axis.set_yticks([])
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=85)
+        return _png(figure, dpi=85)
     finally:
         plt.close(figure)
-    return buffer.getvalue()
 
 
 def samples_figure(run: ModelRun, gammas: Sequence[float]) -> bytes | None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finercam.metrics import top1_accuracy
+
 IMAGE_SIZE = 64
 CLASS_NAMES = ("red beak, plain wing", "red beak, barred wing", "blue beak, plain wing", "blue beak, barred wing")
 PARTS = ("beak", "wingbar")
@@ -219,19 +221,6 @@ class ToyNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on a dataset."""
-    was_training = model.training
-    model.eval()
-    correct = sum(
-        int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
-        for i in range(0, len(labels), batch_size)
-    )
-    model.train(was_training)
-    return correct / max(len(labels), 1)
-
-
 def train_toy_model(
     seed: int = 0,
     *,
@@ -279,7 +268,7 @@ def train_toy_model(
             total += loss.detach().item() * len(index)
         say(
             f"epoch {epoch + 1}/{epochs}: loss {total / train_size:.3f}, "
-            f"test accuracy {accuracy(model, test.images, test.labels):.1%} ({time.perf_counter() - start:.0f} s)"
+            f"test accuracy {top1_accuracy(model, test.images, test.labels):.1%} ({time.perf_counter() - start:.0f} s)"
         )
     model.eval()
-    return model, accuracy(model, test.images, test.labels)
+    return model, top1_accuracy(model, test.images, test.labels)

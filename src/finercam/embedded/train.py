@@ -29,6 +29,7 @@ import finercam
 from finercam import synth
 from finercam.embedded import EMBEDDED_MODELS, WEIGHTS_DIR
 from finercam.embedded.architectures import build
+from finercam.metrics import top1_accuracy
 
 TRAIN_DATA_SEED = 0
 TEST_DATA_SEED = 1
@@ -65,19 +66,6 @@ def augment(images: Tensor, generator: torch.Generator, shift: int) -> Tensor:
         crops = [padded[i, :, y : y + h, x : x + w] for i, (x, y) in enumerate(zip(dx, dy, strict=True))]
         images = torch.stack(crops)
     return images
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``model`` (switched to eval mode and back)."""
-    was_training = model.training
-    model.eval()
-    correct = sum(
-        int((model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum())
-        for i in range(0, len(labels), batch_size)
-    )
-    model.train(was_training)
-    return correct / max(len(labels), 1)
 
 
 def train(
@@ -139,11 +127,11 @@ def train(
             schedule.step()
             total_loss += loss.detach().item() * len(index)
             correct += int((logits.detach().argmax(1) == labels).sum())
-        test_accuracy = accuracy(model, test_set.images, test_set.labels)
+        test_accuracy = top1_accuracy(model, test_set.images, test_set.labels)
         log(f"epoch {epoch + 1}/{epochs}: loss {total_loss / n:.3f}, train accuracy (augmented) {correct / n:.1%}, "
             f"test accuracy {test_accuracy:.2%} ({time.perf_counter() - start:.0f} s)")
     model.eval()
-    train_accuracy = accuracy(model, train_set.images, train_set.labels)
+    train_accuracy = top1_accuracy(model, train_set.images, train_set.labels)
     wall = time.perf_counter() - start
     log(f"final: train accuracy {train_accuracy:.2%}, test accuracy {test_accuracy:.2%}, wall time {wall:.0f} s")
 
