@@ -160,8 +160,8 @@ def _scripted_capture(
 ) -> Capture:
     """:func:`forward_with_capture` for TorchScript, whose layers are read from the graph (no hooks run there).
 
-    The graph cannot be cut at the layer, so it is recorded from the parameters (or, for a frozen model, from the
-    input); gradients are still taken with respect to the layer outputs only.
+    The graph cannot be cut at the layer, so it is recorded from the input (whichever parameters are frozen);
+    gradients are still taken with respect to the layer outputs only.
     """
     grad_enabled = torch.is_grad_enabled()
     try:

@@ -33,6 +33,7 @@ from finercam.errors import InvalidArgumentError, ModelFileNotFoundError
 from finercam.explain import FinerCAM
 from finercam.methods import METHODS
 from finercam.metrics import DEFAULT_KS, mask_energy, pointing_hits, rd_name, relative_confidence_drop
+from finercam.runtime import cpu_threads
 from finercam.synth.io import split_seeds
 
 GAMMAS = (0.0, 0.3, 0.6, 1.0, 2.0)
@@ -290,15 +291,9 @@ def headline(records: Sequence[dict[str, Any]], k: float = DEFAULT_KS[0]) -> lis
 def run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None = None) -> int:
     """``finercam demo``: evaluate, write ``metrics.json`` and ``report.html``, print a summary. ``models``
     replaces the embedded models (for tests)."""
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return _run_demo(args, models)
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_threads(args.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _run_demo(args, models)
 
 
 def _run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None) -> int:

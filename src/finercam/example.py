@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 import finercam
@@ -17,6 +16,7 @@ from finercam import toy
 from finercam.explain import FinerCAM
 from finercam.methods import METHODS
 from finercam.metrics import mask_energy, pointing_hits
+from finercam.runtime import cpu_threads
 
 SHOWN = 6
 SWEEP_GAMMA = 2.0
@@ -126,13 +126,8 @@ def _figure(
 
 def run_example(args: argparse.Namespace) -> int:
     """``finercam example``: train the toy model, score the maps, write ``example.png`` and ``example.json``."""
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         return _run_example(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_example(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from finercam.errors import InvalidArgumentError
 from finercam.images import ImageFolder, load_image
+from finercam.metrics import top1_accuracy
 from finercam.models import LoadedBackbone, save_head
 
 Log = Callable[[str], None]
@@ -128,11 +129,8 @@ def fit_linear_head(
 
 
 def accuracy(head: nn.Linear, features: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy of ``head`` on features."""
-    if len(labels) == 0:
-        return float("nan")
-    with torch.no_grad():
-        return float((head(features).argmax(dim=1) == labels).float().mean())
+    """Top-1 accuracy of ``head`` on features (NaN for an empty split, which has no accuracy)."""
+    return top1_accuracy(head, features, labels) if len(labels) else float("nan")
 
 
 def train_probe(

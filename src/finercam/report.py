@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from finercam import synth
+from finercam import synth, viz
 from finercam.methods import METHODS
 from finercam.metrics import METRICS, rd_name
 
@@ -33,15 +33,6 @@ td.l,th.l{text-align:left}tr.paper td{background:#fff7d6}tr.base td{background:#
 img{max-width:100%;height:auto;border:1px solid #eee}code{background:#f5f5f5;padding:0 .2em}
 .note{color:#555;font-size:.92em}
 """
-
-
-def _matplotlib_pyplot() -> Any:
-    from finercam.viz import _matplotlib
-
-    _matplotlib()
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _png(figure: Any, dpi: int) -> bytes:
@@ -68,7 +59,7 @@ def _short(name: str) -> str:
 
 def gamma_plot(runs: Sequence[ModelRun], ks: Sequence[float]) -> bytes:
     """A PNG: pointing, energy and RD@k against gamma, one row per model, one line per method."""
-    plt = _matplotlib_pyplot()
+    plt = viz.pyplot()
     metrics = ["pointing", "energy", *(rd_name(k) for k in ks)]
     figure, axes = plt.subplots(len(runs), len(metrics), figsize=(3.3 * len(metrics), 2.7 * len(runs) + 0.4),
                                 squeeze=False)
@@ -132,7 +123,7 @@ def _grid(panels: list[list[dict[str, Any]]], headers: Sequence[str]) -> bytes:
     its peak marked, optional ``outline`` (H, W) bool drawn in white, and a ``caption``."""
     from finercam import viz
 
-    plt = _matplotlib_pyplot()
+    plt = viz.pyplot()
     rows, cols = len(panels), len(headers)
     figure, axes = plt.subplots(rows, cols, figsize=(2.05 * cols, 2.35 * rows + 0.3), squeeze=False)
     try:

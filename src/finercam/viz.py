@@ -15,7 +15,7 @@ from torch import Tensor
 from finercam.errors import MissingDependencyError
 
 ArrayLike = Tensor | np.ndarray
-__all__ = ["Column", "MissingDependencyError", "overlay", "save_comparison"]
+__all__ = ["Column", "MissingDependencyError", "overlay", "pyplot", "save_comparison"]
 
 
 def _matplotlib() -> ModuleType:
@@ -28,6 +28,14 @@ def _matplotlib() -> ModuleType:
         ) from error
     matplotlib.use("Agg", force=True)
     return matplotlib
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` with the non-interactive Agg backend, or a :class:`MissingDependencyError`."""
+    _matplotlib()
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _to_numpy_image(image: ArrayLike) -> np.ndarray:
@@ -114,9 +122,7 @@ def save_comparison(
         row_labels: one label per row, at the left of the row.
         suptitle: a title over the whole figure.
     """
-    _matplotlib()
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, cols = images.shape[0], len(columns)
     figure, axes = plt.subplots(
         rows, cols, figsize=(panel_inches * cols, (panel_inches + 0.45) * rows + 0.6), squeeze=False

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from finercam.runtime import cpu_threads
 from finercam.synth.dataset import SynthDataset, resolve_config
 from finercam.synth.io import load_dataset, write_dataset
 
@@ -26,9 +27,12 @@ def preview_grid(dataset: SynthDataset, per_class: int = 8) -> Tensor:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    """Run the command from parsed arguments; returns the exit status."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Run the command from parsed arguments (torch's thread count restored afterwards); returns the exit status."""
+    with cpu_threads(args.threads):
+        return _run_synth(args)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
     options = {"image_size": args.size, "num_genera": args.genera, "species_per_genus": args.species,
                "occlusion": args.occlusion, "distractors": args.distractors, "max_rotation": args.max_rotation,
                "min_visible": args.min_visible, "noise": args.noise}
