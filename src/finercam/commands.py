@@ -11,27 +11,11 @@ import torch
 from finercam.errors import InvalidArgumentError
 from finercam.images import load_image, train_val_folders
 from finercam.models import LoadedBackbone
+from finercam.runtime import resolve_device
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; other names must be devices that exist here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InvalidArgumentError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise InvalidArgumentError(
-                f"--device {name}: this machine has {count} CUDA device(s); use --device cpu (or auto)"
-            )
-    return device
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Process-wide torch settings that jobs change for their duration and always restore."""
+"""Process-wide torch settings that jobs change for their duration and always restore, and device names."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from finercam.errors import InvalidArgumentError
 
 
 @contextmanager
@@ -18,3 +20,26 @@ def cpu_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A device that exists here: ``"auto"`` is CUDA when present, else the CPU; ``cuda[:N]`` must be available.
+
+    Raises:
+        InvalidArgumentError: not a device name, or a CUDA device this machine does not have.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(
+            f"device {str(device)!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise InvalidArgumentError(
+                f"device {str(device)!r}: this machine has {count} CUDA device(s); use cpu (or auto)"
+            )
+    return resolved

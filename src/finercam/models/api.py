@@ -21,6 +21,7 @@ from finercam.models.pooling import POOLING_MODES, PooledFeatures, build_feature
 from finercam.models.preprocess import PREPROCESS_PRESETS, Preprocess, get_preprocess
 from finercam.models.spec import ModelSpec, parse_spec
 from finercam.models.weights import existing_file
+from finercam.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,6 @@ class LoadedBackbone:
     preprocess: Preprocess
     spec: str
     pooling: str = "pooled"
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InvalidArgumentError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
 
 
 def _weights_path(spec: ModelSpec, weights: str | Path | None) -> Path | None:
@@ -154,7 +148,7 @@ def load_backbone(
         FinerCAMError: a subclass naming what is wrong (unknown kind or name, missing file, mismatched weights, a
             missing optional dependency ...).
     """
-    target = _device(device)
+    target = resolve_device(device)
     features, chosen, parts = _build_backbone(spec, weights, preprocess, pooling, None)
     _finish(features, target)
     return LoadedBackbone(features, features.dim, chosen or parts.preprocess, spec, features.pooling.mode)
@@ -233,7 +227,7 @@ def load_model(
     Raises:
         FinerCAMError: a subclass naming what is wrong.
     """
-    target = _device(device)
+    target = resolve_device(device)
     num_classes = _check_num_classes(num_classes)
     if head is not None:
         if not isinstance(head, str | Path):
