@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
@@ -33,25 +32,17 @@ from finercam.errors import (
     WeightsError,
 )
 from finercam.models import (
-    PREPROCESS_PRESETS,
     BackboneWithHead,
-    Preprocess,
-    get_preprocess,
     load_backbone,
-    load_head,
     load_model,
     parse_spec,
     save_head,
 )
+from zoo import random_image
 
 timm = pytest.importorskip("timm")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -90,125 +81,6 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if open_clip_torch were not installed
     with pytest.raises(MissingDependencyError, match=r"pip install 'finercam\[clip\]'"):
         load_backbone("open_clip:ViT-B-16")
-
-
-# ------------------------------------------------------------------------------------------------ preprocess
-
-
-def _official_preprocess(image: Image.Image, patch_size: int = 14, max_size: int = 1000) -> torch.Tensor:
-    """The official Finer-CAM ``preprocess`` (tutorials/tutorial.ipynb, generate_cams.py), verbatim in logic."""
-    from torchvision.transforms import Compose, Normalize, Resize, ToTensor
-
-    image = image.convert("RGB")
-    width, height = image.size
-    if max(width, height) > max_size:
-        scale = max_size / max(width, height)
-        width = int(width * scale)
-        height = int(height * scale)
-        image = image.resize((width, height), Image.BICUBIC)
-    new_height = int(np.ceil(height / patch_size) * patch_size)
-    new_width = int(np.ceil(width / patch_size) * patch_size)
-    transform = Compose([
-        Resize((new_height, new_width), interpolation=Image.BICUBIC),
-        ToTensor(),
-        Normalize(mean=CLIP_MEAN, std=CLIP_STD),
-    ])
-    return transform(image).to(torch.float32)
-
-
-@pytest.mark.parametrize("size", [(333, 517), (3000, 1234), (50, 2001), (5, 5), (1000, 999), (1400, 1000)])
-def test_dinov2_official_sizes(size: tuple[int, int]) -> None:
-    pre = PREPROCESS_PRESETS["dinov2-official"]
-    height, width = pre.output_size(*size)
-    assert height % 14 == 0 and width % 14 == 0
-    assert max(height, width) <= 1008  # longest side <= 1000 before rounding up to a multiple of 14
-    width0, height0 = size
-    if max(size) > 1000:  # the official code: scale so the longest side is 1000, truncating
-        scale = 1000 / max(size)
-        width0, height0 = int(width0 * scale), int(height0 * scale)
-    assert max(width0, height0) <= 1000
-    assert (height, width) == (int(np.ceil(height0 / 14) * 14), int(np.ceil(width0 / 14) * 14))
-    assert height - height0 < 14 and width - width0 < 14  # rounded up, never down
-
-
-@pytest.mark.parametrize("size", [(333, 517), (1500, 700), (20, 31)])
-def test_dinov2_official_matches_the_official_code(size: tuple[int, int]) -> None:
-    import_torchvision()
-    image = _image(*size)
-    ours = PREPROCESS_PRESETS["dinov2-official"](image)
-    assert ours.shape == _official_preprocess(image).shape
-    assert torch.allclose(ours, _official_preprocess(image), atol=1e-6)
-
-
-def test_imagenet_preset_matches_torchvision() -> None:
-    tv = import_torchvision()
-    t = tv.transforms
-    image = _image(301, 257)
-    reference = t.Compose([t.Resize(256), t.CenterCrop(224), t.ToTensor(),
-                           t.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])(image)
-    assert torch.allclose(get_preprocess("imagenet")(image), reference, atol=1e-6)
-
-
-def test_timm_config_preprocess_matches_timm() -> None:
-    model = timm.create_model("resnet18", pretrained=False)
-    config = timm.data.resolve_data_config({}, model=model)
-    reference = timm.data.create_transform(**config)(_image(300, 211))
-    from finercam.models.configs import from_timm_config
-
-    ours = from_timm_config(config, "resnet18")(_image(300, 211))
-    assert ours.shape == reference.shape and torch.allclose(ours, reference, atol=1e-6)
-
-
-def test_preprocess_presets_and_errors() -> None:
-    image = _image(40, 30).convert("L")  # converted to RGB
-    assert get_preprocess("none")(image).shape == (3, 30, 40)
-    assert get_preprocess("clip")(image).shape == (3, 224, 224)
-    assert "multiples of 14" in PREPROCESS_PRESETS["dinov2"].describe()
-    with pytest.raises(InvalidArgumentError, match="dinov2-official"):
-        get_preprocess("imagenett")
-    with pytest.raises(FinerCAMError, match="PIL"):
-        get_preprocess("clip")(torch.zeros(3, 8, 8))  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgumentError, match="interpolation"):
-        Preprocess(interpolation="cubic")
-
-
-# ----------------------------------------------------------------------------------------------------- heads
-
-
-def test_save_and_load_head_roundtrip(tmp_path: Path) -> None:
-    linear = nn.Linear(6, 3)
-    save_head(tmp_path / "h.safetensors", linear, ["a", "b", "c"], {"backbone": "timm:x", "pooling": "cls"})
-    loaded, names, metadata = load_head(tmp_path / "h.safetensors")
-    assert names == ("a", "b", "c") and metadata["pooling"] == "cls" and metadata["backbone"] == "timm:x"
-    assert torch.equal(loaded.weight, linear.weight) and torch.equal(loaded.bias, linear.bias)
-    with pytest.raises(InvalidArgumentError, match="3 classes"):
-        save_head(tmp_path / "x.safetensors", linear, ["a"])
-
-
-def test_load_head_official_formats(tmp_path: Path) -> None:
-    linear = nn.Linear(768, 525)
-    torch.save(linear.state_dict(), tmp_path / "classifier_birds_DINO.pth")  # the official repository's format
-    loaded, names, metadata = load_head(tmp_path / "classifier_birds_DINO.pth")
-    assert (loaded.in_features, loaded.out_features) == (768, 525) and names is None
-    assert metadata["format"] == "torch-state-dict"
-    nested = {"state_dict": {f"module.classifier.{k}": v for k, v in nn.Linear(4, 2).state_dict().items()}}
-    (tmp_path / "sub").mkdir()
-    torch.save(nested, tmp_path / "sub" / "best.pth")
-    (tmp_path / "sub" / "class_names.json").write_text(json.dumps(["x", "y"]))  # as tutorials/dino_train.py writes
-    loaded, names, _ = load_head(tmp_path / "sub" / "best.pth")
-    assert loaded.out_features == 2 and names == ("x", "y")
-
-
-def test_load_head_rejects_non_linear_and_pickles(tmp_path: Path) -> None:
-    mlp = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
-    torch.save(mlp.state_dict(), tmp_path / "mlp.pth")
-    with pytest.raises(WeightsError, match="not a single linear head"):
-        load_head(tmp_path / "mlp.pth")
-    torch.save(nn.Linear(3, 2), tmp_path / "module.pth")  # a pickled module, not a state dict
-    with pytest.raises(WeightsError, match="weights_only"):
-        load_head(tmp_path / "module.pth")
-    with pytest.raises(ModelFileNotFoundError, match="does not exist"):
-        load_head(tmp_path / "missing.pth")
 
 
 # ------------------------------------------------------------------------------------------------------ timm
@@ -309,7 +181,7 @@ def test_timm_dinov2_official_checkpoint_and_head(tmp_path: Path) -> None:
     assert loaded.target_layer == "backbone.blocks.-1.norm1"
     assert loaded.preprocess.name == "dinov2-official"  # plain head on DINOv2: the official preprocessing
     assert loaded.model.num_prefix_tokens == 1 and loaded.model.patch_size == 14
-    pixels = loaded.preprocess(_image(45, 30))  # variable size: 56 x 42 after rounding up
+    pixels = loaded.preprocess(random_image(45, 30))  # variable size: 56 x 42 after rounding up
     assert pixels.shape == (3, 42, 56)
     with torch.no_grad():
         expected = head(_official_dinov2_tokens(dino, pixels[None])[:, 1:].mean(dim=1))
@@ -495,7 +367,7 @@ def test_hf_vit_classifier_dir(tmp_path: Path, transformers_module: object) -> N
     loaded = load_model(f"hf:{tmp_path / 'vit'}")
     assert loaded.class_names == ("ant", "bee", "cat")
     assert loaded.preprocess.resize == (32, 32) and loaded.preprocess.mean == (0.5, 0.5, 0.5)
-    x = loaded.preprocess(_image(50, 40))[None]
+    x = loaded.preprocess(random_image(50, 40))[None]
     with torch.no_grad():
         assert _close(loaded.model(x).logits, vit(pixel_values=x).logits)
     backbone = load_backbone(f"hf:{tmp_path / 'vit'}")  # the classifier checkpoint's ViTModel, CLS features

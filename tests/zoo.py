@@ -109,11 +109,15 @@ BUILDERS = {
 }
 
 
-def picture(path: Path, width: int = 96, height: int = 72, seed: int = 0) -> Path:
-    """A random RGB picture (non-square on purpose)."""
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A random RGB image."""
     generator = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8)
-    Image.fromarray(pixels.numpy()).save(path)
+    return Image.fromarray((torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy())
+
+
+def picture(path: Path, width: int = 96, height: int = 72, seed: int = 0) -> Path:
+    """A random RGB picture saved to ``path`` (non-square on purpose)."""
+    random_image(width, height, seed).save(path)
     return path
 
 
