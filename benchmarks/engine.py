@@ -49,6 +49,8 @@ from finercam.compat import import_torchvision
 
 tv = import_torchvision()  # before pytorch_grad_cam, which imports torchvision
 
+from measure import Sample, is_clean, reset_peak_rss, status_kb, timed  # noqa: E402
+
 import finercam  # noqa: E402
 
 VARIANTS = ("forward", "finercam", "sweep", "gradcam-lib")
@@ -173,43 +175,6 @@ def clear_parameter_grads(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One timed call: wall time, and the CPU that other processes (and the hypervisor) took meanwhile."""
-
-    ms: float
-    foreign_cores: float | None  # None where it cannot be judged (no /proc, or a call shorter than 10 ticks)
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(busy ticks of the whole machine incl. steal, ticks of this process), or None without /proc."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
-
-
-def timed(call: Callable[[Tensor], object], images: Tensor) -> Sample:
-    before = _cpu_ticks()
-    start = time.perf_counter()
-    result = call(images)
-    elapsed = time.perf_counter() - start
-    after = _cpu_ticks()
-    del result
-    foreign = None
-    if before is not None and after is not None and elapsed * _CLOCK_TICKS >= 10:
-        foreign_ticks = (after[0] - before[0]) - (after[1] - before[1])
-        foreign = max(0.0, foreign_ticks / _CLOCK_TICKS / elapsed)
-    return Sample(elapsed * 1000.0, foreign)
-
-
 def time_model(name: str, args: argparse.Namespace, budget_s: float) -> dict[str, list[Sample]]:
     """Interleaved timings of every variant: a warm-up, then rounds that run each variant once in a rotating order.
 
@@ -235,45 +200,23 @@ def time_model(name: str, args: argparse.Namespace, budget_s: float) -> dict[str
             run(variant)
     samples: dict[str, list[Sample]] = {variant: [] for variant in VARIANTS}
     for repeat in range(3 * args.repeats):
-        clean = min(sum(is_clean(s, args) for s in samples[v]) for v in VARIANTS)
+        clean = min(sum(is_clean(s, args.max_foreign) for s in samples[v]) for v in VARIANTS)
         if repeat >= args.repeats and (clean >= args.repeats or time.perf_counter() - started > budget_s):
             break
         shift = repeat % len(VARIANTS)
         for variant in VARIANTS[shift:] + VARIANTS[:shift]:
             samples[variant].append(run(variant))
         if args.verbose:
-            done = ", ".join(
-                f"{v} {samples[v][-1].ms:.0f}" + ("" if is_clean(samples[v][-1], args) else "*") for v in VARIANTS
-            )
+            last = {v: samples[v][-1] for v in VARIANTS}
+            marks = {v: "" if is_clean(s, args.max_foreign) else "*" for v, s in last.items()}
+            done = ", ".join(f"{v} {s.ms:.0f}{marks[v]}" for v, s in last.items())
             print(f"  [{name}] round {repeat + 1}: {done} ms", file=sys.stderr, flush=True)
     return samples
-
-
-def is_clean(sample: Sample, args: argparse.Namespace) -> bool:
-    return sample.foreign_cores is None or sample.foreign_cores <= args.max_foreign
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def memory_probe(name: str, variant: str, args: argparse.Namespace) -> dict[str, object]:
@@ -284,13 +227,13 @@ def memory_probe(name: str, variant: str, args: argparse.Namespace) -> dict[str,
     with torch.inference_mode():  # warm-up common to all variants: thread pools, kernels, lazy initialisation
         model(images)
     gc.collect()
-    rss_before_kb = _status_kb("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before_kb = status_kb("VmRSS")
+    reset = reset_peak_rss()
     maxrss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     result = call(images)
     elapsed = (time.perf_counter() - start) * 1000.0
-    hwm_kb = _status_kb("VmHWM") if reset else None
+    hwm_kb = status_kb("VmHWM") if reset else None
     maxrss_after_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del result
     peak_kb = hwm_kb if hwm_kb is not None else maxrss_after_kb
@@ -339,7 +282,7 @@ def summarise(samples: dict[str, list[Sample]], args: argparse.Namespace) -> dic
     """Median over the clean samples (over all of them where fewer than 3 are clean) and minimum over all."""
     stats: dict[str, dict[str, float]] = {}
     for variant, runs in samples.items():
-        clean = [s.ms for s in runs if is_clean(s, args)]
+        clean = [s.ms for s in runs if is_clean(s, args.max_foreign)]
         used = clean if len(clean) >= min(3, len(runs)) else [s.ms for s in runs]
         stats[variant] = {
             "median_ms": statistics.median(used),
