@@ -2,7 +2,8 @@
 
 ``example`` trains a toy fine-grained classifier on the spot and explains it; ``explain`` explains one image with any
 model; ``layers`` lists a model's candidate target layers; ``train-probe`` fits a linear head on a frozen backbone;
-``version`` prints versions. User errors are printed as one line (exit status 2), never as a traceback."""
+``synth`` writes the synthetic benchmark; ``demo`` runs the main job; ``evaluate`` scores base CAMs and Finer-CAM on a
+dataset; ``version`` prints versions. User errors are printed as one line (exit status 2), never as a traceback."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_probe(commands)
     _add_synth(commands)
     _add_demo(commands)
+    _add_evaluate(commands)
     commands.add_parser("version", help="print the versions of finercam and torch")
     return parser
 
@@ -172,6 +174,12 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's)")
 
 
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    from finercam.evaluation.command import add_command
+
+    add_command(commands, _add_model_arguments, _positive_int, _non_negative_int, _gamma)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finercam`` console script; returns the exit status."""
     parser = _parser()
@@ -196,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from finercam.demo import run_demo
 
             return run_demo(args)
+        if args.command == "evaluate":
+            from finercam.evaluation.command import run_evaluate
+
+            return run_evaluate(args)
         from finercam import commands
 
         return {"explain": commands.run_explain, "layers": commands.run_layers, "train-probe": commands.run_probe}[

@@ -17,6 +17,7 @@ Writes ``metrics.json`` (one record per model, method and gamma) and a self-cont
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,9 +31,10 @@ from torch import Tensor, nn
 import finercam
 from finercam import synth
 from finercam.errors import InvalidArgumentError, ModelFileNotFoundError
+from finercam.evaluation.scoring import ScoreOptions, score_sweep
 from finercam.explain import FinerCAM
 from finercam.methods import METHODS
-from finercam.metrics import DEFAULT_KS, mask_energy, pointing_hits, rd_name, relative_confidence_drop
+from finercam.metrics import DEFAULT_KS, rd_name
 from finercam.runtime import cpu_threads
 from finercam.synth.io import split_seeds
 
@@ -128,9 +130,10 @@ def _card_seeds(card: dict[str, Any]) -> set[int]:
 
 
 def fresh_seed(models: Iterable[DemoModel], seed: int = DEFAULT_SEED) -> int:
-    """``seed``, or the next integer that no model's card lists as (or derives into) a training or test seed."""
+    """``seed``, or the next integer that neither itself nor its test-split seed is a seed a model's card lists (or
+    derives into)."""
     used = set().union(*(_card_seeds(getattr(m, "card", {}) or {}) for m in models))
-    while seed in used:
+    while seed in used or split_seeds(seed)["test"] in used:
         seed += 1
     return seed
 
@@ -150,7 +153,11 @@ def _data_config(models: Sequence[DemoModel]) -> dict[str, int]:
 
 
 def _test_set(models: Sequence[DemoModel], size: int, seed: int) -> synth.SynthDataset:
-    test = synth.generate(size, seed, **_data_config(models))  # type: ignore[arg-type]
+    """The test split of the synthetic dataset of seed ``seed``, quantised to 8 bits: the very images that
+    ``finercam synth --out DIR --train 0 --test SIZE --seed SEED`` writes to ``DIR/test`` (so ``finercam evaluate``
+    on that folder reproduces the demo's numbers)."""
+    test = synth.generate(size, split_seeds(seed)["test"], **_data_config(models))  # type: ignore[arg-type]
+    test = dataclasses.replace(test, images=test.images.mul(255).round_().div_(255))
     for model in models:
         if list(model.class_names) != test.class_names:
             raise InvalidArgumentError(
@@ -173,33 +180,26 @@ def evaluate_model(
     """Explain ``test`` with every method of ``args.methods`` and score every gamma; see the module docstring."""
     run = ModelRun(spec, test)
     model, count, gammas = spec.model.eval(), len(test), tuple(args.gammas)
-    mean = torch.as_tensor(spec.mean, dtype=torch.float32)
     for method in args.methods:
         start = time.perf_counter()
         cam = FinerCAM(model, spec.target_layer, method, score_batch_size=args.score_batch_size)
-        hits: list[list[Tensor]] = [[] for _ in gammas]
-        energy: list[list[Tensor]] = [[] for _ in gammas]
+        options = ScoreOptions(metrics=("pointing", "energy", "rd"), ks=tuple(args.ks), fill=FILL,
+                               fill_mean=tuple(spec.mean), tolerance=args.tolerance)
+        values: list[dict[str, list[Tensor]]] = [{} for _ in gammas]
         empty: list[list[Tensor]] = [[] for _ in gammas]
-        drops: list[dict[float, list[Tensor]]] = [{k: [] for k in args.ks} for _ in gammas]
         targets, references, probabilities, differences, maps_kept = [], [], [], [], []
         cell = 0
         for rows in _batches(count, args.batch_size):
             images = test.images[rows]
             sweep = cam.sweep(images, gammas, references="nearest", num_references=NUM_REFERENCES)
             cell = images.shape[-1] // sweep.layer_raw_maps[0].shape[-1]
-            first = sweep.references[:, 0]
-            difference = synth.difference_mask(test.part_map[rows], sweep.targets, first, test.config)
+            difference = synth.difference_mask(test.part_map[rows], sweep.targets, sweep.references[:, 0],
+                                               test.config)
+            scores = score_sweep(model, images, sweep, options, difference)
             for g in range(len(gammas)):
-                maps = sweep.maps[g]
-                hits[g].append(pointing_hits(maps, difference, args.tolerance))
-                energy[g].append(mask_energy(maps, difference))
-                empty[g].append(maps.flatten(1).amax(dim=1) <= 0)
-                rd = relative_confidence_drop(
-                    model, images, maps, sweep.targets, sweep.references, args.ks, FILL, mean,
-                    clean_logits=sweep.logits,
-                )
-                for k in args.ks:
-                    drops[g][k].append(rd[k])
+                for name, value in scores.values[g].items():
+                    values[g].setdefault(name, []).append(value)
+                empty[g].append(scores.empty[g])
             targets.append(sweep.targets)
             references.append(sweep.references)
             probabilities.append(sweep.probabilities)
@@ -222,9 +222,7 @@ def evaluate_model(
                 "method_title": METHODS[method].title,
                 "finer": gamma > 0,
                 "gamma": gamma,
-                "pointing": round(float(torch.cat(hits[g]).float().mean()), 4),
-                "energy": round(float(torch.cat(energy[g]).mean()), 4),
-                **{rd_name(k): round(float(torch.cat(drops[g][k]).mean()), 4) for k in args.ks},
+                **{name: round(float(torch.cat(parts).mean()), 4) for name, parts in values[g].items()},
                 "n_images": count,
                 "empty_maps": round(float(torch.cat(empty[g]).float().mean()), 4),
                 "accuracy": round(run.accuracy, 4),
@@ -237,7 +235,7 @@ def evaluate_model(
                 "map_cell_px": cell,
                 "rd_ks": list(args.ks),
                 "rd_fill": FILL,
-                "rd_fill_value": [round(float(v), 6) for v in mean.flatten()],
+                "rd_fill_value": [round(float(v), 6) for v in spec.mean],
                 "test_seed": args.seed,
                 "image_size": int(test.images.shape[-1]),
                 "method_seconds": round(seconds, 2),

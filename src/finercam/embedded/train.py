@@ -191,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, help="override the recipe's number of training images")
     parser.add_argument("--test-size", type=int, help="override the recipe's number of test images")
     parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
+    parser.add_argument("--label-smoothing", type=float, help="override the recipe's label smoothing")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
-          epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr)
+          epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
+          label_smoothing=args.label_smoothing)
     return 0
 
 

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelLoadError, ModelOutputError
-from finercam.models import file_loaders, hf_loader, open_clip_loader, timm_loader, torchvision_loader
+from finercam.models import (
+    embedded_loader,
+    file_loaders,
+    hf_loader,
+    open_clip_loader,
+    timm_loader,
+    torchvision_loader,
+)
 from finercam.models.heads import PLAIN_FORMAT, BackboneWithHead, load_head
 from finercam.models.parts import BackboneParts, ClassifierParts
 from finercam.models.pooling import POOLING_MODES, PooledFeatures, build_features, resolve_pooling
@@ -107,6 +114,8 @@ def _backbone_parts(spec: ModelSpec, weights: Path | None, preprocess: Preproces
         return hf_loader.load_backbone(spec.name, weights, preprocess)
     if spec.kind == "open_clip":
         return open_clip_loader.load_backbone(spec.name, weights)
+    if spec.kind == "embedded":
+        raise InvalidArgumentError(f"{spec.text!r} is a finished classifier; explain it without a head")
     if spec.kind == "torchscript":
         loaded = file_loaders.load_torchscript(spec.name, weights)
     else:
@@ -168,8 +177,12 @@ def _classifier(
             f"{spec.text!r} is an image-text model without classes; add a linear head on its image features with "
             "head=FILE (train one with 'finercam train-probe')"
         )
-    if num_classes is not None and spec.kind == "torchscript":
-        raise InvalidArgumentError("num_classes cannot change a TorchScript model; leave it out")
+    if num_classes is not None and spec.kind in ("torchscript", "embedded"):
+        raise InvalidArgumentError(f"num_classes cannot change a {spec.kind} model; leave it out")
+    if spec.kind == "embedded":
+        if weights is not None:
+            raise InvalidArgumentError(f"{spec.text!r} ships its own weights; leave out weights=")
+        return embedded_loader.load_classifier(spec.name)
     if spec.kind == "torchscript":
         return file_loaders.load_torchscript(spec.name, weights)
     assert spec.factory is not None

@@ -106,6 +106,22 @@ class Preprocess:
         """The ``(H, W)`` of the tensor made from an image of ``width`` x ``height`` pixels."""
         return _sizes(self, width, height)[-1]
 
+    def point_transform(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """Where the pixel coordinates of an image of ``width`` x ``height`` land in the preprocessed tensor:
+        ``(sx, sy, dx, dy)`` with ``x' = x * sx + dx`` and ``y' = y * sy + dy`` (continuous coordinates, pixel
+        ``(x, y)`` covering ``[x, x + 1) x [y, y + 1)``), for annotations (boxes, keypoints) given on the original
+        image."""
+        *_, final = _sizes(self, width, height)
+        resized = _sizes(replace(self, crop=None), width, height)[-1]
+        sy, sx = resized[0] / height, resized[1] / width
+        if self.crop is None:
+            return sx, sy, 0.0, 0.0
+        crop_h, crop_w = final
+        padded_h, padded_w = max(crop_h, resized[0]), max(crop_w, resized[1])
+        pad_top, pad_left = (padded_h - resized[0]) // 2, (padded_w - resized[1]) // 2
+        top, left = round((padded_h - crop_h) / 2.0), round((padded_w - crop_w) / 2.0)
+        return sx, sy, float(pad_left - left), float(pad_top - top)
+
     def __call__(self, image: Image.Image) -> Tensor:
         """Preprocess one image.
 

@@ -9,6 +9,7 @@
                           checkpoint given as ``ARCH@FILE`` or ``weights=``; the image tower is the backbone
 ``torchscript:FILE``      a TorchScript archive (``torch.jit.save``)
 ``python:FILE.py:FUNC``   ``FUNC()`` from a Python file, returning an ``nn.Module``
+``embedded:NAME``         a model shipped in the package (``cnn``, ``vit``), trained on :mod:`finercam.synth` birds
 ========================  ==========================================================================================
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from finercam.errors import InvalidArgumentError, ModelNotFoundError
 
-KINDS = ("torchvision", "timm", "hf", "open_clip", "torchscript", "python")
+KINDS = ("torchvision", "timm", "hf", "open_clip", "torchscript", "python", "embedded")
 _ALIASES = {
     "tv": "torchvision",
     "huggingface": "hf",
@@ -31,7 +32,10 @@ _ALIASES = {
     "ts": "torchscript",
     "py": "python",
 }
-_FORMS = "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH[@CHECKPOINT], torchscript:FILE, python:FILE.py:FUNC"
+_FORMS = (
+    "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH[@CHECKPOINT], torchscript:FILE, python:FILE.py:FUNC, "
+    "embedded:cnn"
+)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ def _encode(part_map: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(part_map.tobytes(), 9)).decode("ascii")
 
 
-def _decode(text: str, size: int) -> np.ndarray:
+def decode_part_map(text: str, size: int) -> np.ndarray:
+    """A part map stored in ``annotations.json`` as a ``(size, size)`` uint8 array."""
     return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8).reshape(size, size)
 
 
@@ -150,7 +151,7 @@ def load_dataset(root: str | Path, split: str = "train") -> SynthDataset:
     for i, record in enumerate(records):
         with Image.open(folder / record["path"]) as image:
             images[i] = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
-        maps[i] = torch.from_numpy(_decode(record["part_map"], size).copy())
+        maps[i] = torch.from_numpy(decode_part_map(record["part_map"], size).copy())
     labels = torch.tensor([record["label"] for record in records], dtype=torch.long)
     genus = torch.tensor([record["genus"] for record in records], dtype=torch.long)
     return SynthDataset(images=images, labels=labels, genus=genus, part_map=maps, config=config)
