@@ -179,7 +179,9 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert run_demo(args, models) == 0
 
     records = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert isinstance(records, list) and len(records) == 2 * len(GAMMAS)
+    # Grad-CAM with both aggregations, Score-CAM with the first (mean) only
+    assert isinstance(records, list) and len(records) == 3 * len(GAMMAS)
+    assert {r["aggregation"] for r in records if r["method"] == "scorecam"} == {"mean"}
     required = {"model", "method", "finer", "gamma", "pointing", "energy", "rd@0.05", "rd@0.10", "n_images"}
     for record in records:
         assert required <= set(record)
@@ -189,7 +191,11 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert record["rd_fill"] == "mean" and record["rd_ks"] == [0.05, 0.1]
         assert record["test_seed"] == 6  # 5 is a seed of the model's card
     assert sorted({r["method"] for r in records}) == ["gradcam", "scorecam"]
-    assert sorted(r["gamma"] for r in records if r["method"] == "gradcam") == sorted(GAMMAS)
+    for aggregation in ("mean", "softmax"):
+        chosen = [r for r in records if r["method"] == "gradcam" and r["aggregation"] == aggregation]
+        assert sorted(r["gamma"] for r in chosen) == sorted(GAMMAS)
+    base = {r["aggregation"]: r for r in records if r["method"] == "gradcam" and r["gamma"] == 0}
+    assert base["mean"]["pointing"] == base["softmax"]["pointing"]  # gamma 0 is the base CAM either way
 
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<table" in page and "rd@0.05" in page and "Score-CAM" in page

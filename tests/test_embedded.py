@@ -29,11 +29,13 @@ MIN_ACCURACY = 0.95
 TOLERANCE = 0.02
 
 EXPECTED = {"cnn": {"layer": "stage3", "grid": (16, 16)}, "vit": {"grid": (8, 8)}}
+# The benchmark the models are trained on: 3 genera of 8 species (three two-valued parts per genus), 24 classes.
+SPECIES_PER_GENUS, CLASSES = 8, 24
 
 
 @pytest.fixture(scope="module")
 def fresh() -> synth.SynthDataset:
-    return synth.generate(FRESH_SIZE, seed=FRESH_SEED)
+    return synth.generate(FRESH_SIZE, seed=FRESH_SEED, species_per_genus=SPECIES_PER_GENUS)
 
 
 @pytest.fixture(scope="module", params=EMBEDDED_MODELS)
@@ -52,12 +54,13 @@ def test_loads(embedded: EmbeddedModel) -> None:
     model = embedded.model
     assert not model.training
     assert embedded.image_size == 64
-    assert len(embedded.class_names) == 12
-    assert embedded.class_names == tuple(synth.generate(0).class_names)
+    assert len(embedded.class_names) == CLASSES
+    assert embedded.class_names == tuple(synth.generate(0, species_per_genus=SPECIES_PER_GENUS).class_names)
+    assert embedded.card["data"]["config"]["species_per_genus"] == SPECIES_PER_GENUS
     assert torch.allclose(model.mean.flatten(), torch.tensor(embedded.mean))
     assert torch.allclose(model.std.flatten(), torch.tensor(embedded.std))
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 12)
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, CLASSES)
     # "zero in normalised space" is filling with the mean in pixel space
     filled = torch.tensor(embedded.mean).view(1, 3, 1, 1).expand(1, 3, 64, 64)
     assert model.normalise(filled).abs().max() < 1e-6
@@ -70,7 +73,8 @@ def test_card_matches_weights(embedded: EmbeddedModel) -> None:
     card, model = embedded.card, embedded.model
     assert card["name"] == embedded.name
     assert card["parameter_count"] == sum(p.numel() for p in model.parameters())
-    assert card["num_classes"] == len(card["class_names"]) == 12
+    assert card["num_classes"] == len(card["class_names"]) == CLASSES
+    assert card["training"]["label_smoothing"] == 0.0  # keeps the similarity structure references rely on
     assert tuple(card["class_names"]) == embedded.class_names
     path = WEIGHTS_DIR / f"{embedded.name}.safetensors"
     assert card["weights_bytes"] == path.stat().st_size < 2_500_000
@@ -132,7 +136,7 @@ def test_loading_needs_no_network_and_no_model_library() -> None:
         "import torch\n"
         "for name in ('cnn', 'vit'):\n"
         "    m = load_embedded(name)\n"
-        "    assert m.model(torch.rand(1, 3, 64, 64)).shape == (1, 12)\n"
+        f"    assert m.model(torch.rand(1, 3, 64, 64)).shape == (1, {CLASSES})\n"
         "assert not {'timm', 'torchvision'} & {k for k, v in sys.modules.items() if v is not None}\n"
         "print('ok')\n"
     )

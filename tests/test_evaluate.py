@@ -210,7 +210,8 @@ def test_regions_reject_bad_files(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
-    synth.write_dataset(root, train=0, test=24, seed=8128)
+    config = load_embedded("cnn").card["data"]["config"]
+    synth.write_dataset(root, train=0, test=24, seed=8128, species_per_genus=config["species_per_genus"])
     return root
 
 
@@ -224,7 +225,8 @@ def _evaluate(synthetic: Path, out: Path, *extra: str) -> dict:
 def test_evaluate_reproduces_the_demo(synthetic: Path, tmp_path: Path) -> None:
     """The demo's test set of seed S is ``finercam synth --seed S``'s test split: same images, same numbers."""
     args = argparse.Namespace(out=str(tmp_path / "demo"), size=24, seed=8128, models=["cnn"], methods=["gradcam"],
-                              tolerance=2, batch_size=24, score_batch_size=256, threads=0)
+                              tolerance=2, batch_size=24, score_batch_size=256, threads=0,
+                              aggregations=["mean"])
     run_demo(args)
     demo = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert args.seed == 8128  # not moved: the comparison is on the same images
@@ -266,7 +268,7 @@ def test_correct_only_and_tolerance_directions(synthetic: Path, tmp_path: Path) 
 def test_random_maps_score_worse_than_finer_cam() -> None:
     """On the synthetic benchmark, Finer-Grad-CAM beats random maps on the pointing game and on RD@5%."""
     embedded = load_embedded("cnn")
-    data = synth.generate(96, seed=4242)
+    data = synth.generate(96, seed=4242, species_per_genus=embedded.card["data"]["config"]["species_per_genus"])
     cam = FinerCAM(embedded.model, embedded.target_layer)
     sweep = cam.sweep(data.images, [0.6])
     difference = data.difference_mask(sweep.targets, sweep.references[:, 0])

@@ -165,6 +165,8 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", nargs="+", default=["cnn", "vit"], help="embedded models (default: cnn vit)")
     parser.add_argument("--methods", nargs="+", default=list(demo.DEMO_METHODS), choices=sorted(METHODS),
                         help="base CAM methods (default: gradcam layercam scorecam)")
+    parser.add_argument("--aggregations", nargs="+", default=list(demo.AGGREGATIONS), choices=list(demo.AGGREGATIONS),
+                        help="reference aggregations: mean (paper) and softmax (official library) (default: both)")
     parser.add_argument("--tolerance", type=_non_negative_int, default=demo.DEFAULT_TOLERANCE,
                         help="pointing-game tolerance in pixels (default %(default)s)")
     parser.add_argument("--batch-size", type=_positive_int, default=demo.DEFAULT_BATCH,

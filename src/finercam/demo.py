@@ -42,7 +42,11 @@ GAMMAS = (0.0, 0.3, 0.6, 1.0, 2.0)
 PAPER_GAMMA = 0.6
 DEMO_METHODS = ("gradcam", "layercam", "scorecam")
 NUM_REFERENCES = 3
-DEFAULT_SIZE = 240
+AGGREGATIONS = ("mean", "softmax")
+"""``mean``: the paper's Eq. 8; ``softmax``: the official library's ``FinerWeightedTarget`` (references weighted by
+their probability, so the most similar one dominates). Score-CAM runs only the first: its masked forward passes cost
+tens of gradient passes, and the demo must stay under 3 minutes (``finercam evaluate --aggregation`` does any)."""
+DEFAULT_SIZE = 200
 DEFAULT_SEED = 8128
 DEFAULT_TOLERANCE = 2
 DEFAULT_BATCH = 120
@@ -90,9 +94,10 @@ class ModelRun:
     Attributes:
         spec: the model. test: the test set. records: one metrics record per method and gamma.
         predictions: ``(N,)`` explained targets. references: ``(N, T)`` reference classes.
-        probabilities: ``(N, C)``. gradcam_maps: ``(G, N, H, W)`` Grad-CAM maps at every gamma (for the samples).
+        probabilities: ``(N, C)``. gradcam_maps: per aggregation, ``(G, N, H, W)`` Grad-CAM maps at every gamma
+            (for the samples).
         differences: ``(N, H, W)`` difference masks (target vs first reference). accuracy: top-1 accuracy.
-        seconds: wall time per method.
+        seconds: wall time per ``method/aggregation``.
     """
 
     spec: DemoModel
@@ -101,7 +106,7 @@ class ModelRun:
     predictions: Tensor | None = None
     references: Tensor | None = None
     probabilities: Tensor | None = None
-    gradcam_maps: Tensor | None = None
+    gradcam_maps: dict[str, Tensor] = field(default_factory=dict)
     differences: Tensor | None = None
     accuracy: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -179,70 +184,81 @@ def evaluate_model(
 ) -> ModelRun:
     """Explain ``test`` with every method of ``args.methods`` and score every gamma; see the module docstring."""
     run = ModelRun(spec, test)
-    model, count, gammas = spec.model.eval(), len(test), tuple(args.gammas)
+    spec.model.eval()
+    count, gammas = len(test), tuple(args.gammas)
+    aggregations = tuple(getattr(args, "aggregations", None) or AGGREGATIONS)
     for method in args.methods:
-        start = time.perf_counter()
-        cam = FinerCAM(model, spec.target_layer, method, score_batch_size=args.score_batch_size)
-        options = ScoreOptions(metrics=("pointing", "energy", "rd"), ks=tuple(args.ks), fill=FILL,
-                               fill_mean=tuple(spec.mean), tolerance=args.tolerance)
-        values: list[dict[str, list[Tensor]]] = [{} for _ in gammas]
-        empty: list[list[Tensor]] = [[] for _ in gammas]
-        targets, references, probabilities, differences, maps_kept = [], [], [], [], []
-        cell = 0
-        for rows in _batches(count, args.batch_size):
-            images = test.images[rows]
-            sweep = cam.sweep(images, gammas, references="nearest", num_references=NUM_REFERENCES)
-            cell = images.shape[-1] // sweep.layer_raw_maps[0].shape[-1]
-            difference = synth.difference_mask(test.part_map[rows], sweep.targets, sweep.references[:, 0],
-                                               test.config)
-            scores = score_sweep(model, images, sweep, options, difference)
-            for g in range(len(gammas)):
-                for name, value in scores.values[g].items():
-                    values[g].setdefault(name, []).append(value)
-                empty[g].append(scores.empty[g])
-            targets.append(sweep.targets)
-            references.append(sweep.references)
-            probabilities.append(sweep.probabilities)
-            differences.append(difference)
-            if method == "gradcam":
-                maps_kept.append(sweep.maps)
-        seconds = time.perf_counter() - start
-        run.seconds[method] = seconds
-        predictions = torch.cat(targets)
-        run.accuracy = float((predictions == test.labels).float().mean())
-        if run.predictions is None:
-            run.predictions, run.references = predictions, torch.cat(references)
-            run.probabilities, run.differences = torch.cat(probabilities), torch.cat(differences)
-        if maps_kept:
-            run.gradcam_maps = torch.cat(maps_kept, dim=1)
-        for g, gamma in enumerate(gammas):
-            record: dict[str, Any] = {
-                "model": spec.name,
-                "method": method,
-                "method_title": METHODS[method].title,
-                "finer": gamma > 0,
-                "gamma": gamma,
-                **{name: round(float(torch.cat(parts).mean()), 4) for name, parts in values[g].items()},
-                "n_images": count,
-                "empty_maps": round(float(torch.cat(empty[g]).float().mean()), 4),
-                "accuracy": round(run.accuracy, 4),
-                "target": "prediction",
-                "references": "nearest",
-                "num_references": NUM_REFERENCES,
-                "aggregation": "mean",
-                "mask": "difference mask between the target and its first (most similar) reference",
-                "pointing_tolerance_px": args.tolerance,
-                "map_cell_px": cell,
-                "rd_ks": list(args.ks),
-                "rd_fill": FILL,
-                "rd_fill_value": [round(float(v), 6) for v in spec.mean],
-                "test_seed": args.seed,
-                "image_size": int(test.images.shape[-1]),
-                "method_seconds": round(seconds, 2),
-            }
-            run.records.append(record)
-        log(f"  {spec.name} {METHODS[method].title}: {count} images, {len(gammas)} gammas, {seconds:.1f} s")
+        for aggregation in aggregations if method != "scorecam" else aggregations[:1]:
+            start = time.perf_counter()
+            _explain_and_score(run, method, aggregation, args)
+            seconds = time.perf_counter() - start
+            run.seconds[f"{method}/{aggregation}"] = seconds
+            for record in run.records[-len(gammas):]:
+                record["method_seconds"] = round(seconds, 2)
+            log(f"  {spec.name} {METHODS[method].title} ({aggregation}): {count} images, {len(gammas)} gammas, "
+                f"{seconds:.1f} s")
     return run
+
+
+def _explain_and_score(run: ModelRun, method: str, aggregation: str, args: argparse.Namespace) -> None:
+    """One method and aggregation over the whole test set: a sweep per batch, scored; appends the records."""
+    spec, test = run.spec, run.test
+    model, count, gammas = spec.model, len(test), tuple(args.gammas)
+    cam = FinerCAM(model, spec.target_layer, method, score_batch_size=args.score_batch_size)
+    options = ScoreOptions(metrics=("pointing", "energy", "rd"), ks=tuple(args.ks), fill=FILL,
+                           fill_mean=tuple(spec.mean), tolerance=args.tolerance)
+    values: list[dict[str, list[Tensor]]] = [{} for _ in gammas]
+    empty: list[list[Tensor]] = [[] for _ in gammas]
+    targets, references, probabilities, differences, maps_kept = [], [], [], [], []
+    cell = 0
+    for rows in _batches(count, args.batch_size):
+        images = test.images[rows]
+        sweep = cam.sweep(images, gammas, references="nearest", num_references=NUM_REFERENCES,
+                          aggregation=aggregation)
+        cell = images.shape[-1] // sweep.layer_raw_maps[0].shape[-1]
+        difference = synth.difference_mask(test.part_map[rows], sweep.targets, sweep.references[:, 0], test.config)
+        scores = score_sweep(model, images, sweep, options, difference)
+        for g in range(len(gammas)):
+            for name, value in scores.values[g].items():
+                values[g].setdefault(name, []).append(value)
+            empty[g].append(scores.empty[g])
+        targets.append(sweep.targets)
+        references.append(sweep.references)
+        probabilities.append(sweep.probabilities)
+        differences.append(difference)
+        if method == "gradcam":
+            maps_kept.append(sweep.maps)
+    predictions = torch.cat(targets)
+    run.accuracy = float((predictions == test.labels).float().mean())
+    if run.predictions is None:
+        run.predictions, run.references = predictions, torch.cat(references)
+        run.probabilities, run.differences = torch.cat(probabilities), torch.cat(differences)
+    if maps_kept:
+        run.gradcam_maps[aggregation] = torch.cat(maps_kept, dim=1)
+    for g, gamma in enumerate(gammas):
+        run.records.append({
+            "model": spec.name,
+            "method": method,
+            "method_title": METHODS[method].title,
+            "finer": gamma > 0,
+            "gamma": gamma,
+            "aggregation": aggregation,
+            **{name: round(float(torch.cat(parts).mean()), 4) for name, parts in values[g].items()},
+            "n_images": count,
+            "empty_maps": round(float(torch.cat(empty[g]).float().mean()), 4),
+            "accuracy": round(run.accuracy, 4),
+            "target": "prediction",
+            "references": "nearest",
+            "num_references": NUM_REFERENCES,
+            "mask": "difference mask between the target and its first (most similar) reference",
+            "pointing_tolerance_px": args.tolerance,
+            "map_cell_px": cell,
+            "rd_ks": list(args.ks),
+            "rd_fill": FILL,
+            "rd_fill_value": [round(float(v), 6) for v in spec.mean],
+            "test_seed": args.seed,
+            "image_size": int(test.images.shape[-1]),
+        })
 
 
 def _load_models(names: Sequence[str]) -> list[DemoModel]:
@@ -256,34 +272,47 @@ def _load_models(names: Sequence[str]) -> list[DemoModel]:
 
 
 def format_table(records: Sequence[dict[str, Any]], ks: Sequence[float] = DEFAULT_KS) -> str:
-    """The records as a plain-text table (one line per model, method and gamma)."""
-    columns = ["model", "method", "gamma", "finer", "pointing", "energy", *(rd_name(k) for k in ks)]
+    """The records as a plain-text table (one line per model, method, aggregation and gamma)."""
+    columns = ["model", "method", "aggregation", "gamma", "finer", "pointing", "energy", *(rd_name(k) for k in ks)]
     lines = [columns]
     for record in records:
         lines.append([
-            record["model"], record["method_title"], f"{record['gamma']:g}", "yes" if record["finer"] else "no",
-            f"{record['pointing']:.3f}", f"{record['energy']:.3f}", *(f"{record[rd_name(k)]:+.4f}" for k in ks),
+            record["model"], record["method_title"], record["aggregation"], f"{record['gamma']:g}",
+            "yes" if record["finer"] else "no", f"{record['pointing']:.3f}", f"{record['energy']:.3f}",
+            *(f"{record[rd_name(k)]:+.4f}" for k in ks),
         ])
     widths = [max(len(row[i]) for row in lines) for i in range(len(columns))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in lines)
 
 
-def headline(records: Sequence[dict[str, Any]], k: float = DEFAULT_KS[0]) -> list[str]:
-    """One line per model and method: base CAM against Finer-CAM at the paper's gamma."""
-    lines = []
+def headline_pairs(
+    records: Sequence[dict[str, Any]], gamma: float = PAPER_GAMMA
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(base, finer)`` record pairs: per model, method and aggregation, gamma 0 against ``gamma``."""
+    pairs = []
     for base in (r for r in records if r["gamma"] == 0):
-        finer = next((r for r in records if r["model"] == base["model"] and r["method"] == base["method"]
-                      and r["gamma"] == PAPER_GAMMA), None)
-        if finer is None:
-            continue
-        ratio = f"x{finer['pointing'] / base['pointing']:.2f}" if base["pointing"] else "x inf"
-        lines.append(
-            f"{base['model']} {base['method_title']} -> Finer (gamma {PAPER_GAMMA:g}): pointing {base['pointing']:.3f}"
-            f" -> {finer['pointing']:.3f} ({ratio}), energy {base['energy']:.3f} -> {finer['energy']:.3f}, "
-            f"{rd_name(k)} {base[rd_name(k)]:+.4f} -> {finer[rd_name(k)]:+.4f}"
-        )
-    return lines
+        finer = next((r for r in records if r["gamma"] == gamma and all(
+            r[key] == base[key] for key in ("model", "method", "aggregation"))), None)
+        if finer is not None:
+            pairs.append((base, finer))
+    return pairs
+
+
+def pointing_ratio(base: dict[str, Any], finer: dict[str, Any]) -> float:
+    """Finer's pointing hit rate over the base CAM's (``inf`` when the base never hits)."""
+    return finer["pointing"] / base["pointing"] if base["pointing"] else float("inf")
+
+
+def headline(records: Sequence[dict[str, Any]], k: float = DEFAULT_KS[0]) -> list[str]:
+    """One line per model, method and aggregation: base CAM against Finer-CAM at the paper's gamma."""
+    return [
+        f"{base['model']} {base['method_title']} -> Finer ({base['aggregation']}, gamma {PAPER_GAMMA:g}): pointing "
+        f"{base['pointing']:.3f} -> {finer['pointing']:.3f} (x{pointing_ratio(base, finer):.2f}), energy "
+        f"{base['energy']:.3f} -> {finer['energy']:.3f}, {rd_name(k)} {base[rd_name(k)]:+.4f} -> "
+        f"{finer[rd_name(k)]:+.4f}"
+        for base, finer in headline_pairs(records)
+    ]
 
 
 def run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None = None) -> int:

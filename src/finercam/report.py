@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 
 from finercam import synth, viz
+from finercam.demo import headline_pairs, pointing_ratio
 from finercam.methods import METHODS
 from finercam.metrics import METRICS, rd_name
 
 if TYPE_CHECKING:
     from finercam.demo import ModelRun
 
-SAMPLE_GAMMAS = (0.6, 1.0, 2.0)
+SAMPLE_GAMMAS = (0.6, 2.0)
 SHOWN = 6
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;
@@ -67,10 +68,13 @@ def gamma_plot(runs: Sequence[ModelRun], ks: Sequence[float]) -> bytes:
         for row, run in enumerate(runs):
             for column, metric in enumerate(metrics):
                 axis = axes[row, column]
-                for method in dict.fromkeys(r["method"] for r in run.records):
-                    points = sorted((r["gamma"], r[metric]) for r in run.records if r["method"] == method)
-                    axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                              label=METHODS[method].title)
+                for index, method in enumerate(dict.fromkeys(r["method"] for r in run.records)):
+                    for aggregation in dict.fromkeys(r["aggregation"] for r in run.records):
+                        points = sorted((r["gamma"], r[metric]) for r in run.records
+                                        if r["method"] == method and r["aggregation"] == aggregation)
+                        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{index}",
+                                  linestyle="-" if aggregation == "mean" else "--",
+                                  label=f"{METHODS[method].title} ({aggregation})")
                 axis.axvline(0.6, color="#bbb", linestyle="--", linewidth=1)
                 axis.set_title(f"{run.spec.name}: {metric}", fontsize=9)
                 axis.set_xlabel("gamma (0 = base CAM)", fontsize=8)
@@ -152,15 +156,16 @@ def _grid(panels: list[list[dict[str, Any]]], headers: Sequence[str]) -> bytes:
 def samples_figure(run: ModelRun, gammas: Sequence[float]) -> bytes | None:
     """A PNG of sample rows: image, exemplar of the most similar class, Grad-CAM, Finer-CAM at
     :data:`SAMPLE_GAMMAS`, outlined difference mask. ``None`` without a Grad-CAM run."""
-    if run.gradcam_maps is None or run.predictions is None or run.references is None or run.differences is None:
+    if not run.gradcam_maps or run.predictions is None or run.references is None or run.differences is None:
         return None
     assert run.probabilities is not None
     gammas = list(gammas)
-    shown = [g for g in SAMPLE_GAMMAS if g in gammas]
+    shown = [(a, g) for a in run.gradcam_maps for g in SAMPLE_GAMMAS if g in gammas]
+    base_maps = next(iter(run.gradcam_maps.values()))
     indices = sample_indices(run)
     exemplars, notes = _exemplars(run, indices)
     headers = ["image", "most similar class", *(["Grad-CAM (baseline)"] if 0.0 in gammas else []),
-               *(f"Finer-Grad-CAM γ={g:g}" for g in shown), "difference mask"]
+               *(f"Finer-Grad-CAM γ={g:g} ({a})" for a, g in shown), "difference mask"]
     panels = []
     for row, index in enumerate(indices):
         image = run.test.images[index]
@@ -173,11 +178,12 @@ def samples_figure(run: ModelRun, gammas: Sequence[float]) -> bytes | None:
             {"image": exemplars[row], "caption": f"{reference:02d} ({notes[row]})"},
         ]
         if 0.0 in gammas:
-            line.append({"image": image, "map": run.gradcam_maps[gammas.index(0.0), index],
+            line.append({"image": image, "map": base_maps[gammas.index(0.0), index],
                          "caption": f"explains {target:02d}"})
         others = int((run.references[index] >= 0).sum()) - 1
         versus = f"{target:02d} vs {reference:02d}" + (f" (+{others} more)" if others > 0 else "")
-        line += [{"image": image, "map": run.gradcam_maps[gammas.index(g), index], "caption": versus} for g in shown]
+        line += [{"image": image, "map": run.gradcam_maps[a][gammas.index(g), index], "caption": versus}
+                 for a, g in shown]
         line.append({"image": image, "outline": run.differences[index],
                      "caption": " + ".join(parts) if len(parts) < len(synth.PARTS) else "other genus: whole bird"})
         panels.append(line)
@@ -195,32 +201,28 @@ def _table(records: Sequence[dict[str, Any]], ks: Sequence[float]) -> str:
                         for m in metrics)
         label = "base CAM" if not r["finer"] else "Finer-CAM"
         rows.append(f'<tr class="{kind}"><td class="l">{html.escape(r["model"])}</td>'
-                    f'<td class="l">{html.escape(r["method_title"])}</td><td>{r["gamma"]:g}</td>'
+                    f'<td class="l">{html.escape(r["method_title"])}</td>'
+                    f'<td class="l">{html.escape(r["aggregation"])}</td><td>{r["gamma"]:g}</td>'
                     f'<td class="l">{label}</td>{cells}<td>{r.get("empty_maps", 0):.1%}</td>'
                     f'<td>{r["n_images"]}</td></tr>')
-    return (f'<table><tr><th class="l">model</th><th class="l">method</th><th>γ</th><th class="l">map</th>{head}'
+    return (f'<table><tr><th class="l">model</th><th class="l">method</th><th class="l">aggregation</th><th>γ</th>'
+            f'<th class="l">map</th>{head}'
             f"<th>all-zero maps</th><th>images</th></tr>{''.join(rows)}</table>")
 
 
 def _headline(runs: Sequence[ModelRun], ks: Sequence[float]) -> str:
-    """Base CAM against Finer-CAM at the paper's gamma, per model and method."""
+    """Base CAM against Finer-CAM at the paper's gamma, per model, method and aggregation."""
     first_k = rd_name(ks[0])
-    rows = []
-    for run in runs:
-        for method in dict.fromkeys(r["method"] for r in run.records):
-            base = next((r for r in run.records if r["method"] == method and r["gamma"] == 0), None)
-            finer = next((r for r in run.records if r["method"] == method and r["gamma"] == 0.6), None)
-            if base is None or finer is None:
-                continue
-            ratio = finer["pointing"] / base["pointing"] if base["pointing"] else float("inf")
-            rows.append(
-                f'<tr><td class="l">{html.escape(run.spec.name)}</td><td class="l">{METHODS[method].title}</td>'
-                f"<td>{base['pointing']:.3f} → {finer['pointing']:.3f}</td><td>×{ratio:.2f}</td>"
-                f"<td>{base['energy']:.3f} → {finer['energy']:.3f}</td>"
-                f"<td>{base[first_k]:+.4f} → {finer[first_k]:+.4f}</td></tr>"
-            )
-    return ('<table><tr><th class="l">model</th><th class="l">method</th><th>pointing</th><th>ratio</th>'
-            f"<th>energy</th><th>{first_k}</th></tr>{''.join(rows)}</table>")
+    rows = [
+        f'<tr><td class="l">{html.escape(base["model"])}</td><td class="l">{METHODS[base["method"]].title}</td>'
+        f'<td class="l">{html.escape(base["aggregation"])}</td>'
+        f"<td>{base['pointing']:.3f} → {finer['pointing']:.3f}</td><td>×{pointing_ratio(base, finer):.2f}</td>"
+        f"<td>{base['energy']:.3f} → {finer['energy']:.3f}</td>"
+        f"<td>{base[first_k]:+.4f} → {finer[first_k]:+.4f}</td></tr>"
+        for base, finer in headline_pairs([r for run in runs for r in run.records])
+    ]
+    return ('<table><tr><th class="l">model</th><th class="l">method</th><th class="l">aggregation</th>'
+            f"<th>pointing</th><th>ratio</th><th>energy</th><th>{first_k}</th></tr>{''.join(rows)}</table>")
 
 
 def _protocol(runs: Sequence[ModelRun], args: argparse.Namespace) -> str:
@@ -230,22 +232,25 @@ def _protocol(runs: Sequence[ModelRun], args: argparse.Namespace) -> str:
         f"<li><code>{html.escape(run.spec.name)}</code>: accuracy on this test set {run.accuracy:.1%}; target layer "
         f"<code>{html.escape(str(getattr(run.spec.target_layer, 'name', run.spec.target_layer)))}</code>; "
         f"card: <code>{html.escape(_card_summary(run.spec.card))}</code>; time "
-        + ", ".join(f"{METHODS[m].title} {s:.1f} s" for m, s in run.seconds.items()) + "</li>"
+        + ", ".join(f"{METHODS[key.split('/')[0]].title} ({key.split('/')[-1]}) {s:.1f} s"
+                    for key, s in run.seconds.items()) + "</li>"
         for run in runs
     )
     return f"""
 <p>The test set is {len(runs[0].test)} images of the synthetic fine-grained benchmark
-(<code>finercam.synth.generate(n={len(runs[0].test)}, seed={args.seed})</code>): {config.num_classes} species in
-{config.num_genera} genera; the species of a genus differ only in the colour of one or two small parts. The seed
-is chosen so that it is none of the models' training or test seeds.</p>
+(the test split of <code>finercam synth --seed {args.seed} --species {config.species_per_genus}</code>, quantised to
+8 bits): {config.num_classes} species in {config.num_genera} genera; the species of a genus differ only in the colour
+of small parts, and each has look-alikes that differ from it in a single part. The seed is chosen so that it is none
+of the models' training or test seeds.</p>
 <ul>{models}</ul>
 <p><b>Explanations.</b> For every image the explained class <i>c</i> is the model's prediction (also when it is wrong;
 the accuracy above says how often), and the references are its {NUM_REFS} nearest classes (closest logits). Finer-CAM
-explains <i>y<sub>c</sub> − γ · mean<sub>t</sub> y<sub>d<sub>t</sub></sub></i>; γ = 0 is the base CAM itself, the
-paper's setting is γ = 0.6. All gammas of a method come from one forward pass (<code>FinerCAM.sweep</code>).</p>
+explains <i>y<sub>c</sub> − γ · agg<sub>t</sub> y<sub>d<sub>t</sub></sub></i> with the paper's mean or the official
+library's probability-weighted (softmax) aggregation; γ = 0 is the base CAM itself, the paper's setting is γ = 0.6.
+All gammas of a method come from one forward pass (<code>FinerCAM.sweep</code>).</p>
 <p><b>The difference mask</b> of an image is the set of visible pixels of the parts whose appearance differs between
-<i>c</i> and its first (most similar) reference <i>d</i>. Within a genus those are the one or two small parts that
-tell the species apart; when <i>d</i> is of another genus, it is the whole visible bird.</p>
+<i>c</i> and its first (most similar) reference <i>d</i>. Within a genus those are the small parts that tell the two
+species apart; when <i>d</i> is of another genus, it is the whole visible bird.</p>
 <ul>
 <li><b>pointing</b> (↑): the share of images whose map peak (at input resolution) lies inside the difference mask
 grown by {args.tolerance} px.</li>
@@ -306,6 +311,10 @@ def write_report(
 <code>metrics.json</code>.</p>
 <h2>Base CAM vs Finer-CAM (γ = 0.6, 3 references)</h2>
 {_headline(runs, ks)}
+<p class="note"><b>mean</b>: the paper's aggregation,
+<i>y<sub>c</sub> − γ · mean<sub>t</sub> y<sub>d<sub>t</sub></sub></i>; <b>softmax</b>: the official library's
+(<code>FinerWeightedTarget</code>), each reference weighted by its probability,
+so the most similar one dominates.</p>
 <h2>All metrics</h2>
 <p class="note">Blue rows: the base CAM (γ = 0); yellow rows: the paper's setting (γ = 0.6). ↑ higher is better.</p>
 {_table(records, ks)}
