@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,45 +24,17 @@ from finercam.metrics import (
     relative_confidence_drop,
     top_fraction_mask,
 )
-
-
-def _softmax(logits: list[float]) -> list[float]:
-    exps = [math.exp(v) for v in logits]
-    return [e / sum(exps) for e in exps]
-
-
-class PixelLinear(nn.Module):
-    """Logits of a one-channel 4 x 4 image: class 0 sums pixels 0 and 1, class 1 is pixel 5, class 2 is zero."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(16, 3, bias=False)
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.weight[0, 0] = self.linear.weight[0, 1] = 1.0
-            self.linear.weight[1, 5] = 1.0
-        self.calls: list[int] = []
-
-    def forward(self, images: Tensor) -> Tensor:
-        self.calls.append(int(images.shape[0]))
-        return self.linear(images.flatten(1))
-
-
-def _pixel_case() -> tuple[PixelLinear, Tensor, Tensor]:
-    images = torch.ones(1, 1, 4, 4)
-    saliency = torch.zeros(1, 4, 4)
-    saliency.view(-1)[0], saliency.view(-1)[1], saliency.view(-1)[5] = 1.0, 0.9, 0.8
-    return PixelLinear().eval(), images, saliency
+from metric_cases import pixel_case, softmax
 
 
 def test_rd_by_hand_zero_fill() -> None:
     """Clean logits (2, 1, 0). k = 2/16 masks pixels 0 and 1 -> (0, 1, 0); k = 4/16 masks 0, 1, 5 and, among the
     tied zeros, pixel 2 (first in row-major order) -> (0, 0, 0)."""
-    model, images, saliency = _pixel_case()
+    model, images, saliency = pixel_case()
     rd = relative_confidence_drop(model, images, saliency, torch.tensor([0]), torch.tensor([[1, 2]]),
                                   ks=(2 / 16, 4 / 16), fill="zero")
-    clean = _softmax([2, 1, 0])
-    after_2 = _softmax([0, 1, 0])
+    clean = softmax([2, 1, 0])
+    after_2 = softmax([0, 1, 0])
     after_4 = [1 / 3] * 3
     expected_2 = (clean[0] - after_2[0]) - (clean[1] - after_2[1])
     expected_4 = (clean[0] - after_4[0]) - (clean[1] - after_4[1])
@@ -75,17 +46,17 @@ def test_rd_by_hand_zero_fill() -> None:
 
 def test_rd_by_hand_mean_fill_and_reference_row() -> None:
     """Filling with the mean 0.5 leaves half of each masked pixel's evidence; d is the first reference."""
-    model, images, saliency = _pixel_case()
+    model, images, saliency = pixel_case()
     rd = relative_confidence_drop(model, images, saliency, torch.tensor([1]), torch.tensor([[0, 2]]),
                                   ks=(3 / 16,), fill="mean", mean=(0.5,))
-    clean, after = _softmax([2, 1, 0]), _softmax([1, 0.5, 0])  # pixels 0, 1 and 5 -> 0.5
+    clean, after = softmax([2, 1, 0]), softmax([1, 0.5, 0])  # pixels 0, 1 and 5 -> 0.5
     expected = (clean[1] - after[1]) - (clean[0] - after[0])
     assert float(rd[3 / 16][0]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_rd_costs_one_forward_per_k() -> None:
     """A batch of 8 images: one clean pass plus one batched pass per k; none with the clean logits given."""
-    model, _, _ = _pixel_case()
+    model, _, _ = pixel_case()
     torch.manual_seed(0)
     images, saliency = torch.rand(8, 1, 4, 4), torch.rand(8, 4, 4)
     targets, references = torch.zeros(8, dtype=torch.long), torch.ones(8, 3, dtype=torch.long)
@@ -101,7 +72,7 @@ def test_rd_costs_one_forward_per_k() -> None:
 
 
 def test_rd_rejects_bad_input() -> None:
-    model, images, saliency = _pixel_case()
+    model, images, saliency = pixel_case()
     with pytest.raises(InvalidArgumentError, match="mean="):
         relative_confidence_drop(model, images, saliency, torch.tensor([0]), torch.tensor([[1]]))
     with pytest.raises(InvalidArgumentError, match="resolution"):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from torch import Tensor, nn
 
 from finercam import synth
 from finercam.cli import main
@@ -32,38 +30,13 @@ from finercam.metrics import (
     relative_confidence_drop,
 )
 from finercam.models.preprocess import PREPROCESS_PRESETS, Preprocess
-
-
-def _softmax(logits: list[float]) -> list[float]:
-    exps = [math.exp(v) for v in logits]
-    return [e / sum(exps) for e in exps]
-
-
-class PixelLinear(nn.Module):
-    """Logits of a one-channel 4 x 4 image: class 0 sums pixels 0 and 1, class 1 is pixel 5, class 2 is zero."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.zeros(3, 16)
-        self.weight[0, 0] = self.weight[0, 1] = self.weight[1, 5] = 1.0
-        self.calls: list[int] = []
-
-    def forward(self, images: Tensor) -> Tensor:
-        self.calls.append(int(images.shape[0]))
-        return images.flatten(1) @ self.weight.T
-
-
-def _case() -> tuple[PixelLinear, Tensor, Tensor]:
-    images = torch.ones(1, 1, 4, 4)
-    saliency = torch.zeros(1, 4, 4)
-    saliency.view(-1)[0], saliency.view(-1)[1], saliency.view(-1)[5] = 1.0, 0.9, 0.8
-    return PixelLinear(), images, saliency
+from metric_cases import pixel_case, softmax
 
 
 def test_deletion_and_insertion_by_hand() -> None:
     """Two steps: 0, 8 and 16 pixels. The top 8 are 0, 1, 5 then the tied zeros 2, 3, 4, 6, 7 (row-major)."""
-    model, images, saliency = _case()
-    clean, flat = _softmax([2, 1, 0]), [1 / 3] * 3
+    model, images, saliency = pixel_case()
+    clean, flat = softmax([2, 1, 0]), [1 / 3] * 3
     deletion = deletion_insertion(model, images, saliency, torch.tensor([0]), torch.tensor([[1]]), "deletion",
                                   steps=2, fill="zero")
     assert deletion.fractions.tolist() == [0, 0.5, 1]
@@ -78,7 +51,7 @@ def test_deletion_and_insertion_by_hand() -> None:
 
 
 def test_deletion_batches_steps_into_few_passes() -> None:
-    model, images, saliency = _case()
+    model, images, saliency = pixel_case()
     images, saliency = images.repeat(4, 1, 1, 1), saliency.repeat(4, 1, 1)
     targets, references = torch.zeros(4, dtype=torch.long), torch.ones(4, 1, dtype=torch.long)
     one = deletion_insertion(model, images, saliency, targets, references, steps=10, fill="zero")
@@ -103,7 +76,7 @@ def test_fills() -> None:
 def test_a_blur_fill_that_removes_nothing_drops_nothing() -> None:
     """The documented direction of ``blur_sigma``: the smaller it is, the closer the fill is to the image, and at the
     limit masking changes nothing, so RD is 0."""
-    model, images, saliency = _case()
+    model, images, saliency = pixel_case()
     images = torch.rand(1, 1, 4, 4)
     tiny = relative_confidence_drop(model, images, saliency, torch.tensor([0]), torch.tensor([[1]]), (0.25,),
                                     fill="blur", blur_sigma=1e-6)
