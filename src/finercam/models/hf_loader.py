@@ -38,7 +38,7 @@ def _transformers() -> ModuleType:
     return require("transformers", "hf: model specs")
 
 
-def _source(name: str) -> str:
+def resolve_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -56,7 +56,7 @@ def _source(name: str) -> str:
     return name
 
 
-def _config(tf: ModuleType, source: str, name: str) -> object:
+def load_config(tf: ModuleType, source: str, name: str) -> object:
     try:
         return tf.AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as error:
@@ -99,7 +99,7 @@ def _processor_settings(source: str) -> dict | None:
     return settings if isinstance(settings, dict) else None
 
 
-def _preprocess(source: str, name: str, config: object, family: str, given: Preprocess | None) -> Preprocess:
+def config_preprocess(source: str, name: str, config: object, family: str, given: Preprocess | None) -> Preprocess:
     if given is not None:
         return given
     settings = _processor_settings(source)
@@ -154,8 +154,8 @@ def load_classifier(
 ) -> ClassifierParts:
     """A transformers image classifier."""
     tf = _transformers()
-    source = _source(name)
-    config = _config(tf, source, name)
+    source = resolve_source(name)
+    config = load_config(tf, source, name)
     architectures = list(getattr(config, "architectures", None) or [])
     if architectures and not any(a.endswith("ForImageClassification") for a in architectures):
         raise InvalidArgumentError(
@@ -178,15 +178,15 @@ def load_classifier(
         load_into(model, read_state_dict(weights), f"weights file {str(weights)!r}")
     family = _FAMILIES.get(config.model_type, "")
     return ClassifierParts(
-        model, _preprocess(source, name, config, family, preprocess), _class_names(config), None
+        model, config_preprocess(source, name, config, family, preprocess), _class_names(config), None
     )
 
 
 def load_backbone(name: str, weights: Path | None, preprocess: Preprocess | None) -> BackboneParts:
     """A transformers backbone: DINOv2, a CLIP image tower, or any ``AutoModel``."""
     tf = _transformers()
-    source = _source(name)
-    config = _config(tf, source, name)
+    source = resolve_source(name)
+    config = load_config(tf, source, name)
     model_type = config.model_type
     family = _FAMILIES.get(model_type, "")
     architectures = list(getattr(config, "architectures", None) or [])
@@ -226,7 +226,7 @@ def load_backbone(name: str, weights: Path | None, preprocess: Preprocess | None
     auto = "mean-patch" if family == "dinov2" else ("pooled" if "pooled" in dims else next(iter(dims)))
     patch = getattr(vision, "patch_size", None)
     return BackboneParts(
-        model, "hf", dims, auto, _preprocess(source, name, config, family, preprocess), num_prefix_tokens=prefix,
+        model, "hf", dims, auto, config_preprocess(source, name, config, family, preprocess), num_prefix_tokens=prefix,
         patch_size=int(patch) if isinstance(patch, int) else None, target_layer=_layer(model) if prefix else None,
         projected=projected, family=family,
     )

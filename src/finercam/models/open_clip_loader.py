@@ -27,7 +27,7 @@ def _open_clip() -> ModuleType:
     return require("open_clip", "open_clip: model specs")
 
 
-def _architecture(oc: ModuleType, arch: str) -> str:
+def resolve_architecture(oc: ModuleType, arch: str) -> str:
     """The registered architecture name for ``arch``, registering a JSON config file first."""
     if arch.startswith("hf-hub:"):
         raise ModelNotFoundError(
@@ -54,7 +54,7 @@ def _architecture(oc: ModuleType, arch: str) -> str:
     )
 
 
-def _convert(oc: ModuleType, model: nn.Module, state: StateDict) -> StateDict:
+def convert_state_dict(oc: ModuleType, model: nn.Module, state: StateDict) -> StateDict:
     """open_clip's own fixes for older or foreign checkpoint layouts."""
     from open_clip import factory
 
@@ -77,7 +77,7 @@ def _convert(oc: ModuleType, model: nn.Module, state: StateDict) -> StateDict:
 def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
     """The image tower of an open_clip model."""
     oc = _open_clip()
-    name = _architecture(oc, arch)
+    name = resolve_architecture(oc, arch)
     with quiet_loading():
         try:
             model = oc.create_model(name, pretrained=None, device="cpu")
@@ -90,7 +90,7 @@ def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
         else:
             load_into(
                 model, state, f"weights file {str(weights)!r}",
-                filter_fn=lambda s, m: _convert(oc, m, s),
+                filter_fn=lambda s, m: convert_state_dict(oc, m, s),
             )
     elif not name.startswith("local-dir:"):
         warnings.warn(

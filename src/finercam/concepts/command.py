@@ -1,0 +1,174 @@
+"""``finercam concepts IMAGE --concept "red beak" --versus "bird"``: localize a text concept with a CLIP model.
+
+Prints the cosine similarity of the image with the concept and each reference, writes a labelled figure (image,
+plain concept map, Finer-CAM contrast) and the maps (safetensors: ``concept_map`` and ``contrast_map`` at the
+displayed image's size, the signed ``concept_raw_map`` / ``contrast_raw_map`` at layer resolution, and
+``similarities``; the prompts, gamma and layer in the metadata).
+
+Wiring into :mod:`finercam.cli`: ``add_commands(commands)`` in the parser, and ``dispatch(args)`` for
+``args.command == "concepts"``. User errors are printed as one line (exit status 2; 1 for a missing optional
+dependency), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+COMMAND = "concepts"
+DEFAULT_OUT = Path("finercam-out")
+
+
+def _gamma(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the plain concept map), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``concepts`` on the ``finercam`` command line's sub-parsers."""
+    from finercam.methods import METHODS
+
+    parser = subparsers.add_parser(
+        COMMAND,
+        help="localize a text concept with a CLIP model, alone and contrasted with reference prompts",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("image", help="the image file")
+    parser.add_argument("--concept", required=True, help="the concept prompt, e.g. 'red beak'")
+    parser.add_argument("--versus", action="append", default=[], metavar="PROMPT",
+                        help="a reference prompt, e.g. 'bird' (repeat for several: their logits are averaged)")
+    parser.add_argument("--siblings", metavar="VALUES",
+                        help="references made by swapping the concept's attribute word for each of these comma-"
+                             "separated values, e.g. 'red,blue,black' turns 'red wing' into 'blue wing', 'black wing'")
+    parser.add_argument("--nearest", type=_positive_int, metavar="K",
+                        help="the K prompts of --candidates closest to the concept in text-embedding space")
+    parser.add_argument("--candidates", nargs="+", metavar="PROMPT", help="candidate prompts for --nearest")
+    parser.add_argument("--model", default="embedded:clip",
+                        help="embedded:clip (default), open_clip:ARCH[@CHECKPOINT] or hf:DIR (a CLIPModel)")
+    parser.add_argument("--weights", help="checkpoint for an open_clip model")
+    parser.add_argument("--tokenizer", help="tokenizer folder for hf: (default: the model's folder)")
+    parser.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
+                        help="a prompt template with {} (repeat to ensemble; default: the model's)")
+    parser.add_argument("--gamma", type=_gamma, default=0.6, help="comparison strength (default 0.6)")
+    parser.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    parser.add_argument("--layer", help="target layer in the classifier (default: auto, in the image tower)")
+    parser.add_argument("--keep-aspect", action="store_true",
+                        help="no centre crop: the whole image at its aspect ratio (position embeddings interpolated)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    parser.add_argument("--out", help="figure to write (default: ./finercam-out/<image>.concepts.png); the maps go "
+                                      "beside it as <figure stem>.safetensors")
+
+
+def _references(args: argparse.Namespace) -> object:
+    from finercam.concepts.references import Nearest, Siblings
+    from finercam.errors import InvalidArgumentError
+
+    given = [bool(args.versus), args.siblings is not None, args.nearest is not None]
+    if sum(given) != 1:
+        raise InvalidArgumentError(
+            "give the references one way: --versus PROMPT (repeatable), --siblings VALUES, or --nearest K with "
+            "--candidates PROMPT ..." + (" (several were given)" if sum(given) > 1 else "")
+        )
+    if args.siblings is not None:
+        return Siblings(tuple(value.strip() for value in args.siblings.split(",")))
+    if args.nearest is not None:
+        if not args.candidates:
+            raise InvalidArgumentError("--nearest K needs --candidates PROMPT [PROMPT ...] to choose from")
+        return Nearest(tuple(args.candidates), args.nearest)
+    if args.candidates:
+        raise InvalidArgumentError("--candidates is only used with --nearest K")
+    return list(args.versus)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_concepts(args: argparse.Namespace) -> int:
+    """``finercam concepts IMAGE --concept C --versus D``; raises finercam errors."""
+    from safetensors.torch import save_file
+
+    from finercam.concepts.api import explain_concepts
+    from finercam.concepts.figure import save_concept_figure, versus_label
+    from finercam.concepts.loading import load_clip
+    from finercam.errors import InvalidArgumentError
+    from finercam.images import load_image
+    from finercam.runtime import resolve_device
+
+    if not args.concept.strip():
+        raise InvalidArgumentError("--concept is empty; give a text such as 'red beak'")
+    versus = _references(args)
+    image = load_image(args.image)
+    device = resolve_device(args.device)
+    loaded = load_clip(args.model, weights=args.weights, tokenizer=args.tokenizer, keep_aspect=args.keep_aspect,
+                       device=device)
+    pixels = loaded.preprocess(image).to(device)
+    explanation = explain_concepts(
+        loaded.encoders, pixels, args.concept, versus, gamma=args.gamma, templates=args.templates,
+        method=args.method, target_layer=args.layer or "auto",
+    )
+    display = loaded.display(image)
+    _say(f"model: {args.model}   layer: {explanation.layer}   method: {args.method}   input: {tuple(pixels.shape)}")
+    similarities = explanation.similarities[0].tolist()
+    _say(f"concept:  {explanation.concept!r}  cos {similarities[0]:.3f}")
+    for prompt, value in zip(explanation.versus, similarities[1:], strict=True):
+        _say(f"versus:   {prompt!r}  cos {value:.3f}")
+    _say(f"contrast: {versus_label(explanation)}")
+    if float(explanation.contrast_raw_maps.max()) <= 0:
+        _say("the contrast map is negative everywhere: the concept adds nothing the references lack")
+    default_name = f"{Path(args.image).stem}.concepts.png"
+    out = Path(args.out) if args.out else DEFAULT_OUT / default_name
+    if out.is_dir():
+        out = out / default_name
+    figure = save_concept_figure(out, display, explanation)
+    size = tuple(display.shape[-2:])
+
+    def at_display(maps: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(maps[:, None].float().cpu(), size=size, mode="bilinear", align_corners=False)[0, 0]
+
+    maps_path = figure.with_suffix(".safetensors")
+    save_file({
+        "concept_map": at_display(explanation.concept_maps).contiguous(),
+        "contrast_map": at_display(explanation.contrast_maps).contiguous(),
+        "concept_raw_map": explanation.concept_raw_maps[0].float().cpu().contiguous(),
+        "contrast_raw_map": explanation.contrast_raw_maps[0].float().cpu().contiguous(),
+        "similarities": explanation.similarities[0].float().cpu().contiguous(),
+    }, str(maps_path), metadata={
+        "concept": explanation.concept, "versus": json.dumps(list(explanation.versus)),
+        "gamma": str(explanation.gamma), "layer": explanation.layer, "method": args.method, "model": args.model,
+    })
+    _say(f"wrote {figure} and {maps_path}")
+    return 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the ``concepts`` command from parsed arguments; a user error is printed as one line.
+
+    Returns:
+        The exit status: 0, 1 (a missing optional dependency) or 2 (a user error).
+    """
+    from finercam.errors import FinerCAMError, MissingDependencyError
+
+    try:
+        return run_concepts(args)
+    except MissingDependencyError as error:
+        print(f"finercam: {error}", file=sys.stderr)
+        return 1
+    except FinerCAMError as error:
+        print(f"finercam {COMMAND}: {error}", file=sys.stderr)
+        return 2

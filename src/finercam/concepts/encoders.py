@@ -1,0 +1,269 @@
+r"""The two towers of a CLIP-style model behind one interface: :class:`CLIPEncoders`.
+
+For CLIP, the logit of a text prompt ``t`` is ``y_t = \tau \cos(f(x), g(t))``: ``f`` the image tower, ``g`` the text
+tower, ``\tau`` the logit scale. :func:`clip_encoders` adapts
+
+* open_clip models (``CLIP``, ``CustomTextCLIP``: ``model.visual`` and ``model.encode_text`` with a tokenizer),
+* transformers ``CLIPModel`` (``vision_model`` + ``visual_projection``; ``get_text_features`` with a tokenizer),
+* the embedded CLIP (:func:`finercam.embedded.clip_model.load_embedded_clip`).
+
+The image encoders accept **any input size**: transformers CLIP through ``interpolate_pos_encoding=True``, open_clip's
+own ViT through :class:`OpenCLIPImageEncoder` (open_clip 3.3 has no such option for it, so the wrapper resamples the
+learned position embeddings bicubically to the input's patch grid), the embedded CNN natively. Only the image tower is
+an ``nn.Module`` here, so ``FinerCAM(target_layer="auto")`` sees one stack of blocks and picks its last block's first
+norm (``ln_1`` for open_clip, ``layer_norm1`` for transformers; the layer of CLIP-ES), or the CNN's last stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from finercam.errors import InvalidArgumentError, InvalidTypeError, MissingDependencyError
+
+TextEncoder = Callable[[Sequence[str]], Tensor]
+CLIP_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a good photo of a {}.",
+)
+"""Default prompt templates for open_clip and transformers CLIP (from OpenAI CLIP's ImageNet prompt list; the
+Finer-CAM paper does not publish its own)."""
+
+
+@dataclass(frozen=True)
+class CLIPEncoders:
+    r"""A CLIP-style model as an image encoder module and a text encoder function.
+
+    Attributes:
+        image_encoder: images ``(B, 3, H, W)`` (the model's preprocessing applied) -> image embeddings ``f(x)``
+            ``(B, D)``, not necessarily normalised.
+        encode_text: prompts -> text embeddings ``g(t)`` ``(N, D)``, not necessarily normalised (run without
+            gradients, on the model's device).
+        logit_scale: ``\tau``, the model's scale of the cosine similarities.
+        templates: the default prompt templates (each with one ``{}``).
+        name: a label for messages and figures.
+        target_layer: the recommended CAM layer inside ``image_encoder``, or ``None`` for ``"auto"``.
+    """
+
+    image_encoder: nn.Module
+    encode_text: TextEncoder
+    logit_scale: float
+    templates: tuple[str, ...] = ("{}",)
+    name: str = "clip"
+    target_layer: str | None = None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+# --- open_clip -------------------------------------------------------------------------------------------------------
+
+
+def _is_native_open_clip_vit(visual: nn.Module) -> bool:
+    return all(hasattr(visual, name) for name in ("conv1", "class_embedding", "positional_embedding", "transformer",
+                                                  "ln_pre", "_pool", "grid_size"))
+
+
+def resample_position_embedding(positional: Tensor, grid: tuple[int, int], new_grid: tuple[int, int],
+                                prefix_tokens: int = 1) -> Tensor:
+    """Bicubically resample the patch positions of a ``(prefix + h * w, D)`` learned position embedding to a new grid
+    ``(h', w')``; the prefix (CLS) positions are kept."""
+    if tuple(grid) == tuple(new_grid):
+        return positional
+    prefix, patches = positional[:prefix_tokens], positional[prefix_tokens:]
+    height, width = grid
+    patches = patches.reshape(1, height, width, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=new_grid, mode="bicubic", align_corners=False).to(positional.dtype)
+    return torch.cat([prefix, patches.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)])
+
+
+class OpenCLIPImageEncoder(nn.Module):
+    """open_clip's image tower (``visual``), taking images of any size.
+
+    For open_clip's own ``VisionTransformer`` the patch grid follows the input (``floor(H / p) x floor(W / p)``, as its
+    patch convolution gives) and the position embeddings are resampled to it; at the tower's native size the tower
+    runs unchanged. Other towers (ResNets, timm towers) are called as they are.
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, images: Tensor) -> Tensor:
+        visual = self.visual
+        if not _is_native_open_clip_vit(visual):
+            return _pooled(visual(images))
+        patch_h, patch_w = visual.patch_size
+        grid = (images.shape[-2] // patch_h, images.shape[-1] // patch_w)
+        if grid == tuple(visual.grid_size):
+            return _pooled(visual(images))
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + resample_position_embedding(visual.positional_embedding, tuple(visual.grid_size), grid).to(x.dtype)
+        x = visual.ln_pre(visual.patch_dropout(x))
+        x = visual.transformer(x)
+        pooled, _tokens = visual._pool(x)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def _pooled(output: object) -> Tensor:
+    """The pooled embedding of an image tower's output (a tensor, or ``(pooled, tokens)``)."""
+    if isinstance(output, tuple | list):
+        output = output[0]
+    if not isinstance(output, Tensor) or output.ndim != 2:
+        raise InvalidArgumentError("the image tower must return image embeddings (B, D)")
+    return output
+
+
+def _open_clip_tokenizer(model: nn.Module) -> Callable[[Sequence[str]], Tensor]:
+    try:
+        from open_clip.tokenizer import SimpleTokenizer
+    except ImportError as error:
+        raise MissingDependencyError(
+            "open_clip models need the 'open_clip_torch' package: pip install 'finercam[clip]'"
+        ) from error
+    context = int(getattr(model, "context_length", 77))
+    vocab_size = int(getattr(model, "vocab_size", 49408))
+    tokenizer = SimpleTokenizer(context_length=context)
+    if vocab_size < len(tokenizer.encoder):
+        raise InvalidArgumentError(
+            f"the open_clip model's text tower has {vocab_size} tokens but open_clip's default BPE tokenizer has "
+            f"{len(tokenizer.encoder)}; pass the model's own tokenizer (open_clip.get_tokenizer(ARCH))"
+        )
+    return tokenizer
+
+
+def from_open_clip(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
+                   templates: Sequence[str] = CLIP_TEMPLATES, name: str = "open_clip") -> CLIPEncoders:
+    """Adapt an open_clip model (``model.visual``, ``model.encode_text``, ``model.logit_scale``).
+
+    Args:
+        model: an open_clip ``CLIP`` or ``CustomTextCLIP``.
+        tokenizer: prompts -> token ids ``(N, L)``, e.g. ``open_clip.get_tokenizer(ARCH)``; default: open_clip's BPE
+            tokenizer with the model's context length (the tokenizer of OpenAI-style CLIP models).
+    """
+    if not (hasattr(model, "visual") and callable(getattr(model, "encode_text", None))):
+        raise InvalidTypeError(f"{type(model).__name__} is not an open_clip model (no .visual and .encode_text)")
+    tokens_of = tokenizer if tokenizer is not None else _open_clip_tokenizer(model)
+
+    @torch.no_grad()
+    def encode_text(prompts: Sequence[str]) -> Tensor:
+        tokens = tokens_of(list(prompts))
+        return model.encode_text(tokens.to(_device_of(model))).float()
+
+    scale = getattr(model, "logit_scale", None)
+    tau = float(scale.detach().exp()) if isinstance(scale, Tensor) else 100.0
+    return CLIPEncoders(OpenCLIPImageEncoder(model.visual), encode_text, tau, tuple(templates), name,
+                        "visual.transformer.resblocks.-1.ln_1" if _is_native_open_clip_vit(model.visual) else None)
+
+
+# --- transformers ----------------------------------------------------------------------------------------------------
+
+
+class HFCLIPImageEncoder(nn.Module):
+    """transformers CLIP's image tower and projection: ``visual_projection(vision_model(x).pooler_output)``, with
+    ``interpolate_pos_encoding=True`` so that any input size works."""
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.visual_projection = visual_projection
+
+    def forward(self, images: Tensor) -> Tensor:
+        output = self.vision_model(pixel_values=images, interpolate_pos_encoding=True)
+        pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
+        return self.visual_projection(pooled)
+
+
+def _check_hf_tokenizer(tokenizer: Any) -> None:
+    size = getattr(tokenizer, "vocab_size", None)
+    if not callable(tokenizer):
+        raise InvalidTypeError(f"tokenizer must be callable (a transformers tokenizer); got {type(tokenizer).__name__}")
+    if isinstance(size, int) and size <= 2:
+        raise InvalidArgumentError(
+            f"the tokenizer has a vocabulary of {size} tokens: it did not load (transformers returns such a tokenizer "
+            "offline for a hub id that is not cached); load it from the model's local directory"
+        )
+
+
+def from_hf(model: nn.Module, tokenizer: Any, templates: Sequence[str] = CLIP_TEMPLATES,
+            name: str = "hf") -> CLIPEncoders:
+    """Adapt a transformers ``CLIPModel``.
+
+    Args:
+        model: a ``CLIPModel`` (``vision_model``, ``visual_projection``, ``get_text_features``).
+        tokenizer: its tokenizer (called with ``padding=True, return_tensors="pt"``), e.g.
+            ``CLIPTokenizer.from_pretrained(DIR)``.
+    """
+    if not all(hasattr(model, name) for name in ("vision_model", "visual_projection", "get_text_features")):
+        raise InvalidTypeError(
+            f"{type(model).__name__} is not a transformers CLIPModel (vision_model, visual_projection, "
+            "get_text_features)"
+        )
+    _check_hf_tokenizer(tokenizer)
+
+    @torch.no_grad()
+    def encode_text(prompts: Sequence[str]) -> Tensor:
+        batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+        device = _device_of(model)
+        output = model.get_text_features(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        )
+        features = output.pooler_output if hasattr(output, "pooler_output") else output
+        return features.float()
+
+    scale = getattr(model, "logit_scale", None)
+    tau = float(scale.detach().exp()) if isinstance(scale, Tensor) else 100.0
+    return CLIPEncoders(HFCLIPImageEncoder(model.vision_model, model.visual_projection), encode_text, tau,
+                        tuple(templates), name, None)
+
+
+# --- the embedded CLIP -----------------------------------------------------------------------------------------------
+
+
+def from_embedded(clip: Any, templates: Sequence[str] | None = None) -> CLIPEncoders:
+    """Adapt the embedded CLIP (an :class:`~finercam.embedded.clip_model.EmbeddedCLIP` or its ``SmallCLIP``)."""
+    model = getattr(clip, "model", clip)
+    chosen = tuple(templates) if templates is not None else tuple(getattr(clip, "templates", ("{}",)))
+
+    @torch.no_grad()
+    def encode_text(prompts: Sequence[str]) -> Tensor:
+        return model.encode_text(list(prompts)).float()
+
+    return CLIPEncoders(model.visual, encode_text, float(model.logit_scale.detach().exp()), chosen, "embedded:clip",
+                        getattr(clip, "target_layer", None))
+
+
+def clip_encoders(model: Any, tokenizer: Any = None, templates: Sequence[str] | None = None) -> CLIPEncoders:
+    """:class:`CLIPEncoders` for an open_clip model, a transformers ``CLIPModel`` or the embedded CLIP (an existing
+    :class:`CLIPEncoders` is returned as it is).
+
+    Raises:
+        InvalidTypeError: the model is none of those.
+    """
+    if isinstance(model, CLIPEncoders):
+        return model
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "encode_tokens") or hasattr(model, "encode_tokens"):
+        return from_embedded(model, templates)
+    kwargs = {"templates": tuple(templates)} if templates is not None else {}
+    if hasattr(model, "get_text_features") and hasattr(model, "vision_model"):
+        if tokenizer is None:
+            raise InvalidArgumentError("a transformers CLIPModel needs its tokenizer: clip_encoders(model, tokenizer)")
+        return from_hf(model, tokenizer, **kwargs)
+    if hasattr(model, "visual") and hasattr(model, "encode_text"):
+        return from_open_clip(model, tokenizer, **kwargs)
+    raise InvalidTypeError(
+        f"{type(model).__name__} is not a CLIP model finercam knows: give an open_clip model, a transformers "
+        "CLIPModel, the embedded CLIP (finercam.embedded.clip_model.load_embedded_clip()) or a CLIPEncoders"
+    )

@@ -1,0 +1,277 @@
+r"""Train the embedded CLIP on :mod:`finercam.synth` birds and generated captions; write ``clip.safetensors`` + its
+card ``clip.json``.
+
+    python -m finercam.embedded.train_clip --threads 1                  # the shipped weights
+    python -m finercam.embedded.train_clip --out /tmp/models --threads 1
+
+Each step pairs every image of a batch with one random caption of its class (:mod:`finercam.embedded.captions`) and
+minimises a symmetric InfoNCE loss over the batch's logits ``\ell_{ij} = \tau \cos(f(x_i), g(t_j))``. A batch holds
+many birds of one class and "finch" is true of every finch, so a row (or column) has a set ``P_i`` of positives, every
+caption *true* of the image, and ``N_i`` of negatives; each positive is contrasted with the negatives alone:
+
+.. math:: L = \tfrac12 \Big( \tfrac1B \sum_i \tfrac1{|P_i|} \sum_{p \in P_i}
+          -\log \tfrac{e^{\ell_{ip}}}{e^{\ell_{ip}} + \sum_{n \in N_i} e^{\ell_{in}}}
+          + \text{the same over columns} \Big),
+
+which is CLIP's loss when every row has one positive, and asks every true caption (not only the best one) to beat
+every false one.
+
+Everything is seeded: training images ``synth.generate(train_size, seed=TRAIN_DATA_SEED)``, held-out images
+``synth.generate(test_size, seed=TEST_DATA_SEED)``; ``--seed`` seeds the initialisation, the shuffling, the captions
+and the augmentation. The card records the zero-shot top-1 accuracy on the held-out images with one prompt per
+species (its full description, :func:`~finercam.embedded.captions.species_prompt`) and one per genus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor
+
+import finercam
+from finercam import synth
+from finercam.embedded import captions
+from finercam.embedded.clip_model import DEFAULT_TEMPLATES, NAME, VOCABULARY, WEIGHTS_DIR, SmallCLIP
+from finercam.synth.spec import species_of
+
+TRAIN_DATA_SEED = 0
+TEST_DATA_SEED = 1
+IMAGE_SIZE = 64
+SPECIES_PER_GENUS = 8
+"""As the embedded classifiers (:mod:`finercam.embedded.train`): three species-telling parts per genus."""
+NO_NEGATIVE = -1e4
+
+IMAGE_TOWERS: dict[str, dict[str, Any]] = {
+    "cnn": {"class": "SmallCNN", "config": {"widths": [16, 32, 64, 64]}, "target_layer": "stage3"},
+    "vit": {"class": "SmallViT", "config": {"dim": 96, "depth": 4, "heads": 4, "mlp_ratio": 2.0,
+                                            "stem_widths": [32, 64]}, "target_layer": "blocks.3.norm1"},
+}
+"""The image towers ``--visual`` chooses from (the embedded classifiers' architectures, projecting to the embedding)."""
+RECIPE: dict[str, Any] = {
+    "embed_dim": 64,
+    "visual": "cnn",
+    "text": {"width": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0, "context_length": 24},
+    "species_per_genus": SPECIES_PER_GENUS,
+    "train_size": 8000, "test_size": 2000, "epochs": 12, "batch_size": 128,
+    "lr": 3e-3, "weight_decay": 5e-4, "warmup": 0.2, "bare_captions": captions.BARE,
+}
+
+
+def multi_positive_info_nce(logits: Tensor, positive: Tensor) -> Tensor:
+    """The symmetric InfoNCE loss with several positives per row and column (see the module docstring).
+
+    Args:
+        logits: ``(B, B)`` image-by-caption logits.
+        positive: ``(B, B)`` bool, which captions are true of which images (the diagonal always is).
+    """
+    negatives = logits.masked_fill(positive, NO_NEGATIVE)  # a finite fill: a row without negatives costs ~0
+    weights = positive.to(logits.dtype)
+    rows = F.softplus(torch.logsumexp(negatives, dim=1, keepdim=True) - logits)
+    columns = F.softplus(torch.logsumexp(negatives, dim=0, keepdim=True) - logits)
+    image_to_text = (rows * weights).sum(1) / weights.sum(1)
+    text_to_image = (columns * weights).sum(0) / weights.sum(0)
+    return 0.5 * (image_to_text.mean() + text_to_image.mean())
+
+
+def flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Random horizontal flips (a bird facing left is the same bird)."""
+    flipped = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flipped[:, None, None, None], images.flip(3), images)
+
+
+@torch.no_grad()
+def prompt_embeddings(model: SmallCLIP, prompts: Sequence[str], templates: Sequence[str]) -> Tensor:
+    """``(P, D)`` unit text embeddings: each prompt averaged over the templates (normalised), then renormalised."""
+    rows = [F.normalize(model.encode_text([t.format(p) for t in templates]), dim=-1).mean(0) for p in prompts]
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: SmallCLIP, images: Tensor, truth: Tensor, prompts: Sequence[str],
+                       batch_size: int = 500) -> float:
+    """Top-1 accuracy of the prompts as a zero-shot classifier (prompt ``k`` stands for class ``k``)."""
+    model.eval()
+    text = prompt_embeddings(model, prompts, DEFAULT_TEMPLATES)
+    correct = 0
+    for start in range(0, len(truth), batch_size):
+        image = F.normalize(model.encode_image(images[start : start + batch_size]), dim=-1)
+        correct += int(((image @ text.T).argmax(1) == truth[start : start + batch_size]).sum())
+    return correct / max(len(truth), 1)
+
+
+def evaluate(model: SmallCLIP, data: synth.SynthDataset) -> dict[str, float]:
+    """Zero-shot top-1 accuracy on species (full descriptions) and on genera (their names)."""
+    config = data.config
+    species = [captions.species_prompt(config, label) for label in range(config.num_classes)]
+    genera = list(dict.fromkeys(s.genus for s in species_of(config)))
+    return {
+        "species": zero_shot_accuracy(model, data.images, data.labels, species),
+        "genus": zero_shot_accuracy(model, data.images, data.genus, genera),
+    }
+
+
+def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None] = print,
+          command: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train the embedded CLIP (the recipe's fields overridden by ``overrides``); write it to ``out``; return the
+    card."""
+    recipe = {**RECIPE, **{k: v for k, v in overrides.items() if v is not None}}
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    config = synth.SynthConfig(image_size=IMAGE_SIZE, species_per_genus=recipe["species_per_genus"])
+    log(f"generating {recipe['train_size']} training images (seed {TRAIN_DATA_SEED}) and {recipe['test_size']} "
+        f"held-out images (seed {TEST_DATA_SEED})...")
+    train_set = synth.generate(recipe["train_size"], seed=TRAIN_DATA_SEED, config=config)
+    test_set = synth.generate(recipe["test_size"], seed=TEST_DATA_SEED, config=config)
+    mean = [round(float(v), 4) for v in train_set.images.mean(dim=(0, 2, 3))]
+    std = [round(float(v), 4) for v in train_set.images.std(dim=(0, 2, 3))]
+    data_time = time.perf_counter() - start
+
+    embed_dim = recipe["embed_dim"]
+    tower = IMAGE_TOWERS[recipe["visual"]]
+    visual = {"class": tower["class"],
+              "config": {**tower["config"], "num_classes": embed_dim, "mean": mean, "std": std}}
+    if visual["class"] == "SmallViT":
+        visual["config"]["img_size"] = IMAGE_SIZE
+    text = {**recipe["text"], "vocab_size": len(VOCABULARY), "embed_dim": embed_dim}
+    torch.manual_seed(seed)
+    model = SmallCLIP(visual, text, VOCABULARY)
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    table = captions.class_table(config)
+
+    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
+    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe["lr"],
+    )
+    n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
+    steps = epochs * math.ceil(n / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=recipe["lr"], total_steps=steps, pct_start=recipe["warmup"], anneal_strategy="cos",
+        cycle_momentum=False,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    log(f"SmallCLIP ({params:,} parameters; image tower {visual['class']} {tower['config']}, text tower "
+        f"{recipe['text']}, vocabulary {len(VOCABULARY)} words): {epochs} epochs of {n} images, batch {batch_size}, "
+        f"{threads} threads")
+    model.train()
+    accuracy: dict[str, float] = {}
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for i in range(0, n, batch_size):
+            index = order[i : i + batch_size]
+            labels = train_set.labels[index]
+            drawn = [captions.sample_caption(config, int(label), rng, recipe["bare_captions"]) for label in labels]
+            tokens = model.tokenizer([caption.text for caption in drawn])
+            requirements = torch.tensor([caption.requirements for caption in drawn], dtype=torch.long)
+            positive = captions.positives(requirements, table[labels])
+            logits = model(flip(train_set.images[index], generator), tokens)
+            loss = multi_positive_info_nce(logits, positive)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+            total += loss.detach().item() * len(index)
+        accuracy = evaluate(model, test_set)
+        model.train()
+        log(f"epoch {epoch + 1}/{epochs}: loss {total / n:.3f}, logit scale {model.logit_scale.exp().item():.1f}, "
+            f"held-out zero-shot accuracy: species {accuracy['species']:.2%}, genus {accuracy['genus']:.2%} "
+            f"({time.perf_counter() - start:.0f} s)")
+    model.eval()
+    train_accuracy = evaluate(model, train_set.subset(slice(0, recipe["test_size"])))
+    wall = time.perf_counter() - start
+    log(f"final: held-out species {accuracy['species']:.2%} (train {train_accuracy['species']:.2%}), "
+        f"wall time {wall:.0f} s")
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / f"{NAME}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights,
+              metadata={"format": "pt", "model": NAME})
+    card = {
+        "name": NAME,
+        "architecture": {"class": "SmallCLIP", "module": "finercam.embedded.clip_model", "embed_dim": embed_dim,
+                         "visual": visual, "text": text},
+        "vocabulary": list(VOCABULARY),
+        "templates": list(DEFAULT_TEMPLATES),
+        "parameter_count": params,
+        "weights_bytes": weights.stat().st_size,
+        "dtype": "float32",
+        "target_layer": tower["target_layer"],
+        "image_size": IMAGE_SIZE,
+        "input": "RGB images (B, 3, H, W) in [0, 1], any size; the image tower normalises internally with mean/std",
+        "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+        "data": {
+            "generator": "finercam.synth.generate",
+            "config": {"image_size": IMAGE_SIZE, "num_genera": config.num_genera,
+                       "species_per_genus": config.species_per_genus, "note": "all other fields default"},
+            "train_seed": TRAIN_DATA_SEED, "test_seed": TEST_DATA_SEED,
+            "train_size": len(train_set), "test_size": len(test_set),
+            "captions": "finercam.embedded.captions.sample_caption: genus, 'bird' or no subject, and a random subset "
+                        "of the beak colour and the species-telling parts' values",
+            "bare_captions": recipe["bare_captions"],
+        },
+        "training": {
+            "seed": seed, "threads": threads, "epochs": epochs, "batch_size": batch_size,
+            "loss": "symmetric InfoNCE; every caption true of an image is a positive, each contrasted with the "
+                    "negatives",
+            "optimizer": "AdamW", "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
+            "schedule": f"one-cycle, cosine warmup ({recipe['warmup']:.0%} of steps) then cosine decay",
+            "augmentation": "random horizontal flip",
+        },
+        "species_prompts": [captions.species_prompt(config, label) for label in range(config.num_classes)],
+        "zero_shot_accuracy": {
+            "prompts": "species: captions.species_prompt (full description); genus: its name; templates "
+                       f"{list(DEFAULT_TEMPLATES)} averaged",
+            "species_test": round(accuracy["species"], 4), "genus_test": round(accuracy["genus"], 4),
+            "species_train": round(train_accuracy["species"], 4), "genus_train": round(train_accuracy["genus"], 4),
+        },
+        "training_command": command or "python -m finercam.embedded.train_clip",
+        "wall_time_s": round(wall, 1),
+        "data_generation_time_s": round(data_time, 1),
+        "torch_version": torch.__version__,
+        "finercam_version": finercam.__version__,
+    }
+    (out / f"{NAME}.json").write_text(json.dumps(card, indent=2) + "\n")
+    log(f"wrote {weights} ({card['weights_bytes'] / 1e6:.2f} MB) and {out / f'{NAME}.json'}")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finercam.embedded.train_clip",
+                                     description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the package's)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation / shuffling / caption seed")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--visual", choices=sorted(IMAGE_TOWERS), help="image tower (default: the recipe's, cnn)")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--train-size", type=int, help="override the recipe's number of training images")
+    parser.add_argument("--test-size", type=int, help="override the recipe's number of held-out images")
+    parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
+    parser.add_argument("--species-per-genus", type=int, help="override the recipe's species per genus")
+    parser.add_argument("--bare-captions", type=float,
+                        help="share of attribute captions without a subject (default: the recipe's)")
+    args = parser.parse_args(argv)
+    command = "python -m finercam.embedded.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
+    train(args.out, seed=args.seed, threads=args.threads, command=command.strip(), visual=args.visual,
+          epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
+          bare_captions=args.bare_captions, species_per_genus=args.species_per_genus)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
