@@ -281,7 +281,7 @@ def test_evaluate_api_skips_unreadable_files(tmp_path: Path) -> None:
     options = EvaluationOptions(gammas=(0.6,), layer=embedded.target_layer, batch_size=2,
                                 score=ScoreOptions(metrics=("rd",), fill_mean=embedded.mean))
     records = evaluate_dataset(embedded.model, Preprocess("none"), [*paths, (tmp_path / "broken.png", None)],
-                               tmp_path / "out", options, progress=lambda _line: None)
+                               tmp_path / "out", options, progress=False)
     assert sum(len(r["images"]) for r in records) == 3
     assert [s["path"] for r in records for s in r["skipped"]] == [str(tmp_path / "broken.png")]
 

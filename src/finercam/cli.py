@@ -3,7 +3,8 @@
 ``example`` trains a toy fine-grained classifier on the spot and explains it; ``explain`` explains one image with any
 model; ``layers`` lists a model's candidate target layers; ``train-probe`` fits a linear head on a frozen backbone;
 ``synth`` writes the synthetic benchmark; ``demo`` runs the main job; ``evaluate`` scores base CAMs and Finer-CAM on a
-dataset; ``concepts`` localises a text concept against reference concepts with CLIP; ``version`` prints versions.
+dataset; ``concepts`` localises a text concept against reference concepts with CLIP; ``run`` explains a whole dataset
+into a result store, which ``visualize``, ``report`` and ``export`` read; ``version`` prints versions.
 User errors are printed as one line (exit status 2), never as a traceback."""
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_evaluate(commands)
     _add_concepts(commands)
+    _add_dataset(commands)
     commands.add_parser("version", help="print the versions of finercam and torch")
     return parser
 
@@ -184,6 +186,12 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     add_command(commands, _add_model_arguments, _positive_int, _non_negative_int, _gamma)
 
 
+def _add_dataset(commands: argparse._SubParsersAction) -> None:
+    from finercam.dataset.command import add_commands
+
+    add_commands(commands)
+
+
 def _add_concepts(commands: argparse._SubParsersAction) -> None:
     from finercam.concepts.command import add_commands
 
@@ -214,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from finercam.demo import run_demo
 
             return run_demo(args)
+        from finercam.dataset import command as dataset_command
+
+        if args.command in dataset_command.COMMANDS:
+            return dataset_command.dispatch(args)
         if args.command == "concepts":
             from finercam.concepts.command import dispatch
 

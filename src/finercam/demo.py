@@ -35,11 +35,11 @@ from finercam.evaluation.scoring import ScoreOptions, score_sweep
 from finercam.explain import FinerCAM
 from finercam.methods import METHODS
 from finercam.metrics import DEFAULT_KS, rd_name
+from finercam.report import PAPER_GAMMA, headline_pairs, pointing_ratio, write_report
 from finercam.runtime import cpu_threads
 from finercam.synth.io import split_seeds
 
 GAMMAS = (0.0, 0.3, 0.6, 1.0, 2.0)
-PAPER_GAMMA = 0.6
 DEMO_METHODS = ("gradcam", "layercam", "scorecam")
 NUM_REFERENCES = 3
 AGGREGATIONS = ("mean", "softmax")
@@ -286,24 +286,6 @@ def format_table(records: Sequence[dict[str, Any]], ks: Sequence[float] = DEFAUL
                      for row in lines)
 
 
-def headline_pairs(
-    records: Sequence[dict[str, Any]], gamma: float = PAPER_GAMMA
-) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """``(base, finer)`` record pairs: per model, method and aggregation, gamma 0 against ``gamma``."""
-    pairs = []
-    for base in (r for r in records if r["gamma"] == 0):
-        finer = next((r for r in records if r["gamma"] == gamma and all(
-            r[key] == base[key] for key in ("model", "method", "aggregation"))), None)
-        if finer is not None:
-            pairs.append((base, finer))
-    return pairs
-
-
-def pointing_ratio(base: dict[str, Any], finer: dict[str, Any]) -> float:
-    """Finer's pointing hit rate over the base CAM's (``inf`` when the base never hits)."""
-    return finer["pointing"] / base["pointing"] if base["pointing"] else float("inf")
-
-
 def headline(records: Sequence[dict[str, Any]], k: float = DEFAULT_KS[0]) -> list[str]:
     """One line per model, method and aggregation: base CAM against Finer-CAM at the paper's gamma."""
     return [
@@ -324,8 +306,6 @@ def run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None = None
 
 
 def _run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None) -> int:
-    from finercam.report import write_report
-
     start = time.perf_counter()
     specs = list(models) if models is not None else _load_models(args.models)
     args.gammas = tuple(float(g) for g in getattr(args, "gammas", None) or GAMMAS)

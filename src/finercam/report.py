@@ -15,13 +15,13 @@ import torch
 from torch import Tensor
 
 from finercam import synth, viz
-from finercam.demo import headline_pairs, pointing_ratio
 from finercam.methods import METHODS
 from finercam.metrics import METRICS, rd_name
 
 if TYPE_CHECKING:
     from finercam.demo import ModelRun
 
+PAPER_GAMMA = 0.6
 SAMPLE_GAMMAS = (0.6, 2.0)
 SHOWN = 6
 STYLE = """
@@ -75,7 +75,7 @@ def gamma_plot(runs: Sequence[ModelRun], ks: Sequence[float]) -> bytes:
                         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{index}",
                                   linestyle="-" if aggregation == "mean" else "--",
                                   label=f"{METHODS[method].title} ({aggregation})")
-                axis.axvline(0.6, color="#bbb", linestyle="--", linewidth=1)
+                axis.axvline(PAPER_GAMMA, color="#bbb", linestyle="--", linewidth=1)
                 axis.set_title(f"{run.spec.name}: {metric}", fontsize=9)
                 axis.set_xlabel("gamma (0 = base CAM)", fontsize=8)
                 axis.tick_params(labelsize=7)
@@ -196,7 +196,7 @@ def _table(records: Sequence[dict[str, Any]], ks: Sequence[float]) -> str:
     head = "".join(f"<th>{html.escape(m)} {arrows.get(m, '')}</th>" for m in metrics)
     rows = []
     for r in records:
-        kind = "base" if not r["finer"] else "paper" if r["gamma"] == 0.6 else ""
+        kind = "base" if not r["finer"] else "paper" if r["gamma"] == PAPER_GAMMA else ""
         cells = "".join(f"<td>{r[m]:.3f}</td>" if m in ("pointing", "energy") else f"<td>{r[m]:+.4f}</td>"
                         for m in metrics)
         label = "base CAM" if not r["finer"] else "Finer-CAM"
@@ -208,6 +208,24 @@ def _table(records: Sequence[dict[str, Any]], ks: Sequence[float]) -> str:
     return (f'<table><tr><th class="l">model</th><th class="l">method</th><th class="l">aggregation</th><th>γ</th>'
             f'<th class="l">map</th>{head}'
             f"<th>all-zero maps</th><th>images</th></tr>{''.join(rows)}</table>")
+
+
+def headline_pairs(
+    records: Sequence[dict[str, Any]], gamma: float = PAPER_GAMMA
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(base, finer)`` record pairs: per model, method and aggregation, gamma 0 against ``gamma``."""
+    pairs = []
+    for base in (r for r in records if r["gamma"] == 0):
+        finer = next((r for r in records if r["gamma"] == gamma and all(
+            r[key] == base[key] for key in ("model", "method", "aggregation"))), None)
+        if finer is not None:
+            pairs.append((base, finer))
+    return pairs
+
+
+def pointing_ratio(base: dict[str, Any], finer: dict[str, Any]) -> float:
+    """Finer's pointing hit rate over the base CAM's (``inf`` when the base never hits)."""
+    return finer["pointing"] / base["pointing"] if base["pointing"] else float("inf")
 
 
 def _headline(runs: Sequence[ModelRun], ks: Sequence[float]) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from finercam.evaluation.scoring import ScoreOptions, score_sweep
 from finercam.explain import FinerCAM
 from finercam.images import ImageReadError, load_image
 from finercam.models.preprocess import Preprocess
+from finercam.progress import Progress
 
 PROGRESS, PROGRESS_CONFIG = "progress.jsonl", "progress-config.json"
 TARGETS = ("prediction", "label")
@@ -94,30 +94,6 @@ def _collate(rows: list) -> list:
     return rows
 
 
-@dataclass
-class Progress:
-    """A one-line progress report on stderr: images done, images/s and the time left."""
-
-    total: int
-    done: int = 0
-    start: float = field(default_factory=time.perf_counter)
-    write: Callable[[str], None] | None = None
-
-    def advance(self, count: int) -> None:
-        self.done += count
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
-        line = f"{self.done}/{self.total} images, {rate:.1f} images/s, {left:.0f} s left"
-        if self.write is not None:
-            self.write(line)
-        else:
-            import sys
-
-            end = "\n" if self.done >= self.total or not sys.stderr.isatty() else "\r"
-            print(line, end=end, file=sys.stderr, flush=True)
-
-
 def _prepare_out(out: Path, options: EvaluationOptions, extra: dict[str, Any], restart: bool) -> set[int]:
     """Create ``out``, check or write the options, and return the batches already finished."""
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +144,7 @@ def evaluate_dataset(
     workers: int = 0,
     restart: bool = False,
     data_description: str = "",
-    progress: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate ``items`` (image path, label or ``None``); return every finished batch's record (see
     :func:`read_progress`), resuming from ``out`` when it holds a partial run of the same options and data.
@@ -183,8 +159,8 @@ def evaluate_dataset(
     batches = [list(range(start, min(start + options.batch_size, len(items))))
                for start in range(0, len(items), options.batch_size)]
     todo = [b for b in range(len(batches)) if b not in done]
-    tracker = Progress(len(items), done=sum(len(batches[b]) for b in done), write=progress)
     subset = [i for b in todo for i in batches[b]]
+    tracker = Progress(len(subset), enabled=progress)  # the images left (all of them unless resuming)
     loader = DataLoader(_Files([items[i] for i in subset], preprocess), batch_size=options.batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate)
     position = 0
@@ -197,7 +173,7 @@ def evaluate_dataset(
             log.write(json.dumps(record) + "\n")
             log.flush()
             os.fsync(log.fileno())
-            tracker.advance(len(rows))
+            tracker.update(len(rows), skipped=len(record["skipped"]))
     return read_progress(out)
 
 

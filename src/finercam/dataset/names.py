@@ -1,0 +1,40 @@
+"""File names made from image identifiers and class names that come from the data: never outside the output folder.
+
+Class names and paths are data, and data may hold ``/``, ``..``, ``\\``, NUL, markup or thousands of characters.
+Every output file name is built from :func:`safe_component` (letters, digits, ``.``, ``_`` and ``-`` only; no leading
+dot), made unique with a short hash of the original text, and checked with :func:`inside` before writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from finercam.errors import InvalidArgumentError
+
+_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
+
+
+def safe_component(text: str, max_length: int = 64) -> str:
+    """One path component: unsafe runs become ``_``, leading and trailing dots and ``_`` are dropped, never empty."""
+    cleaned = _UNSAFE.sub("_", text).strip("._")[:max_length].strip("._")
+    return cleaned or "_"
+
+
+def short_hash(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
+
+
+def unique_stem(image_id: str) -> str:
+    """A file stem for an image: its safe name and a hash of its full identifier (so two ids never collide)."""
+    return f"{safe_component(Path(image_id).stem)}-{short_hash(image_id)}"
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """``root / parts``, refusing any result outside ``root`` (defence in depth after :func:`safe_component`)."""
+    base = root.resolve()
+    path = base.joinpath(*parts).resolve()
+    if path != base and base not in path.parents:
+        raise InvalidArgumentError(f"refusing to write {str(path)!r}: outside the output folder {str(base)!r}")
+    return path

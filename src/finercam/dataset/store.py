@@ -1,0 +1,462 @@
+r"""The result store of ``finercam run``: a folder of a few large files, written atomically, resumable, sharded.
+
+Layout (see ``docs/store.md`` for the full reference)::
+
+    OUT/store.json                        manifest: format, version, model, layer, method, gammas, references,
+                                          preprocessing, class names, the listing's size and fingerprint, the
+                                          resolved layer, C and T, versions
+    OUT/chunks/chunk-000000.safetensors   chunk k: every image at listing positions [k S, (k + 1) S)
+    OUT/summary.json                      the last run's summary (summary-shard-I-of-N.json when sharded)
+
+A chunk is one `safetensors <https://huggingface.co/docs/safetensors>`_ file. Its tensors hold one row per image
+that was explained (rows sorted by listing position); the images that were skipped have no row but a record:
+
+==================  =========  ==================================================================================
+``index``           int64 n    listing position of the row
+``labels``          int64 n    ground-truth class ``c*`` (-1 unknown)
+``targets``         int64 n    explained class ``c``
+``references``      int64 n,T  reference classes ``d_t`` (-1 pads)
+``logits``          f32 n,C    class scores ``y`` (probabilities are their softmax)
+``input_sizes``     int32 n,2  model input ``(H, W)``
+``image_sizes``     int32 n,2  decoded image ``(height, width)`` (after EXIF rotation)
+``map_sizes``       int32 n,2  layer resolution ``(h, w)``
+``baseline_raw``    f32        signed base-CAM maps (``\gamma = 0``) before the ReLU, each ``h w`` values, row-major,
+                               concatenated in row order
+``finer_raw``       f32        signed Finer-CAM maps before the ReLU, ``G`` maps of ``h w`` per row (the run's
+                               ``gammas`` in order), concatenated
+==================  =========  ==================================================================================
+
+The safetensors metadata holds ``format`` (``finercam-store-chunk``), ``version``, ``chunk``, ``layers``,
+``batch_size``, ``device``, ``amp`` and ``records``: a JSON list with one
+``{"index", "id", "path", "status", "reason"}`` per listing position of the chunk (``status``: ``ok`` or ``skipped``).
+
+**Atomicity.** Every file is written to a temporary name in the same folder, flushed, ``fsync``-ed and moved into
+place with ``os.replace`` (then the folder is ``fsync``-ed), so a crash or ``kill -9`` leaves either the complete
+file or none: never a corrupt one. Temporary files of an interrupted write are removed when the run resumes.
+
+**Resuming** a run (the same command again) reads which chunks exist and explains only the others; it refuses a
+store made with other settings or another listing. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
+``k mod N``; shards may write into one shared folder or into separate folders that :func:`load_store` reads
+together. Chunks fix the batches, so interrupted, resumed and sharded runs give bitwise the same store as one
+uninterrupted run. 100,000 images with the default ``S = 512`` make 196 chunk files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from finercam.errors import InvalidArgumentError
+
+STORE_FORMAT, CHUNK_FORMAT, STORE_VERSION = "finercam-store", "finercam-store-chunk", 1
+MANIFEST, CHUNKS = "store.json", "chunks"
+ROW_TENSORS = ("index", "labels", "targets", "references", "logits", "input_sizes", "image_sizes", "map_sizes")
+MAP_TENSORS = ("baseline_raw", "finer_raw")
+_CHUNK_NAME = re.compile(r"^chunk-(\d{6,})\.safetensors$")
+_TEMP_NAME = re.compile(r"^\.tmp-(?:chunk-(\d{6,})|.*?)-")
+# Settings a resumed or sharded run must share with the store; anything else (batch size, device, workers) may differ.
+COMPARED = ("chunk_size", "config", "data", "class_names")
+RESOLVED = "model_outputs"  # what the first batch resolved (layers, C, T): compared when both runs know it
+
+
+class StoreError(InvalidArgumentError):
+    """A result store is missing, corrupt, or was made with other settings than a run asks for."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the file is either complete or absent, also after ``kill -9``."""
+    temporary = path.parent / f".tmp-{path.stem}-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_json(path: Path, value: object) -> None:
+    """Atomically write ``value`` as indented JSON."""
+    atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())
+
+
+def chunk_path(root: Path, chunk: int) -> Path:
+    return root / CHUNKS / f"chunk-{chunk:06d}.safetensors"
+
+
+def chunk_files(root: Path) -> dict[int, Path]:
+    """The complete chunk files of a store, by chunk number."""
+    folder = root / CHUNKS
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for entry in folder.iterdir():
+        match = _CHUNK_NAME.match(entry.name)
+        if match:
+            found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise StoreError(
+            f"{str(root)!r} is not a finercam result store: {MANIFEST} is missing (make one with finercam run)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise StoreError(f"cannot read {str(path)!r}: {error}") from None
+    if manifest.get("format") != STORE_FORMAT or manifest.get("version") != STORE_VERSION:
+        raise StoreError(f"{str(path)!r} is not a {STORE_FORMAT} version {STORE_VERSION} manifest")
+    return manifest
+
+
+def _differences(stored: Mapping[str, Any], asked: Mapping[str, Any], prefix: str = "") -> list[str]:
+    lines = []
+    for key in sorted(set(stored) | set(asked)):
+        a, b = stored.get(key), asked.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            lines += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            shown = [repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..." for v in (a, b)]
+            lines.append(f"{prefix}{key}: store {shown[0]}, now {shown[1]}")
+    return lines
+
+
+def _compare(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    keys = [*COMPARED, *([RESOLVED] if stored.get(RESOLVED) and asked.get(RESOLVED) else [])]
+    return _differences({key: stored.get(key) for key in keys}, {key: asked.get(key) for key in keys})
+
+
+class StoreWriter:
+    """Opens a store to create or resume it, and writes its chunks atomically.
+
+    A new store's manifest is written by :meth:`commit`, once the run has checked that the model fits the data, so
+    that a run stopped by a user error leaves nothing that a corrected run would refuse to resume.
+    """
+
+    def __init__(self, root: str | Path, manifest: Mapping[str, Any], shard: tuple[int, int] = (0, 1)) -> None:
+        self.root = Path(root)
+        self.shard = shard
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"--out {str(self.root)!r} exists and is not a folder")
+        manifest = json.loads(json.dumps(manifest))  # the JSON view: tuples as lists, as they are read back
+        self.committed = (self.root / MANIFEST).exists()
+        if self.committed:
+            stored = read_manifest(self.root)
+            differences = _compare(stored, manifest)
+            if differences:
+                raise StoreError(
+                    f"the store {str(self.root)!r} was made with other settings or another listing, so it cannot be "
+                    f"resumed: {'; '.join(differences[:8])}. Use a new --out folder, or the store's settings"
+                )
+            self.manifest = stored
+            self._remove_stale_temporaries()
+        else:
+            self.manifest = manifest
+
+    def commit(self, outputs: Mapping[str, Any] | None = None) -> None:
+        """Record what the model resolved (layers, ``C``, ``T``) and write the manifest if it is new or lacked them.
+
+        Raises:
+            StoreError: the store was made with a model that resolved something else.
+        """
+        stored = self.manifest.get(RESOLVED)
+        if outputs is not None and stored is not None and stored != outputs:
+            raise StoreError(
+                f"the store {str(self.root)!r} was made with a model that resolved {stored}; this one resolves "
+                f"{dict(outputs)}: another model cannot resume it"
+            )
+        changed = outputs is not None and stored is None
+        if changed:
+            self.manifest = {**self.manifest, RESOLVED: dict(outputs)}  # type: ignore[arg-type]
+        if changed or not self.committed:
+            (self.root / CHUNKS).mkdir(parents=True, exist_ok=True)
+            write_json(self.root / MANIFEST, self.manifest)
+            self.committed = True
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove temporary files of interrupted writes of this shard's chunks (other shards may be writing)."""
+        index, count = self.shard
+        if not (self.root / CHUNKS).is_dir():
+            return
+        for entry in (self.root / CHUNKS).iterdir():
+            match = _TEMP_NAME.match(entry.name)
+            if match and match.group(1) is not None and int(match.group(1)) % count == index:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+
+    def completed(self) -> set[int]:
+        return set(chunk_files(self.root))
+
+    def write_chunk(self, chunk: int, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
+        """Serialise one chunk and move it into place atomically (after :meth:`commit`)."""
+        if not self.committed:
+            raise StoreError("commit() the manifest before writing chunks")
+        data = save_safetensors(
+            {name: tensor.contiguous() for name, tensor in tensors.items()},
+            metadata={"format": CHUNK_FORMAT, "version": str(STORE_VERSION), "chunk": str(chunk), **metadata},
+        )
+        path = chunk_path(self.root, chunk)
+        atomic_write(path, data)
+        return path
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One listing position of a store.
+
+    Attributes:
+        index: listing position.
+        id: the image's identifier (path relative to the ImageFolder root, or as written in the list).
+        path: the file that was read.
+        status: ``"ok"`` or ``"skipped"``.
+        reason: why it was skipped.
+        row: its row in the store's tensors, or ``None`` when skipped.
+    """
+
+    index: int
+    id: str
+    path: str
+    status: str
+    reason: str | None
+    row: int | None
+
+
+def read_chunk_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a chunk file, without reading its tensors."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:
+        raise StoreError(f"chunk {str(path)!r} is unreadable ({type(error).__name__}: {error})") from None
+    if metadata.get("format") != CHUNK_FORMAT:
+        raise StoreError(f"{str(path)!r} is not a {CHUNK_FORMAT} file")
+    return metadata
+
+
+def read_chunk(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the metadata of one chunk file."""
+    metadata = read_chunk_metadata(path)
+    try:
+        tensors = load_safetensors(path.read_bytes())
+    except Exception as error:
+        raise StoreError(f"chunk {str(path)!r} is corrupt ({type(error).__name__}: {error})") from None
+    missing = [name for name in (*ROW_TENSORS, *MAP_TENSORS) if name not in tensors]
+    if missing:
+        raise StoreError(f"chunk {str(path)!r} lacks the tensors {missing}")
+    return tensors, metadata
+
+
+@dataclass(frozen=True)
+class ResultStore:
+    """A loaded result store: one record per listing position done, one tensor row per explained image.
+
+    Rows are sorted by listing position. Maps of image ``row`` are :meth:`baseline_raw_map` and
+    :meth:`finer_raw_maps` (signed, before the ReLU, at layer resolution); render them with
+    :mod:`finercam.dataset.render`.
+
+    Attributes:
+        roots: the store folders read.
+        manifest: the parsed ``store.json``.
+        records: every listing position of the chunks present, sorted.
+        chunks: the chunk numbers present.
+        index, labels, targets, references, logits, input_sizes, image_sizes, map_sizes: per-row tensors (see the
+            module documentation).
+        baseline_raw, finer_raw: the concatenated maps; ``map_offsets`` ``(n + 1,)`` start of each row's baseline.
+        layers: the target layers, as resolved by the run.
+    """
+
+    roots: tuple[Path, ...]
+    manifest: dict[str, Any]
+    records: tuple[ImageRecord, ...]
+    chunks: tuple[int, ...]
+    index: Tensor
+    labels: Tensor
+    targets: Tensor
+    references: Tensor
+    logits: Tensor
+    input_sizes: Tensor
+    image_sizes: Tensor
+    map_sizes: Tensor
+    baseline_raw: Tensor
+    finer_raw: Tensor
+    map_offsets: Tensor
+    layers: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["config"]
+
+    @property
+    def gammas(self) -> tuple[float, ...]:
+        return tuple(float(g) for g in self.config["gammas"])
+
+    @property
+    def method(self) -> str:
+        return str(self.config["method"])
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        names = self.manifest.get("class_names")
+        return tuple(names) if names is not None else None
+
+    @property
+    def total(self) -> int:
+        """Images in the whole listing."""
+        return int(self.manifest["data"]["count"])
+
+    @property
+    def missing_chunks(self) -> tuple[int, ...]:
+        """Chunks not (yet) in the store: a run that was interrupted, or shards not loaded."""
+        count = -(-self.total // int(self.manifest["chunk_size"]))
+        present = set(self.chunks)
+        return tuple(chunk for chunk in range(count) if chunk not in present)
+
+    @cached_property
+    def probabilities(self) -> Tensor:
+        """``(n, C)`` softmax of the logits."""
+        return torch.softmax(self.logits.float(), dim=1)
+
+    @cached_property
+    def predictions(self) -> Tensor:
+        """``(n,)`` top class of each row."""
+        return self.logits.argmax(dim=1)
+
+    @property
+    def reference_probabilities(self) -> Tensor:
+        """``(n, T)`` probability of each reference class ``d_t``; NaN where a row has fewer references."""
+        probabilities = self.probabilities
+        gathered = probabilities.gather(1, self.references.clamp(min=0))
+        return gathered.masked_fill(self.references < 0, float("nan"))
+
+    @property
+    def skipped(self) -> tuple[ImageRecord, ...]:
+        return tuple(record for record in self.records if record.status != "ok")
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index`` (``class <index>`` when the store has no class names)."""
+        names = self.class_names
+        return names[index] if names is not None and 0 <= index < len(names) else f"class {index}"
+
+    def ok_records(self) -> tuple[ImageRecord, ...]:
+        """The records of the explained images, in row order (``ok_records()[row]``)."""
+        return self._row_records
+
+    @cached_property
+    def _row_records(self) -> tuple[ImageRecord, ...]:
+        return tuple(record for record in self.records if record.row is not None)
+
+    def baseline_raw_map(self, row: int) -> Tensor:
+        """``(h, w)`` signed base-CAM map of a row (``\\gamma = 0``)."""
+        height, width = self.map_sizes[row].tolist()
+        start = int(self.map_offsets[row])
+        return self.baseline_raw[start:start + height * width].view(height, width)
+
+    def finer_raw_maps(self, row: int) -> Tensor:
+        """``(G, h, w)`` signed Finer-CAM maps of a row at the stored ``gammas``."""
+        height, width = self.map_sizes[row].tolist()
+        count = len(self.gammas)
+        start = int(self.map_offsets[row]) * count
+        return self.finer_raw[start:start + count * height * width].view(count, height, width)
+
+
+def _merge_manifests(roots: Sequence[Path]) -> dict[str, Any]:
+    manifests = [read_manifest(root) for root in roots]
+    for root, other in zip(roots[1:], manifests[1:], strict=True):
+        differences = _compare(manifests[0], other)
+        if differences:
+            raise StoreError(
+                f"{str(root)!r} and {str(roots[0])!r} are not shards of one run: {'; '.join(differences[:8])}"
+            )
+    return next((manifest for manifest in manifests if manifest.get(RESOLVED)), manifests[0])
+
+
+def load_store(path: str | Path | Iterable[str | Path]) -> ResultStore:
+    """Load a result store (or several folders holding shards of one run) into memory.
+
+    Raises:
+        StoreError: not a store, a corrupt chunk, shards of different runs, or a chunk present twice.
+    """
+    roots = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if not roots:
+        raise StoreError("load_store needs at least one store folder")
+    manifest = _merge_manifests(roots)
+    files: dict[int, Path] = {}
+    for root in roots:
+        for chunk, file in chunk_files(root).items():
+            if chunk in files:
+                raise StoreError(f"chunk {chunk} is in both {str(files[chunk])!r} and {str(file)!r}")
+            files[chunk] = file
+    parts: dict[str, list[Tensor]] = {name: [] for name in (*ROW_TENSORS, *MAP_TENSORS)}
+    records: list[ImageRecord] = []
+    layers: tuple[str, ...] = tuple((manifest.get(RESOLVED) or {}).get("layers") or ())
+    rows = 0
+    for chunk in sorted(files):
+        tensors, metadata = read_chunk(files[chunk])
+        for name in parts:
+            parts[name].append(tensors[name])
+        layers = tuple(json.loads(metadata.get("layers", "[]"))) or layers
+        row_of = {int(index): rows + offset for offset, index in enumerate(tensors["index"].tolist())}
+        rows += len(row_of)
+        for entry in json.loads(metadata["records"]):
+            records.append(ImageRecord(
+                int(entry["index"]), entry["id"], entry["path"], entry["status"], entry.get("reason"),
+                row_of.get(int(entry["index"])),
+            ))
+    joined = {name: _concatenate(values, name, manifest) for name, values in parts.items()}
+    areas = (joined["map_sizes"][:, 0].long() * joined["map_sizes"][:, 1].long())
+    offsets = torch.zeros(areas.shape[0] + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(areas, 0)
+    return ResultStore(
+        roots=tuple(roots), manifest=manifest, records=tuple(records), chunks=tuple(sorted(files)),
+        map_offsets=offsets, layers=layers, **joined,
+    )
+
+
+def _concatenate(values: list[Tensor], name: str, manifest: Mapping[str, Any]) -> Tensor:
+    """Join one tensor over the chunks; chunks without rows (every image skipped) are left out."""
+    values = [value for value in values if value.numel()]
+    if values:
+        return torch.cat(values)
+    outputs = manifest.get("model_outputs") or {}
+    widths = {"references": int(outputs.get("num_references", 0)), "logits": int(outputs.get("num_classes", 0))}
+    if name in widths:
+        return torch.zeros((0, widths[name]), dtype=torch.int64 if name == "references" else torch.float32)
+    if name.endswith("sizes"):
+        return torch.zeros((0, 2), dtype=torch.int32)
+    return torch.zeros(0, dtype=torch.float32 if name in MAP_TENSORS else torch.int64)

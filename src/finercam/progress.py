@@ -1,0 +1,54 @@
+"""A one-line progress report on stderr: images done, images/s, elapsed time and time left (ETA)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """``done/total images  rate img/s  ETA m:ss``: redrawn in place on a terminal, a line every ``interval`` s
+    otherwise (logs), and never when disabled."""
+
+    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None, interval: float = 10.0):
+        self.total = total
+        self.done = 0
+        self.skipped = 0
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.2 if self.interactive else interval
+        self.start = time.perf_counter()
+        self._last = self.start
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        eta = _duration((self.total - self.done) / rate) if rate > 0 else "?"
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        elapsed = _duration(self.elapsed)
+        return f"{self.done}/{self.total} images{skipped}  {rate:.1f} img/s  elapsed {elapsed}  ETA {eta}"
+
+    def update(self, images: int, skipped: int = 0) -> None:
+        self.done += images
+        self.skipped += skipped
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.interval or self.done >= self.total):
+            self._last = now
+            end = "\r" if self.interactive and self.done < self.total else "\n"
+            print(("\r" if self.interactive else "") + self.line(), end=end, file=self.stream, flush=True)
