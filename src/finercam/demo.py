@@ -44,9 +44,8 @@ DEMO_METHODS = ("gradcam", "layercam", "scorecam")
 NUM_REFERENCES = 3
 AGGREGATIONS = ("mean", "softmax")
 """``mean``: the paper's Eq. 8; ``softmax``: the official library's ``FinerWeightedTarget`` (references weighted by
-their probability, so the most similar one dominates). Score-CAM runs only the first: its masked forward passes cost
-tens of gradient passes, and the demo must stay under 3 minutes (``finercam evaluate --aggregation`` does any)."""
-DEFAULT_SIZE = 200
+their probability, so the most similar one dominates)."""
+DEFAULT_SIZE = 240
 DEFAULT_SEED = 8128
 DEFAULT_TOLERANCE = 2
 DEFAULT_BATCH = 120
@@ -188,7 +187,7 @@ def evaluate_model(
     count, gammas = len(test), tuple(args.gammas)
     aggregations = tuple(getattr(args, "aggregations", None) or AGGREGATIONS)
     for method in args.methods:
-        for aggregation in aggregations if method != "scorecam" else aggregations[:1]:
+        for aggregation in aggregations:
             start = time.perf_counter()
             _explain_and_score(run, method, aggregation, args)
             seconds = time.perf_counter() - start
