@@ -16,29 +16,11 @@ from collections.abc import Sequence
 import torch
 
 import finercam
+from finercam.argtypes import gamma as _gamma
+from finercam.argtypes import non_negative_int as _non_negative_int
+from finercam.argtypes import positive_int as _positive_int
 from finercam.explain import DEFAULT_GAMMA
 from finercam.methods import METHODS
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
-
-
-def _gamma(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the base CAM), got {text}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -183,7 +165,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     from finercam.evaluation.command import add_command
 
-    add_command(commands, _add_model_arguments, _positive_int, _non_negative_int, _gamma)
+    add_command(commands, _add_model_arguments)
 
 
 def _add_dataset(commands: argparse._SubParsersAction) -> None:

@@ -14,29 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from finercam.argtypes import gamma as _gamma
+from finercam.argtypes import positive_int as _positive_int
+
 COMMAND = "concepts"
 DEFAULT_OUT = Path("finercam-out")
-
-
-def _gamma(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the plain concept map), got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from finercam.argtypes import gamma as _gamma
+from finercam.argtypes import non_negative_int as _non_negative_int
+from finercam.argtypes import positive_int as _positive_int
 from finercam.dataset.pipeline import (
     AMP_DTYPES,
     DEFAULT_BATCH_SIZE,
@@ -35,25 +38,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
 
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
-
-
-def _gamma(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the base CAM), got {text}")
-    return value
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -60,6 +60,23 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def one_cycle_adamw(
+    model: nn.Module, decay: list[nn.Parameter], recipe: dict[str, Any], steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW with ``recipe["weight_decay"]`` on the ``decay`` parameters only (none on biases and norms), and a
+    one-cycle schedule: cosine warm-up over ``recipe["warmup"]`` of the ``steps`` to ``recipe["lr"]``, cosine decay."""
+    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
+    optimiser = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe["lr"],
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=recipe["lr"], total_steps=steps, pct_start=recipe["warmup"], anneal_strategy="cos",
+        cycle_momentum=False,
+    )
+    return optimiser, schedule
+
+
 def augment(images: Tensor, generator: torch.Generator, shift: int) -> Tensor:
     """Random horizontal flips, and random translations of up to ``shift`` pixels (reflection padding)."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
@@ -100,17 +117,8 @@ def train(
     model = build(recipe["architecture"], config)
     generator = torch.Generator().manual_seed(seed)
     decay = [p for p in model.parameters() if p.ndim in (2, 4)]  # linear and conv weights
-    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
-    optimiser = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe["lr"],
-    )
     n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
-    steps = epochs * math.ceil(n / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=recipe["lr"], total_steps=steps, pct_start=recipe["warmup"], anneal_strategy="cos",
-        cycle_momentum=False,
-    )
+    optimiser, schedule = one_cycle_adamw(model, decay, recipe, epochs * math.ceil(n / batch_size))
     params = sum(p.numel() for p in model.parameters())
     log(f"{recipe['architecture']} {config} ({params:,} parameters): {epochs} epochs of {n} images, "
         f"batch {batch_size}, {threads} threads")

@@ -43,6 +43,7 @@ import finercam
 from finercam import synth
 from finercam.embedded import captions
 from finercam.embedded.clip_model import DEFAULT_TEMPLATES, NAME, VOCABULARY, WEIGHTS_DIR, SmallCLIP
+from finercam.embedded.train import one_cycle_adamw
 from finercam.synth.spec import species_of
 
 TRAIN_DATA_SEED = 0
@@ -151,17 +152,8 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     table = captions.class_table(config)
 
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
-    no_decay = [p for p in model.parameters() if not any(p is q for q in decay)]
-    optimiser = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe["lr"],
-    )
     n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
-    steps = epochs * math.ceil(n / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=recipe["lr"], total_steps=steps, pct_start=recipe["warmup"], anneal_strategy="cos",
-        cycle_momentum=False,
-    )
+    optimiser, schedule = one_cycle_adamw(model, decay, recipe, epochs * math.ceil(n / batch_size))
     params = sum(p.numel() for p in model.parameters())
     log(f"SmallCLIP ({params:,} parameters; image tower {visual['class']} {tower['config']}, text tower "
         f"{recipe['text']}, vocabulary {len(VOCABULARY)} words): {epochs} epochs of {n} images, batch {batch_size}, "

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 import finercam
+from finercam.argtypes import gamma, non_negative_int, positive_int
 from finercam.errors import InvalidArgumentError, MissingDependencyError
 from finercam.evaluation.annotations import REGION_KINDS, load_regions
 from finercam.evaluation.runner import TARGETS, EvaluationOptions, evaluate_dataset
@@ -46,9 +48,10 @@ def _fraction(text: str) -> float:
     return value
 
 
-def add_command(commands: argparse._SubParsersAction, model_arguments: Any, positive_int: Any,
-                non_negative_int: Any, gamma: Any) -> None:
-    """Register ``evaluate`` (the shared argument helpers come from :mod:`finercam.cli`)."""
+def add_command(
+    commands: argparse._SubParsersAction, model_arguments: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Register ``evaluate``; ``model_arguments`` adds the model options shared by the commands (``--model`` ...)."""
     parser = commands.add_parser(
         "evaluate", help="compare base CAMs and Finer-CAM on a dataset: RD@k, deletion/insertion, localization")
     model_arguments(parser)
