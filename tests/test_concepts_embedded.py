@@ -4,7 +4,6 @@ prints a one-line error."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from finercam import FinerCAM, synth
+from finercam.cli import main
 from finercam.concepts import ZeroShotClassifier, clip_encoders, explain_concepts
-from finercam.concepts.command import add_commands, dispatch
 from finercam.embedded import captions
 from finercam.embedded.clip_model import WEIGHTS_DIR, EmbeddedCLIP, load_embedded_clip
 from finercam.errors import InvalidArgumentError
@@ -85,9 +84,7 @@ def test_unknown_words_are_named(clip: EmbeddedCLIP) -> None:
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="finercam")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    return dispatch(parser.parse_args(argv))
+    return main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,13 @@ plain concept map, Finer-CAM contrast) and the maps (safetensors: ``concept_map`
 displayed image's size, the signed ``concept_raw_map`` / ``contrast_raw_map`` at layer resolution, and
 ``similarities``; the prompts, gamma and layer in the metadata).
 
-Wiring into :mod:`finercam.cli`: ``add_commands(commands)`` in the parser, and ``dispatch(args)`` for
-``args.command == "concepts"``. User errors are printed as one line (exit status 2; 1 for a missing optional
-dependency), never as a traceback.
+Wired into :mod:`finercam.cli` by ``add_commands(commands)`` and ``dispatch(args)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -145,18 +142,6 @@ def run_concepts(args: argparse.Namespace) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    """Run the ``concepts`` command from parsed arguments; a user error is printed as one line.
-
-    Returns:
-        The exit status: 0, 1 (a missing optional dependency) or 2 (a user error).
-    """
-    from finercam.errors import FinerCAMError, MissingDependencyError
-
-    try:
-        return run_concepts(args)
-    except MissingDependencyError as error:
-        print(f"finercam: {error}", file=sys.stderr)
-        return 1
-    except FinerCAMError as error:
-        print(f"finercam {COMMAND}: {error}", file=sys.stderr)
-        return 2
+    """Run the ``concepts`` command from parsed arguments (:func:`finercam.cli.main` prints user errors as one
+    line); returns the exit status."""
+    return run_concepts(args)

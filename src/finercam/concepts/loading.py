@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from finercam.concepts.encoders import CLIPEncoders, from_embedded, from_hf, from_open_clip
-from finercam.errors import InvalidArgumentError, ModelLoadError, ModelNotFoundError, RandomWeightsWarning
+from finercam.errors import InvalidArgumentError, ModelNotFoundError, RandomWeightsWarning
 from finercam.models.preprocess import Preprocess
 from finercam.models.spec import parse_spec
 
@@ -71,18 +71,13 @@ def _embedded(name: str) -> tuple[CLIPEncoders, Preprocess]:
 
 
 def _open_clip(name: str, weights: str | None, keep_aspect: bool) -> tuple[CLIPEncoders, Preprocess]:
-    from finercam.models._deps import quiet_loading, require
+    from finercam.models._deps import require
     from finercam.models.configs import from_open_clip_config
-    from finercam.models.open_clip_loader import convert_state_dict, resolve_architecture
+    from finercam.models.open_clip_loader import convert_state_dict, create_model
     from finercam.models.weights import existing_file, load_into, read_state_dict
 
     oc = require("open_clip", "open_clip: CLIP models")
-    architecture = resolve_architecture(oc, name)
-    with quiet_loading():
-        try:
-            model = oc.create_model(architecture, pretrained=None, device="cpu")
-        except Exception as error:  # open_clip raises RuntimeError, OSError, JSON and key errors for bad configs
-            raise ModelLoadError(f"open_clip cannot build {name!r}: {type(error).__name__}: {error}") from None
+    architecture, model = create_model(oc, name)
     if weights is not None:
         file = existing_file(weights, "weights file")
         load_into(model, read_state_dict(file), f"weights file {str(weights)!r}",

@@ -74,15 +74,20 @@ def convert_state_dict(oc: ModuleType, model: nn.Module, state: StateDict) -> St
     return state
 
 
-def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
-    """The image tower of an open_clip model."""
-    oc = _open_clip()
+def create_model(oc: ModuleType, arch: str) -> tuple[str, nn.Module]:
+    """The resolved architecture name and an open_clip model built from it with random weights, on the CPU."""
     name = resolve_architecture(oc, arch)
     with quiet_loading():
         try:
-            model = oc.create_model(name, pretrained=None, device="cpu")
+            return name, oc.create_model(name, pretrained=None, device="cpu")
         except Exception as error:  # open_clip raises RuntimeError, OSError, JSON and key errors for bad configs
             raise ModelLoadError(f"open_clip cannot build {arch!r}: {type(error).__name__}: {error}") from None
+
+
+def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
+    """The image tower of an open_clip model."""
+    oc = _open_clip()
+    name, model = create_model(oc, arch)
     if weights is not None:
         state = read_state_dict(weights)
         if not any(key.startswith("visual.") for key in state) and any(k in model.visual.state_dict() for k in state):
