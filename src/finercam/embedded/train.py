@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,23 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def training_data(
+    recipe: dict[str, Any], log: Callable[[str], None]
+) -> tuple[synth.SynthConfig, synth.SynthDataset, synth.SynthDataset, list[float], list[float], float]:
+    """The recipe's synthetic training images (seed :data:`TRAIN_DATA_SEED`) and held-out images (seed
+    :data:`TEST_DATA_SEED`), their per-channel mean and std (for the model's internal normalisation), and the
+    seconds it took."""
+    start = time.perf_counter()
+    config = synth.SynthConfig(image_size=IMAGE_SIZE, species_per_genus=recipe["species_per_genus"])
+    log(f"generating {recipe['train_size']} training images (seed {TRAIN_DATA_SEED}) and "
+        f"{recipe['test_size']} held-out images (seed {TEST_DATA_SEED})...")
+    train_set = synth.generate(recipe["train_size"], seed=TRAIN_DATA_SEED, config=config)
+    test_set = synth.generate(recipe["test_size"], seed=TEST_DATA_SEED, config=config)
+    mean = [round(float(v), 4) for v in train_set.images.mean(dim=(0, 2, 3))]
+    std = [round(float(v), 4) for v in train_set.images.std(dim=(0, 2, 3))]
+    return config, train_set, test_set, mean, std, time.perf_counter() - start
+
+
 def one_cycle_adamw(
     model: nn.Module, decay: list[nn.Parameter], recipe: dict[str, Any], steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
@@ -100,14 +118,7 @@ def train(
     recipe = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    data_config = synth.SynthConfig(image_size=IMAGE_SIZE, species_per_genus=recipe["species_per_genus"])
-    log(f"generating {recipe['train_size']} training images (seed {TRAIN_DATA_SEED}) and "
-        f"{recipe['test_size']} test images (seed {TEST_DATA_SEED})...")
-    train_set = synth.generate(recipe["train_size"], seed=TRAIN_DATA_SEED, config=data_config)
-    test_set = synth.generate(recipe["test_size"], seed=TEST_DATA_SEED, config=data_config)
-    mean = [round(float(v), 4) for v in train_set.images.mean(dim=(0, 2, 3))]
-    std = [round(float(v), 4) for v in train_set.images.std(dim=(0, 2, 3))]
-    data_time = time.perf_counter() - start
+    data_config, train_set, test_set, mean, std, data_time = training_data(recipe, log)
     log(f"data ready in {data_time:.0f} s; mean {mean}, std {std}")
 
     config = {"num_classes": data_config.num_classes, **recipe["config"], "mean": mean, "std": std}

@@ -43,12 +43,9 @@ import finercam
 from finercam import synth
 from finercam.embedded import captions
 from finercam.embedded.clip_model import DEFAULT_TEMPLATES, NAME, VOCABULARY, WEIGHTS_DIR, SmallCLIP
-from finercam.embedded.train import one_cycle_adamw
+from finercam.embedded.train import IMAGE_SIZE, TEST_DATA_SEED, TRAIN_DATA_SEED, one_cycle_adamw, training_data
 from finercam.synth.spec import species_of
 
-TRAIN_DATA_SEED = 0
-TEST_DATA_SEED = 1
-IMAGE_SIZE = 64
 SPECIES_PER_GENUS = 8
 """As the embedded classifiers (:mod:`finercam.embedded.train`): three species-telling parts per genus."""
 NO_NEGATIVE = -1e4
@@ -129,14 +126,7 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     recipe = {**RECIPE, **{k: v for k, v in overrides.items() if v is not None}}
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    config = synth.SynthConfig(image_size=IMAGE_SIZE, species_per_genus=recipe["species_per_genus"])
-    log(f"generating {recipe['train_size']} training images (seed {TRAIN_DATA_SEED}) and {recipe['test_size']} "
-        f"held-out images (seed {TEST_DATA_SEED})...")
-    train_set = synth.generate(recipe["train_size"], seed=TRAIN_DATA_SEED, config=config)
-    test_set = synth.generate(recipe["test_size"], seed=TEST_DATA_SEED, config=config)
-    mean = [round(float(v), 4) for v in train_set.images.mean(dim=(0, 2, 3))]
-    std = [round(float(v), 4) for v in train_set.images.std(dim=(0, 2, 3))]
-    data_time = time.perf_counter() - start
+    config, train_set, test_set, mean, std, data_time = training_data(recipe, log)
 
     embed_dim = recipe["embed_dim"]
     tower = IMAGE_TOWERS[recipe["visual"]]
