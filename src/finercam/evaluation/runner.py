@@ -220,7 +220,7 @@ def _evaluate_batch(
     for method, cam in cams.items():
         sweep = cam.sweep(images, options.gammas, targets, options.references, options.num_references,
                           options.aggregation)
-        first_sweep = first_sweep or sweep
+        first_sweep = sweep if first_sweep is None else first_sweep
         masks = valid = None
         if regions is not None and {"pointing", "energy"} & set(options.score.metrics):
             masks, valid = regions.masks(items, preprocess, tuple(images.shape[-2:]), sweep.targets.cpu(),
