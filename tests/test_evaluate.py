@@ -295,3 +295,36 @@ def test_evaluate_cli_errors(synthetic: Path, tmp_path: Path, capsys: pytest.Cap
     assert "must be one of" in capsys.readouterr().err
     assert main([*base, "--annotations", str(synthetic / "annotations.json"), "--regions", "box"]) == 2
     assert "difference" in capsys.readouterr().err
+
+
+def test_images_of_different_sizes_are_explained_in_groups(tmp_path: Path) -> None:
+    """Without a crop, sizes differ within a batch: each size group is explained on its own, and every image gets
+    the values it gets when explained alone."""
+    embedded = load_embedded("cnn")
+    data = synth.generate(4, seed=11, species_per_genus=8)
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        picture = Image.fromarray((data.images[i] * 255).round().byte().permute(1, 2, 0).numpy())
+        (picture if i % 2 else picture.resize((80, 48))).save(path)
+        paths.append((path, None))
+    options = {"gammas": (0.6,), "layer": embedded.target_layer,
+               "score": ScoreOptions(metrics=("rd",), fill_mean=embedded.mean)}
+    together = evaluate_dataset(embedded.model, Preprocess("none"), paths, tmp_path / "together",
+                                EvaluationOptions(batch_size=4, **options), progress=False)
+    alone = evaluate_dataset(embedded.model, Preprocess("none"), paths, tmp_path / "alone",
+                             EvaluationOptions(batch_size=1, **options), progress=False)
+
+    def per_image(records: list[dict]) -> dict[str, tuple]:
+        table = {}
+        for record in records:
+            values = record["values"]["gradcam"]["0.6"]
+            for j, image in enumerate(record["images"]):
+                table[image["path"]] = (image["target"], image["reference"], values["rd@0.05"][j], values["rd@0.10"][j])
+        return table
+
+    grouped, single = per_image(together), per_image(alone)
+    assert len(together) == 1 and set(grouped) == {str(p) for p, _ in paths}
+    for path, (c, d, rd5, rd10) in single.items():
+        assert grouped[path][:2] == (c, d)
+        assert grouped[path][2:] == pytest.approx((rd5, rd10), abs=1e-5)

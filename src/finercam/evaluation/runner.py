@@ -197,17 +197,54 @@ def _evaluate_batch(
     regions: Regions | None,
     device: torch.device,
 ) -> dict[str, Any]:
+    """One batch's record. Images of different input sizes (a preprocessing without a crop) are explained in groups
+    of equal size; the record lists the images group after group, their values in the same order."""
     skipped = [{"path": str(sources[k][0]), "reason": reason} for k, (_, _, _, reason) in enumerate(rows) if reason]
-    kept = [k for k, row in enumerate(rows) if row[3] is None]
     record: dict[str, Any] = {"skipped": skipped, "images": [], "values": {}, "curves": {}}
-    if not kept:
-        return record
-    shapes = {tuple(rows[k][1].shape) for k in kept}
-    if len(shapes) > 1:
-        raise InvalidArgumentError(
-            f"the preprocessing '{preprocess.name}' gives images of different sizes {sorted(shapes)[:3]}; evaluate "
-            "needs equal sizes per batch: use a preprocessing with a crop (--preprocess imagenet) or --batch-size 1"
-        )
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, row in enumerate(rows):
+        if row[3] is None:
+            groups.setdefault(tuple(row[1].shape), []).append(k)
+    for kept in groups.values():
+        _merge(record, _evaluate_group(model, cams, rows, sources, kept, options, preprocess, class_names, regions,
+                                       device))
+    return record
+
+
+def _merge(record: dict[str, Any], part: dict[str, Any]) -> None:
+    """Append a group's images and values to ``record`` and add its curve sums."""
+    record["images"] += part["images"]
+    if "fractions" in part:
+        record["fractions"] = part["fractions"]
+    for method, per_gamma in part["values"].items():
+        for gamma, values in per_gamma.items():
+            target = record["values"].setdefault(method, {}).setdefault(gamma, {})
+            for name, column in values.items():
+                target.setdefault(name, []).extend(column)
+    for method, per_gamma in part["curves"].items():
+        for gamma, modes in per_gamma.items():
+            target = record["curves"].setdefault(method, {}).setdefault(gamma, {})
+            for mode, sums in modes.items():
+                if mode not in target:
+                    target[mode] = sums
+                else:
+                    target[mode] = {key: (torch.tensor(target[mode][key]) + torch.tensor(value)).tolist()
+                                    for key, value in sums.items()}
+
+
+def _evaluate_group(
+    model: torch.nn.Module,
+    cams: dict[str, FinerCAM],
+    rows: list,
+    sources: list[tuple[Path, int | None]],
+    kept: list[int],
+    options: EvaluationOptions,
+    preprocess: Preprocess,
+    class_names: Sequence[str] | None,
+    regions: Regions | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"images": [], "values": {}, "curves": {}}
     images = torch.stack([rows[k][1] for k in kept]).to(device)
     labels = [sources[k][1] for k in kept]
     items = [ImageItem(sources[k][0], rows[k][2][0], rows[k][2][1], sources[k][1]) for k in kept]
