@@ -47,7 +47,7 @@ from finercam import FinerCAM
 from finercam.dataset import RunSettings, open_source, run_dataset
 from finercam.dataset.decode import decode
 from finercam.dataset.loading import ImageDataset, batch_loader, plan_batches
-from finercam.dataset.pipeline import default_workers
+from finercam.dataset.settings import default_workers
 from finercam.embedded import load_embedded
 from finercam.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from finercam.synth import SynthConfig, write_dataset

@@ -11,11 +11,13 @@ batches, the DataLoader), ``store`` (the on-disk format), ``progress``, ``pipeli
 (maps at any gamma), ``names`` (safe file names), ``export``, ``visualize``, ``gallery`` and ``command`` (the CLI).
 """
 
-from finercam.dataset.pipeline import RunSettings, parse_shard, run_dataset
+from finercam.dataset.pipeline import run_dataset
 from finercam.dataset.progress import RunSummary
 from finercam.dataset.render import finer_raw_map, render_baseline, render_map
+from finercam.dataset.settings import RunSettings, parse_shard
 from finercam.dataset.sources import ClassNameMismatchError, DataItem, DataSource, open_source, read_class_names
-from finercam.dataset.store import ImageRecord, ResultStore, StoreError, load_store
+from finercam.dataset.store import StoreError
+from finercam.dataset.store_reader import ImageRecord, ResultStore, load_store
 
 __all__ = [
     "ClassNameMismatchError",

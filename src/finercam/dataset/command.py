@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import non_negative_int as _non_negative_int
 from finercam.argtypes import positive_int as _positive_int
-from finercam.dataset.pipeline import (
+from finercam.dataset.settings import (
     AMP_DTYPES,
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -28,7 +28,7 @@ from finercam.methods import METHODS
 if TYPE_CHECKING:
     import torch
 
-    from finercam.dataset.store import ResultStore
+    from finercam.dataset.store_reader import ResultStore
     from finercam.models import LoadedModel
 
 COMMANDS = ("run", "visualize", "report", "export")
@@ -158,7 +158,7 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> ResultStore:
-    from finercam.dataset.store import load_store
+    from finercam.dataset.store_reader import load_store
 
     return load_store(args.store if len(args.store) > 1 else args.store[0])
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from finercam.dataset.names import inside, safe_component, short_hash, unique_stem
 from finercam.dataset.render import default_gamma, render_baseline, render_map
-from finercam.dataset.store import ImageRecord, ResultStore
+from finercam.dataset.store_reader import ImageRecord, ResultStore
 from finercam.images import ImageReadError
 from finercam.models.preprocess import Preprocess
 

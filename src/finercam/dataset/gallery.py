@@ -22,7 +22,8 @@ from torch import Tensor
 
 from finercam.dataset.export import display_image
 from finercam.dataset.render import default_gamma, render_baseline, render_map
-from finercam.dataset.store import ResultStore, atomic_write
+from finercam.dataset.store import atomic_write
+from finercam.dataset.store_reader import ResultStore
 from finercam.errors import InvalidArgumentError
 from finercam.images import ImageReadError
 from finercam.methods import get_method

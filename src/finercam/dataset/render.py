@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from finercam.dataset.store import ResultStore, StoreError
+from finercam.dataset.store import StoreError
+from finercam.dataset.store_reader import ResultStore
 from finercam.explain import DEFAULT_GAMMA
 from finercam.postprocess import normalize_maps
 

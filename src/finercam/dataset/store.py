@@ -36,9 +36,10 @@ file or none: never a corrupt one. Temporary files of an interrupted write are r
 
 **Resuming** a run (the same command again) reads which chunks exist and explains only the others; it refuses a
 store made with other settings or another listing. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
-``k mod N``; shards may write into one shared folder or into separate folders that :func:`load_store` reads
-together. Chunks fix the batches, so interrupted, resumed and sharded runs give bitwise the same store as one
-uninterrupted run. 100,000 images with the default ``S = 512`` make 196 chunk files.
+``k mod N``; shards may write into one shared folder or into separate folders that
+:func:`finercam.dataset.store_reader.load_store` reads together. Chunks fix the batches, so interrupted, resumed
+and sharded runs give bitwise the same store as one uninterrupted run. 100,000 images with the default
+``S = 512`` make 196 chunk files.
 """
 
 from __future__ import annotations
@@ -48,13 +49,10 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -154,7 +152,7 @@ def _differences(stored: Mapping[str, Any], asked: Mapping[str, Any], prefix: st
     return lines
 
 
-def _compare(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+def compare_manifests(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
     keys = [*COMPARED, *([RESOLVED] if stored.get(RESOLVED) and asked.get(RESOLVED) else [])]
     return _differences({key: stored.get(key) for key in keys}, {key: asked.get(key) for key in keys})
 
@@ -175,7 +173,7 @@ class StoreWriter:
         self.committed = (self.root / MANIFEST).exists()
         if self.committed:
             stored = read_manifest(self.root)
-            differences = _compare(stored, manifest)
+            differences = compare_manifests(stored, manifest)
             if differences:
                 raise StoreError(
                     f"the store {str(self.root)!r} was made with other settings or another listing, so it cannot be "
@@ -233,27 +231,6 @@ class StoreWriter:
         return path
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    """One listing position of a store.
-
-    Attributes:
-        index: listing position.
-        id: the image's identifier (path relative to the ImageFolder root, or as written in the list).
-        path: the file that was read.
-        status: ``"ok"`` or ``"skipped"``.
-        reason: why it was skipped.
-        row: its row in the store's tensors, or ``None`` when skipped.
-    """
-
-    index: int
-    id: str
-    path: str
-    status: str
-    reason: str | None
-    row: int | None
-
-
 def read_chunk_metadata(path: Path) -> dict[str, str]:
     """The metadata of a chunk file, without reading its tensors."""
     try:
@@ -277,186 +254,3 @@ def read_chunk(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if missing:
         raise StoreError(f"chunk {str(path)!r} lacks the tensors {missing}")
     return tensors, metadata
-
-
-@dataclass(frozen=True)
-class ResultStore:
-    """A loaded result store: one record per listing position done, one tensor row per explained image.
-
-    Rows are sorted by listing position. Maps of image ``row`` are :meth:`baseline_raw_map` and
-    :meth:`finer_raw_maps` (signed, before the ReLU, at layer resolution); render them with
-    :mod:`finercam.dataset.render`.
-
-    Attributes:
-        roots: the store folders read.
-        manifest: the parsed ``store.json``.
-        records: every listing position of the chunks present, sorted.
-        chunks: the chunk numbers present.
-        index, labels, targets, references, logits, input_sizes, image_sizes, map_sizes: per-row tensors (see the
-            module documentation).
-        baseline_raw, finer_raw: the concatenated maps; ``map_offsets`` ``(n + 1,)`` start of each row's baseline.
-        layers: the target layers, as resolved by the run.
-    """
-
-    roots: tuple[Path, ...]
-    manifest: dict[str, Any]
-    records: tuple[ImageRecord, ...]
-    chunks: tuple[int, ...]
-    index: Tensor
-    labels: Tensor
-    targets: Tensor
-    references: Tensor
-    logits: Tensor
-    input_sizes: Tensor
-    image_sizes: Tensor
-    map_sizes: Tensor
-    baseline_raw: Tensor
-    finer_raw: Tensor
-    map_offsets: Tensor
-    layers: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return int(self.index.shape[0])
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.manifest["config"]
-
-    @property
-    def gammas(self) -> tuple[float, ...]:
-        return tuple(float(g) for g in self.config["gammas"])
-
-    @property
-    def method(self) -> str:
-        return str(self.config["method"])
-
-    @property
-    def class_names(self) -> tuple[str, ...] | None:
-        names = self.manifest.get("class_names")
-        return tuple(names) if names is not None else None
-
-    @property
-    def total(self) -> int:
-        """Images in the whole listing."""
-        return int(self.manifest["data"]["count"])
-
-    @property
-    def missing_chunks(self) -> tuple[int, ...]:
-        """Chunks not (yet) in the store: a run that was interrupted, or shards not loaded."""
-        count = -(-self.total // int(self.manifest["chunk_size"]))
-        present = set(self.chunks)
-        return tuple(chunk for chunk in range(count) if chunk not in present)
-
-    @cached_property
-    def probabilities(self) -> Tensor:
-        """``(n, C)`` softmax of the logits."""
-        return torch.softmax(self.logits.float(), dim=1)
-
-    @cached_property
-    def predictions(self) -> Tensor:
-        """``(n,)`` top class of each row."""
-        return self.logits.argmax(dim=1)
-
-    @property
-    def reference_probabilities(self) -> Tensor:
-        """``(n, T)`` probability of each reference class ``d_t``; NaN where a row has fewer references."""
-        probabilities = self.probabilities
-        gathered = probabilities.gather(1, self.references.clamp(min=0))
-        return gathered.masked_fill(self.references < 0, float("nan"))
-
-    @property
-    def skipped(self) -> tuple[ImageRecord, ...]:
-        return tuple(record for record in self.records if record.status != "ok")
-
-    def class_name(self, index: int) -> str:
-        """The name of class ``index`` (``class <index>`` when the store has no class names)."""
-        names = self.class_names
-        return names[index] if names is not None and 0 <= index < len(names) else f"class {index}"
-
-    def ok_records(self) -> tuple[ImageRecord, ...]:
-        """The records of the explained images, in row order (``ok_records()[row]``)."""
-        return self._row_records
-
-    @cached_property
-    def _row_records(self) -> tuple[ImageRecord, ...]:
-        return tuple(record for record in self.records if record.row is not None)
-
-    def baseline_raw_map(self, row: int) -> Tensor:
-        """``(h, w)`` signed base-CAM map of a row (``\\gamma = 0``)."""
-        height, width = self.map_sizes[row].tolist()
-        start = int(self.map_offsets[row])
-        return self.baseline_raw[start:start + height * width].view(height, width)
-
-    def finer_raw_maps(self, row: int) -> Tensor:
-        """``(G, h, w)`` signed Finer-CAM maps of a row at the stored ``gammas``."""
-        height, width = self.map_sizes[row].tolist()
-        count = len(self.gammas)
-        start = int(self.map_offsets[row]) * count
-        return self.finer_raw[start:start + count * height * width].view(count, height, width)
-
-
-def _merge_manifests(roots: Sequence[Path]) -> dict[str, Any]:
-    manifests = [read_manifest(root) for root in roots]
-    for root, other in zip(roots[1:], manifests[1:], strict=True):
-        differences = _compare(manifests[0], other)
-        if differences:
-            raise StoreError(
-                f"{str(root)!r} and {str(roots[0])!r} are not shards of one run: {'; '.join(differences[:8])}"
-            )
-    return next((manifest for manifest in manifests if manifest.get(RESOLVED)), manifests[0])
-
-
-def load_store(path: str | Path | Iterable[str | Path]) -> ResultStore:
-    """Load a result store (or several folders holding shards of one run) into memory.
-
-    Raises:
-        StoreError: not a store, a corrupt chunk, shards of different runs, or a chunk present twice.
-    """
-    roots = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
-    if not roots:
-        raise StoreError("load_store needs at least one store folder")
-    manifest = _merge_manifests(roots)
-    files: dict[int, Path] = {}
-    for root in roots:
-        for chunk, file in chunk_files(root).items():
-            if chunk in files:
-                raise StoreError(f"chunk {chunk} is in both {str(files[chunk])!r} and {str(file)!r}")
-            files[chunk] = file
-    parts: dict[str, list[Tensor]] = {name: [] for name in (*ROW_TENSORS, *MAP_TENSORS)}
-    records: list[ImageRecord] = []
-    layers: tuple[str, ...] = tuple((manifest.get(RESOLVED) or {}).get("layers") or ())
-    rows = 0
-    for chunk in sorted(files):
-        tensors, metadata = read_chunk(files[chunk])
-        for name in parts:
-            parts[name].append(tensors[name])
-        layers = tuple(json.loads(metadata.get("layers", "[]"))) or layers
-        row_of = {int(index): rows + offset for offset, index in enumerate(tensors["index"].tolist())}
-        rows += len(row_of)
-        for entry in json.loads(metadata["records"]):
-            records.append(ImageRecord(
-                int(entry["index"]), entry["id"], entry["path"], entry["status"], entry.get("reason"),
-                row_of.get(int(entry["index"])),
-            ))
-    joined = {name: _concatenate(values, name, manifest) for name, values in parts.items()}
-    areas = (joined["map_sizes"][:, 0].long() * joined["map_sizes"][:, 1].long())
-    offsets = torch.zeros(areas.shape[0] + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(areas, 0)
-    return ResultStore(
-        roots=tuple(roots), manifest=manifest, records=tuple(records), chunks=tuple(sorted(files)),
-        map_offsets=offsets, layers=layers, **joined,
-    )
-
-
-def _concatenate(values: list[Tensor], name: str, manifest: Mapping[str, Any]) -> Tensor:
-    """Join one tensor over the chunks; chunks without rows (every image skipped) are left out."""
-    values = [value for value in values if value.numel()]
-    if values:
-        return torch.cat(values)
-    outputs = manifest.get("model_outputs") or {}
-    widths = {"references": int(outputs.get("num_references", 0)), "logits": int(outputs.get("num_classes", 0))}
-    if name in widths:
-        return torch.zeros((0, widths[name]), dtype=torch.int64 if name == "references" else torch.float32)
-    if name.endswith("sizes"):
-        return torch.zeros((0, 2), dtype=torch.int32)
-    return torch.zeros(0, dtype=torch.float32 if name in MAP_TENSORS else torch.int64)

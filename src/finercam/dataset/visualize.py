@@ -19,7 +19,7 @@ from torch import Tensor
 from finercam.dataset.export import display_image, save_png
 from finercam.dataset.names import inside, safe_component, unique_stem
 from finercam.dataset.render import default_gamma, render_baseline, render_map
-from finercam.dataset.store import ImageRecord, ResultStore
+from finercam.dataset.store_reader import ImageRecord, ResultStore
 from finercam.errors import InvalidArgumentError
 from finercam.images import ImageReadError
 from finercam.methods import get_method

@@ -195,12 +195,24 @@ def train(
         },
         "train_accuracy": round(train_accuracy, 4),
         "test_accuracy": round(test_accuracy, 4),
-        "training_command": command or f"python -m finercam.embedded.train --model {name}",
+        **provenance(command or f"python -m finercam.embedded.train --model {name}", wall, data_time),
+    }
+    return write_card(out, name, card, weights, log)
+
+
+def provenance(command: str, wall: float, data_time: float) -> dict[str, Any]:
+    """The card's record of how a model was made: the command, the times and the library versions."""
+    return {
+        "training_command": command,
         "wall_time_s": round(wall, 1),
         "data_generation_time_s": round(data_time, 1),
         "torch_version": torch.__version__,
         "finercam_version": finercam.__version__,
     }
+
+
+def write_card(out: Path, name: str, card: dict[str, Any], weights: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Write ``card`` as ``out/<name>.json`` next to its ``weights`` and return it."""
     (out / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
     log(f"wrote {weights} ({card['weights_bytes'] / 1e6:.2f} MB) and {out / f'{name}.json'}")
     return card

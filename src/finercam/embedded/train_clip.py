@@ -25,7 +25,6 @@ species (its full description, :func:`~finercam.embedded.captions.species_prompt
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -39,11 +38,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 
-import finercam
 from finercam import synth
 from finercam.embedded import captions
 from finercam.embedded.clip_model import DEFAULT_TEMPLATES, NAME, VOCABULARY, WEIGHTS_DIR, SmallCLIP
-from finercam.embedded.train import IMAGE_SIZE, TEST_DATA_SEED, TRAIN_DATA_SEED, one_cycle_adamw, training_data
+from finercam.embedded.train import (
+    IMAGE_SIZE,
+    TEST_DATA_SEED,
+    TRAIN_DATA_SEED,
+    one_cycle_adamw,
+    provenance,
+    training_data,
+    write_card,
+)
 from finercam.synth.spec import species_of
 
 SPECIES_PER_GENUS = 8
@@ -222,15 +228,9 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
             "species_test": round(accuracy["species"], 4), "genus_test": round(accuracy["genus"], 4),
             "species_train": round(train_accuracy["species"], 4), "genus_train": round(train_accuracy["genus"], 4),
         },
-        "training_command": command or "python -m finercam.embedded.train_clip",
-        "wall_time_s": round(wall, 1),
-        "data_generation_time_s": round(data_time, 1),
-        "torch_version": torch.__version__,
-        "finercam_version": finercam.__version__,
+        **provenance(command or "python -m finercam.embedded.train_clip", wall, data_time),
     }
-    (out / f"{NAME}.json").write_text(json.dumps(card, indent=2) + "\n")
-    log(f"wrote {weights} ({card['weights_bytes'] / 1e6:.2f} MB) and {out / f'{NAME}.json'}")
-    return card
+    return write_card(out, NAME, card, weights, log)
 
 
 def main(argv: list[str] | None = None) -> int:

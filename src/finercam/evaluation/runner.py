@@ -90,6 +90,19 @@ class _Files(Dataset):
         return index, self.preprocess(image), image.size, None
 
 
+@dataclass(frozen=True)
+class _Setting:
+    """What every batch of one evaluation shares."""
+
+    model: torch.nn.Module
+    cams: dict[str, FinerCAM]
+    options: EvaluationOptions
+    preprocess: Preprocess
+    class_names: Sequence[str] | None
+    regions: Regions | None
+    device: torch.device
+
+
 def _collate(rows: list) -> list:
     return rows
 
@@ -156,6 +169,7 @@ def evaluate_dataset(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size)
             for method in options.methods}
+    setting = _Setting(model, cams, options, preprocess, class_names, regions, device)
     batches = [list(range(start, min(start + options.batch_size, len(items))))
                for start in range(0, len(items), options.batch_size)]
     todo = [b for b in range(len(batches)) if b not in done]
@@ -166,8 +180,7 @@ def evaluate_dataset(
     position = 0
     with (out / PROGRESS).open("a") as log:
         for batch_number, rows in zip(todo, _regrouped(loader, [len(batches[b]) for b in todo]), strict=True):
-            record = _evaluate_batch(model, cams, rows, [items[subset[position + k]] for k in range(len(rows))],
-                                     options, preprocess, class_names, regions, device)
+            record = _evaluate_batch(setting, rows, [items[subset[position + k]] for k in range(len(rows))])
             record["batch"] = batch_number
             position += len(rows)
             log.write(json.dumps(record) + "\n")
@@ -186,17 +199,7 @@ def _regrouped(loader: DataLoader, sizes: list[int]):
         yield rows
 
 
-def _evaluate_batch(
-    model: torch.nn.Module,
-    cams: dict[str, FinerCAM],
-    rows: list,
-    sources: list[tuple[Path, int | None]],
-    options: EvaluationOptions,
-    preprocess: Preprocess,
-    class_names: Sequence[str] | None,
-    regions: Regions | None,
-    device: torch.device,
-) -> dict[str, Any]:
+def _evaluate_batch(setting: _Setting, rows: list, sources: list[tuple[Path, int | None]]) -> dict[str, Any]:
     """One batch's record. Images of different input sizes (a preprocessing without a crop) are explained in groups
     of equal size; the record lists the images group after group, their values in the same order."""
     skipped = [{"path": str(sources[k][0]), "reason": reason} for k, (_, _, _, reason) in enumerate(rows) if reason]
@@ -206,8 +209,7 @@ def _evaluate_batch(
         if row[3] is None:
             groups.setdefault(tuple(row[1].shape), []).append(k)
     for kept in groups.values():
-        _merge(record, _evaluate_group(model, cams, rows, sources, kept, options, preprocess, class_names, regions,
-                                       device))
+        _merge(record, _evaluate_group(setting, rows, sources, kept))
     return record
 
 
@@ -233,17 +235,10 @@ def _merge(record: dict[str, Any], part: dict[str, Any]) -> None:
 
 
 def _evaluate_group(
-    model: torch.nn.Module,
-    cams: dict[str, FinerCAM],
-    rows: list,
-    sources: list[tuple[Path, int | None]],
-    kept: list[int],
-    options: EvaluationOptions,
-    preprocess: Preprocess,
-    class_names: Sequence[str] | None,
-    regions: Regions | None,
-    device: torch.device,
+    setting: _Setting, rows: list, sources: list[tuple[Path, int | None]], kept: list[int]
 ) -> dict[str, Any]:
+    """The record of the images ``kept`` (indices into ``rows``), all of one input size."""
+    model, options, preprocess, device = setting.model, setting.options, setting.preprocess, setting.device
     record: dict[str, Any] = {"images": [], "values": {}, "curves": {}}
     images = torch.stack([rows[k][1] for k in kept]).to(device)
     labels = [sources[k][1] for k in kept]
@@ -254,14 +249,14 @@ def _evaluate_group(
             raise InvalidArgumentError("--target label needs a label for every image (an ImageFolder tree)")
         targets = torch.tensor(labels, device=device)
     first_sweep = None
-    for method, cam in cams.items():
+    for method, cam in setting.cams.items():
         sweep = cam.sweep(images, options.gammas, targets, options.references, options.num_references,
                           options.aggregation)
         first_sweep = sweep if first_sweep is None else first_sweep
         masks = valid = None
-        if regions is not None and {"pointing", "energy"} & set(options.score.metrics):
-            masks, valid = regions.masks(items, preprocess, tuple(images.shape[-2:]), sweep.targets.cpu(),
-                                         sweep.references[:, 0].cpu(), class_names)
+        if setting.regions is not None and {"pointing", "energy"} & set(options.score.metrics):
+            masks, valid = setting.regions.masks(items, preprocess, tuple(images.shape[-2:]), sweep.targets.cpu(),
+                                                 sweep.references[:, 0].cpu(), setting.class_names)
             masks = masks.to(device)
         scores = score_sweep(model, images, sweep, options.score, masks)
         correct = torch.tensor([label is not None and label == p for label, p in
