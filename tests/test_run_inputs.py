@@ -33,7 +33,7 @@ def test_decode_handles_every_awkward_kind(tmp_path: Path) -> None:
         if category is None:
             assert decoded.reason is None, (name, decoded.reason)
             assert decoded.pixels is not None and decoded.pixels.shape == (3, 64, 64)
-            assert decoded.pixels.dtype == torch.float32 and 0 <= decoded.pixels.min() <= decoded.pixels.max() <= 1
+            assert decoded.pixels.dtype == torch.uint8  # normalised later, per batch, on the model's device
         else:
             assert decoded.pixels is None and decoded.reason is not None, name
             assert decoded.reason.startswith(category), (name, decoded.reason)
@@ -44,17 +44,37 @@ def test_decode_pixel_values(tmp_path: Path) -> None:
     write_bad_files(tmp_path)
     raw = Image.open(tmp_path / "rotated.jpg")
     assert decode(tmp_path / "rotated.jpg", _no_preprocess()).image_size == (64, 48)  # rotated: height 64
-    upright = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"), dtype=np.float32) / 255
+    upright = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"))
     decoded = decode(tmp_path / "rotated.jpg", _no_preprocess()).pixels
     assert decoded is not None
-    np.testing.assert_allclose(decoded.permute(1, 2, 0).numpy(), upright, atol=1e-6)
+    np.testing.assert_array_equal(decoded.permute(1, 2, 0).numpy(), upright)
     gray16 = np.asarray(Image.open(tmp_path / "gray16.png"), dtype=np.float64)
     decoded16 = decode(tmp_path / "gray16.png", _no_preprocess()).pixels
     assert decoded16 is not None
-    np.testing.assert_allclose(decoded16[0].numpy(), np.floor(gray16 / 256) / 255, atol=1 / 255 + 1e-6)
+    np.testing.assert_allclose(decoded16[0].double().numpy(), np.floor(gray16 / 256), atol=1)
     one = decode(tmp_path / "one_pixel.png", EMBEDDED_PREPROCESS).pixels
     assert one is not None
-    torch.testing.assert_close(one, torch.tensor([200, 30, 30]).div(255).float()[:, None, None].expand(3, 64, 64))
+    torch.testing.assert_close(one, torch.tensor([200, 30, 30], dtype=torch.uint8)[:, None, None].expand(3, 64, 64))
+
+
+def test_batch_normalisation_equals_per_image_preprocessing(tmp_path: Path) -> None:
+    """``to_uint8`` + ``normalise`` of a batch gives bitwise what preprocessing each image alone gives."""
+    from finercam.images import load_image
+    from finercam.models.preprocess import PREPROCESS_PRESETS
+
+    generator = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(generator.integers(0, 256, (40 + 7 * k, 50, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    for preprocess in (PREPROCESS_PRESETS["imagenet"], EMBEDDED_PREPROCESS, _no_preprocess()):
+        images = [load_image(tmp_path / f"{k}.png") for k in range(3)]
+        one_by_one = [preprocess(image) for image in images]
+        if preprocess.fixed_size is None:
+            continue
+        batch = preprocess.normalise(torch.stack([decode(tmp_path / f"{k}.png", preprocess).pixels for k in range(3)]))
+        assert batch.dtype == torch.float32
+        assert torch.equal(batch, torch.stack(one_by_one)), preprocess.name
+    with pytest.raises(TypeError, match="uint8"):
+        EMBEDDED_PREPROCESS.normalise(torch.zeros(3, 4, 4))
 
 
 def _no_preprocess():

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from finercam.dataset import load_store
 from finercam.dataset.store import CHUNKS, chunk_files
 from run_data import assert_same_store, cnn, synthetic_tree, write_bad_files
@@ -19,18 +21,24 @@ COUNT, CHUNK, BATCH = 144, 8, 4
 KILLS = 4
 
 
-def _command(data: Path, out: Path) -> list[str]:
+LAYOUTS = {
+    "one process, a decoding worker": ["--processes", "1", "--workers", "1", "--threads", "1"],
+    "forked worker processes": ["--processes", "2"],
+}
+
+
+def _command(data: Path, out: Path, layout: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "finercam", "run", "--model", "embedded:cnn", "--data", str(data),
-        "--out", str(out), "--batch-size", str(BATCH), "--chunk-size", str(CHUNK), "--workers", "1", "--threads", "1",
+        "--out", str(out), "--batch-size", str(BATCH), "--chunk-size", str(CHUNK), *layout,
         "--max-pixels", "100000", "--gammas", "0", "0.6", "2", "--quiet",
     ]
 
 
-def _start(data: Path, out: Path) -> subprocess.Popen[bytes]:
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
     environment = {**os.environ, "PYTHONHASHSEED": "0"}
     return subprocess.Popen(
-        _command(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=environment
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=environment
     )
 
 
@@ -43,15 +51,17 @@ def _kill_when(process: subprocess.Popen[bytes], out: Path, chunks: int, delay: 
     time.sleep(delay)
     if process.poll() is not None:
         return False
-    os.killpg(process.pid, signal.SIGKILL)  # the session this test started: the run and its worker
+    os.killpg(process.pid, signal.SIGKILL)  # the session this test started: the run and its workers
     process.wait()
     return True
 
 
-def test_sigkill_and_resume_give_the_uninterrupted_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_and_resume_give_the_uninterrupted_store(tmp_path: Path, layout: str) -> None:
     data = synthetic_tree(tmp_path / "data", COUNT, seed=21)
     write_bad_files(data / cnn().class_names[2])  # skipped files must be recorded identically too
-    reference = subprocess.run(_command(data, tmp_path / "reference"), capture_output=True, check=False)
+    reference = subprocess.run(_command(data, tmp_path / "reference", LAYOUTS[layout]), capture_output=True,
+                               check=False)
     assert reference.returncode == 0, reference.stderr.decode()[-2000:]
 
     generator = random.Random(6)
@@ -59,7 +69,7 @@ def test_sigkill_and_resume_give_the_uninterrupted_store(tmp_path: Path) -> None
     total = len(chunk_files(tmp_path / "reference"))
     kills = 0
     for attempt in range(KILLS):
-        process = _start(data, out)
+        process = _start(_command(data, out, LAYOUTS[layout]))
         done = len(chunk_files(out))
         target = min(total - 1, done + generator.randint(1, max(1, (total - done) // (KILLS - attempt))))
         if _kill_when(process, out, target, generator.uniform(0.0, 0.05)):
@@ -68,7 +78,7 @@ def test_sigkill_and_resume_give_the_uninterrupted_store(tmp_path: Path) -> None
         else:
             assert process.returncode == 0, process.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
     assert kills >= 2
-    final = subprocess.run(_command(data, out), capture_output=True, check=False)
+    final = subprocess.run(_command(data, out, LAYOUTS[layout]), capture_output=True, check=False)
     assert final.returncode == 0, final.stderr.decode()[-2000:]
 
     assert_same_store(load_store(out), load_store(tmp_path / "reference"))

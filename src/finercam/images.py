@@ -33,16 +33,24 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageReadError(f"image {str(path)!r} does not exist or is not a file")
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            if image.mode == "I;16" or image.mode.startswith("I;16") or image.mode == "I":
-                image = image.point(lambda value: value / 256).convert("L")
-            rgb = image.convert("RGB")
-            rgb.load()
+            rgb = to_rgb(opened)
     except Image.DecompressionBombError as error:
         raise ImageReadError(f"image {str(path)!r} is too large to decode safely: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(f"cannot read image {str(path)!r}: {error}") from None
     return rgb
+
+
+def to_rgb(opened: Image.Image) -> Image.Image:
+    """An opened image decoded as RGB with its EXIF orientation applied (16-bit and 32-bit integer images scaled to
+    8 bits). Raises what Pillow raises for a truncated or corrupt file."""
+    image = ImageOps.exif_transpose(opened)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.point(lambda value: value / 256).convert("L")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image.load()
+    return image
 
 
 @dataclass(frozen=True)

@@ -74,15 +74,20 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
     run.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE,
                      help="images per store file (fixed when the store is created)")
+    run.add_argument("--processes", type=_positive_int,
+                     help="CPU models: worker processes, each decoding and explaining whole batches with one torch "
+                     "thread (default: one per core, at most 32; 1 on a GPU)")
     run.add_argument("--workers", type=_non_negative_int,
-                     help="decoding processes (default: all cores but one on CUDA; on the CPU (cores - 2) // 2)")
+                     help="one-process runs (GPU, or --processes 1): decoding processes feeding the model (default: "
+                     "all cores but one on CUDA; on the CPU (cores - 2) // 2)")
     run.add_argument("--amp", default="none", choices=["none", *AMP_DTYPES], help="autocast on CUDA")
     run.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                      help="this machine's share: chunks k with k mod N == I (0 <= I < N)")
     run.add_argument("--max-pixels", type=_positive_int,
                      help="skip images with more pixels (default: Pillow's decompression-bomb limit)")
     run.add_argument("--score-batch-size", type=_positive_int, default=64, help="Score-CAM masked inputs per pass")
-    run.add_argument("--threads", type=_non_negative_int, default=0, help="torch CPU threads (default: torch's)")
+    run.add_argument("--threads", type=_non_negative_int, default=0,
+                     help="torch CPU threads of a one-process run (default: torch's; worker processes use one each)")
     run.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -138,7 +143,7 @@ def run_run(args: argparse.Namespace) -> int:
         method=args.method, layer=args.layer or loaded.target_layer or "auto", gammas=tuple(args.gammas),
         references=args.references, num_references=args.num_references, aggregation=args.aggregation,
         target=args.target, batch_size=args.batch_size, chunk_size=args.chunk_size, num_workers=args.workers,
-        amp=args.amp, shard=args.shard, max_pixels=args.max_pixels, progress=not args.quiet,
+        processes=args.processes, amp=args.amp, shard=args.shard, max_pixels=args.max_pixels, progress=not args.quiet,
         score_batch_size=args.score_batch_size,
     )
     info = {"spec": args.model, "weights": args.weights, "head": args.head, "class_names_file": args.class_names}

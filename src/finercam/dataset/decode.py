@@ -1,10 +1,11 @@
 """Decoding one file into a model input, or the reason it cannot be: never an exception for a bad file.
 
-Built on :func:`finercam.images.load_image` (EXIF orientation applied; grayscale, palette, CMYK, RGBA, 16-bit and
+Built on :func:`finercam.images.to_rgb` (EXIF orientation applied; grayscale, palette, CMYK, RGBA, 16-bit and
 1 x 1 images converted to RGB, as ``finercam explain`` reads them). Before decoding, the header is checked against a
 pixel limit (the decompression-bomb guard: Pillow only warns between ``Image.MAX_IMAGE_PIXELS`` and twice that; here
 anything above the limit is skipped), and the preprocessed size is checked too, so that an extreme aspect ratio
-(a 1 x 100000 strip resized to a shorter side of 256) cannot allocate gigabytes. Skip reasons start with a short
+(a 1 x 100000 strip resized to a shorter side of 256) cannot allocate gigabytes. The result is ``uint8`` pixels
+after the geometric steps; the pipeline normalises whole batches on the model's device. Skip reasons start with a short
 category (``empty file``, ``not an image``, ``corrupt or truncated``, ``too large``, ``preprocessing failed``,
 ``unreadable``), followed by details.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from finercam.images import ImageReadError, load_image
+from finercam.images import to_rgb
 from finercam.models.preprocess import Preprocess
 
 
@@ -27,7 +28,7 @@ class Decoded:
     """The outcome for one file: ``pixels`` and sizes, or ``reason`` (then ``pixels`` is ``None``).
 
     Attributes:
-        pixels: the preprocessed ``(3, H, W)`` float tensor.
+        pixels: the ``(3, H, W)`` ``uint8`` tensor after the preprocessing's geometric steps (not normalised).
         image_size: ``(height, width)`` of the decoded image, after EXIF rotation.
         reason: why the file was skipped.
     """
@@ -43,48 +44,43 @@ def default_max_pixels() -> int:
     return int(limit) if limit else 2**62
 
 
-def _header(path: Path, max_pixels: int) -> tuple[tuple[int, int] | None, str | None]:
-    """``(width, height)`` from the header, or a skip reason."""
+def _opened_size(opened: Image.Image, max_pixels: int) -> str | None:
+    """A skip reason when the header's size exceeds ``max_pixels``."""
+    width, height = opened.size
+    if width * height > max_pixels:
+        return (
+            f"too large: {width} x {height} = {width * height} pixels exceeds the limit of {max_pixels} "
+            "(decompression-bomb guard; raise it with --max-pixels)"
+        )
+    return None
+
+
+def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = None) -> Decoded:
+    """Read one image and apply the geometric steps of ``preprocess`` (:meth:`Preprocess.to_uint8`; normalise the
+    batch with :meth:`Preprocess.normalise`); a bad file gives a :class:`Decoded` with its ``reason``.
+
+    The file is opened once: the header's size is checked before any pixel is decoded."""
+    path = Path(path)
+    limit = default_max_pixels() if max_pixels is None else max_pixels
     try:
-        size = path.stat().st_size
+        if path.stat().st_size == 0:
+            return Decoded(reason="empty file: 0 bytes")
     except OSError as error:
-        return None, f"unreadable: {error.strerror or error}"
-    if size == 0:
-        return None, "empty file: 0 bytes"
+        return Decoded(reason=f"unreadable: {error.strerror or error}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                width, height = opened.size
+                reason = _opened_size(opened, limit)
+                if reason is not None:
+                    return Decoded(reason=reason)
+                image = to_rgb(opened)
     except Image.DecompressionBombError as error:
-        return None, f"too large: {error}"
+        return Decoded(reason=f"too large: {error}")
     except UnidentifiedImageError:
-        return None, "not an image: Pillow cannot identify the file format"
+        return Decoded(reason="not an image: Pillow cannot identify the file format")
     except (OSError, SyntaxError, ValueError) as error:
-        return None, f"corrupt or truncated: {error}"
-    if width * height > max_pixels:
-        return None, (
-            f"too large: {width} x {height} = {width * height} pixels exceeds the limit of {max_pixels} "
-            "(decompression-bomb guard; raise it with --max-pixels)"
-        )
-    return (width, height), None
-
-
-def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = None) -> Decoded:
-    """Read and preprocess one image; a bad file gives a :class:`Decoded` with its ``reason``."""
-    path = Path(path)
-    limit = default_max_pixels() if max_pixels is None else max_pixels
-    _, reason = _header(path, limit)
-    if reason is not None:
-        return Decoded(reason=reason)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = load_image(path)
-    except ImageReadError as error:
-        text = str(error)
-        category = "too large" if "too large" in text else "corrupt or truncated"
-        return Decoded(reason=f"{category}: {text}")
+        return Decoded(reason=f"corrupt or truncated: {error}")
     except Exception as error:  # a decoder bug must not end a run over a million images
         return Decoded(reason=f"unreadable: {type(error).__name__}: {error}")
     height, width = image.height, image.width
@@ -95,7 +91,7 @@ def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = No
             f"of {limit}"
         ))
     try:
-        pixels = preprocess(image)
+        pixels = preprocess.to_uint8(image)
     except Exception as error:
         return Decoded(image_size=(height, width), reason=f"preprocessing failed: {type(error).__name__}: {error}")
     return Decoded(pixels=pixels, image_size=(height, width))

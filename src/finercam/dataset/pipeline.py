@@ -29,13 +29,24 @@ import torch
 from torch import Tensor, nn
 
 from finercam.dataset.decode import decode
-from finercam.dataset.loading import Batch, ImageDataset, SizeGroup, batch_loader, chunk_range, num_chunks, plan_batches
+from finercam.dataset.loading import (
+    Batch,
+    ImageDataset,
+    SizeGroup,
+    batch_loader,
+    chunk_range,
+    collate,
+    num_chunks,
+    plan_batches,
+)
+from finercam.dataset.parallel import forked_map
 from finercam.dataset.progress import RunSummary
 from finercam.dataset.settings import (
     RunSettings,
     autocast_for,
     build_manifest,
     default_workers,
+    resolve_processes,
     target_mode,
 )
 from finercam.dataset.sources import DataSource
@@ -58,6 +69,35 @@ _PREFLIGHT_TRIES = 64
 SIZE_TENSORS = ("input_sizes", "image_sizes", "map_sizes")
 
 
+def _rows(group: SizeGroup, result: SweepResult, labels: Tensor) -> dict[str, Tensor]:
+    """What the store keeps of one size group's sweep, as CPU tensors."""
+    index = torch.tensor(group.indices, dtype=torch.int64)
+    input_size = torch.tensor(tuple(group.pixels.shape[-2:]), dtype=torch.int32)
+    baseline = result.layer_baseline_raw_maps[0].detach().float().cpu()
+    return {
+        "index": index,
+        "labels": labels[index],
+        "targets": result.targets.detach().cpu().long(),
+        "references": result.references.detach().cpu().long(),
+        "logits": result.logits.detach().float().cpu(),
+        "input_sizes": input_size.expand(len(index), 2),
+        "image_sizes": group.image_sizes,
+        "map_sizes": torch.tensor(tuple(baseline.shape[-2:]), dtype=torch.int32).expand(len(index), 2),
+        "baseline_raw": baseline.flatten(1),
+        "finer_raw": result.layer_raw_maps[0].detach().float().cpu().transpose(0, 1).flatten(1),
+    }
+
+
+@dataclass
+class _BatchDone:
+    """One explained batch: its chunk, how many positions it planned, the stored rows per size group, the skips."""
+
+    chunk: int
+    planned: int
+    rows: list[dict[str, Tensor]]
+    skipped: dict[int, str]
+
+
 @dataclass
 class _ChunkBuilder:
     """The rows of one chunk, gathered group by group on the CPU and ordered by listing position when written."""
@@ -66,22 +106,9 @@ class _ChunkBuilder:
     groups: list[dict[str, Tensor]] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
 
-    def add(self, group: SizeGroup, result: SweepResult, labels: Tensor) -> None:
-        index = torch.tensor(group.indices, dtype=torch.int64)
-        input_size = torch.tensor(tuple(group.pixels.shape[-2:]), dtype=torch.int32)
-        baseline = result.layer_baseline_raw_maps[0].detach().float().cpu()
-        self.groups.append({
-            "index": index,
-            "labels": labels[index],
-            "targets": result.targets.detach().cpu().long(),
-            "references": result.references.detach().cpu().long(),
-            "logits": result.logits.detach().float().cpu(),
-            "input_sizes": input_size.expand(len(index), 2),
-            "image_sizes": group.image_sizes,
-            "map_sizes": torch.tensor(tuple(baseline.shape[-2:]), dtype=torch.int32).expand(len(index), 2),
-            "baseline_raw": baseline.flatten(1),
-            "finer_raw": result.layer_raw_maps[0].detach().float().cpu().transpose(0, 1).flatten(1),
-        })
+    def add(self, done: _BatchDone) -> None:
+        self.groups += done.rows
+        self.skipped.update(done.skipped)
 
     def tensors(self, outputs: Mapping[str, Any]) -> dict[str, Tensor]:
         if not self.groups:
@@ -119,13 +146,14 @@ class _Explainer:
     """One sweep per size group, on the model's device, under the requested autocast."""
 
     def __init__(
-        self, model: nn.Module, settings: RunSettings, target: str, labels: Tensor,
+        self, model: nn.Module, preprocess: Preprocess, settings: RunSettings, target: str, labels: Tensor,
         classifier_weights: ClassifierWeights | None,
     ) -> None:
         self.cam = FinerCAM(
             model, settings.layer, settings.method, classifier_weights=classifier_weights,
             score_batch_size=settings.score_batch_size,
         )
+        self.preprocess = preprocess
         self.settings = settings
         self.device = infer_device_dtype(model)[0]
         autocast_for(settings.amp, self.device)  # fails early on the CPU
@@ -135,14 +163,22 @@ class _Explainer:
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         return autocast_for(self.settings.amp, self.device)
 
-    def explain(self, group: SizeGroup) -> SweepResult:
-        pixels = group.pixels.to(self.device, non_blocking=True)
-        targets = self.labels[group.indices].to(self.device) if self.use_labels else None
+    def sweep(self, pixels: Tensor, targets: Tensor | None) -> SweepResult:
+        """The sweep of ``uint8`` pixels ``(n, 3, H, W)``, normalised on the model's device."""
+        pixels = self.preprocess.normalise(pixels.to(self.device, non_blocking=True))
         settings = self.settings
         with self.autocast():
             return self.cam.sweep(
                 pixels, settings.gammas, targets, settings.references, settings.num_references, settings.aggregation,
             )
+
+    def explain(self, batch: Batch) -> _BatchDone:
+        """Every size group of a decoded batch."""
+        rows = []
+        for group in batch.groups:
+            targets = self.labels[group.indices].to(self.device) if self.use_labels else None
+            rows.append(_rows(group, self.sweep(group.pixels, targets), self.labels))
+        return _BatchDone(batch.chunk, len(batch.indices), rows, batch.skipped)
 
 
 def _preflight(
@@ -156,12 +192,7 @@ def _preflight(
         decoded = decode(source.items[index].path, preprocess, max_pixels)
         if decoded.pixels is None:
             continue
-        settings = explainer.settings
-        with explainer.autocast():
-            result = explainer.cam.sweep(
-                decoded.pixels[None].to(explainer.device), settings.gammas, None, settings.references,
-                settings.num_references, settings.aggregation,
-            )
+        result = explainer.sweep(decoded.pixels[None], None)
         if len(result.layers) != 1:
             raise InvalidArgumentError(f"a run stores one target layer; got {list(result.layers)}")
         num_classes = int(result.logits.shape[1])
@@ -245,7 +276,7 @@ def run_dataset(
     target = target_mode(settings, source)
     info = dict(model_info) if model_info is not None else {"class": type(model).__name__}
     labels = torch.tensor([-1 if item.label is None else item.label for item in source.items], dtype=torch.int64)
-    explainer = _Explainer(model, settings, target, labels, classifier_weights)
+    explainer = _Explainer(model, preprocess, settings, target, labels, classifier_weights)
     writer = StoreWriter(root, build_manifest(settings, source, preprocess, target, info), settings.shard)
     index, count = settings.shard
     total = len(source.items)
@@ -276,45 +307,64 @@ def _process(
     writer: StoreWriter, explainer: _Explainer, source: DataSource, preprocess: Preprocess,
     batches: list[list[int]], settings: RunSettings, summary: RunSummary,
 ) -> None:
-    """The loop: decoded batches in, chunks out."""
-    total = len(source.items)
-    remaining: dict[int, int] = {}
-    for batch in batches:
-        chunk = batch[0] // settings.chunk_size
-        remaining[chunk] = remaining.get(chunk, 0) + 1
-    workers = settings.num_workers if settings.num_workers is not None else default_workers(explainer.device)
-    loader = batch_loader(
-        ImageDataset(source.items, preprocess, settings.max_pixels), batches, settings.chunk_size,
-        num_workers=workers, pin_memory=explainer.device.type == "cuda",
-    )
+    """The loop: decoded batches in, chunks out; in forked CPU workers when ``processes > 1``."""
+    dataset = ImageDataset(source.items, preprocess, settings.max_pixels)
+    processes = resolve_processes(settings, explainer.device)
     progress = Progress(sum(len(batch) for batch in batches), enabled=settings.progress)
-    builder: _ChunkBuilder | None = None
-    outputs = writer.manifest.get(RESOLVED) or {}
-    metadata = {
+    assembler = _Assembler(writer, source, settings, batches, {
         "batch_size": str(settings.batch_size), "device": str(explainer.device), "amp": settings.amp,
-    }
-    explained = 0
-    batch: Batch
-    for batch in loader:
-        if builder is None or builder.chunk != batch.chunk:
-            builder = _ChunkBuilder(batch.chunk)
-        for group in batch.groups:
-            builder.add(group, explainer.explain(group), explainer.labels)
-        builder.skipped.update(batch.skipped)
-        explained += len(batch.indices) - len(batch.skipped)
-        progress.update(len(batch.indices), len(batch.skipped))
-        remaining[batch.chunk] -= 1
-        if remaining[batch.chunk] == 0:
-            tensors = builder.tensors(outputs)
-            positions = chunk_range(batch.chunk, settings.chunk_size, total)
-            layers = list(outputs.get("layers") or [])
-            records = builder.records(source, positions, set(tensors["index"].tolist()))
-            writer.write_chunk(batch.chunk, tensors, {
-                **metadata, "layers": json.dumps(layers), "records": json.dumps(records, ensure_ascii=False),
-            })
-            builder = None
+        "processes": str(processes), "threads": str(1 if processes > 1 else torch.get_num_threads()),
+    })
+    if processes > 1:
+        def explain(planned: list[int]) -> _BatchDone:
+            return explainer.explain(collate([dataset[index] for index in planned], settings.chunk_size))
+
+        done_batches: Iterator[_BatchDone] = (done for _, done in forked_map(explain, batches, processes))
+    else:
+        workers = settings.num_workers if settings.num_workers is not None else default_workers(explainer.device)
+        loader = batch_loader(
+            dataset, batches, settings.chunk_size, num_workers=workers, pin_memory=explainer.device.type == "cuda",
+        )
+        done_batches = (explainer.explain(batch) for batch in loader)
+    for done in done_batches:
+        assembler.add(done)
+        progress.update(done.planned, len(done.skipped))
     summary.processed = progress.done
-    summary.explained = explained
+    summary.explained = progress.done - progress.skipped
     summary.skipped = progress.skipped
     summary.seconds = progress.elapsed
     summary.images_per_second = progress.rate
+
+
+class _Assembler:
+    """Gathers explained batches (in any order) into chunks and writes each chunk once all its batches are in."""
+
+    def __init__(
+        self, writer: StoreWriter, source: DataSource, settings: RunSettings, batches: list[list[int]],
+        metadata: dict[str, str],
+    ) -> None:
+        self.writer, self.source, self.chunk_size = writer, source, settings.chunk_size
+        self.outputs = writer.manifest.get(RESOLVED) or {}
+        self.metadata = metadata
+        self.remaining: dict[int, int] = {}
+        for batch in batches:
+            chunk = batch[0] // settings.chunk_size
+            self.remaining[chunk] = self.remaining.get(chunk, 0) + 1
+        self.builders: dict[int, _ChunkBuilder] = {}
+
+    def add(self, done: _BatchDone) -> None:
+        builder = self.builders.setdefault(done.chunk, _ChunkBuilder(done.chunk))
+        builder.add(done)
+        self.remaining[done.chunk] -= 1
+        if self.remaining[done.chunk] == 0:
+            del self.builders[done.chunk]
+            self._write(builder)
+
+    def _write(self, builder: _ChunkBuilder) -> None:
+        tensors = builder.tensors(self.outputs)
+        positions = chunk_range(builder.chunk, self.chunk_size, len(self.source.items))
+        records = builder.records(self.source, positions, set(tensors["index"].tolist()))
+        self.writer.write_chunk(builder.chunk, tensors, {
+            **self.metadata, "layers": json.dumps(list(self.outputs.get("layers") or [])),
+            "records": json.dumps(records, ensure_ascii=False),
+        })

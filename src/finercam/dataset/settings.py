@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ import safetensors
 import torch
 
 import finercam
+from finercam.dataset.parallel import default_processes, fork_available, usable_cores
 from finercam.dataset.sources import DataSource
 from finercam.dataset.store import STORE_FORMAT, STORE_VERSION
 from finercam.errors import InvalidArgumentError
@@ -33,20 +33,35 @@ DEFAULT_BATCH_SIZE = 32
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding processes for a model on ``device``.
+    """``DataLoader`` decoding processes of a one-process run with a model on ``device``.
 
-    On CUDA the cores are free for decoding: all but one (for the main process), at most 8. On the CPU, torch's
-    threads already use every core, so a worker only pays when cores are left over: ``(cores - 2) // 2`` (at most 4).
-    On 2 cores that is 0 (decoding in the main process), which measured faster than one worker on a busy 2-core
-    machine (``benchmarks/run_throughput.py --workers 0`` vs ``--workers 1``).
+    On CUDA the cores are free for decoding: all but one (for the main process), at most 8. On the CPU (a run with
+    ``processes=1``), torch's threads already use every core, so a worker only pays when cores are left over:
+    ``(cores - 2) // 2`` (at most 4); on 2 cores that is 0 (decoding in the main process), which measured faster than
+    one worker (``benchmarks/run_throughput.py``).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
     return max(0, min(4, (cores - 2) // 2))
+
+
+def resolve_processes(settings: RunSettings, device: torch.device) -> int:
+    """How many worker processes a run uses: ``settings.processes`` when given (more than one only for a CPU model,
+    on Linux); else one when ``num_workers`` is given (the ``DataLoader`` layout), else
+    :func:`finercam.dataset.parallel.default_processes` (one per core on the CPU, one on a GPU)."""
+    if settings.processes is None:
+        return 1 if settings.num_workers is not None else default_processes(device)
+    if settings.processes > 1 and device.type != "cpu":
+        raise InvalidArgumentError(
+            f"--processes {settings.processes} is for models on the CPU; the model is on {device}, where one process "
+            "is fed by --workers decoding processes"
+        )
+    if settings.processes > 1 and not fork_available():
+        raise InvalidArgumentError(
+            f"--processes {settings.processes} needs worker processes forked from this one (Linux); use --processes 1"
+        )
+    return settings.processes
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -76,8 +91,10 @@ class RunSettings:
             or ``"auto"`` (the label when every image has one, else the prediction).
         batch_size: images per forward pass.
         chunk_size: images per store chunk ``S`` (fixed for the life of a store).
-        num_workers: decoding processes (``None``: :func:`default_workers` for the model's device; ``0``: decode in
-            the main process).
+        num_workers: ``DataLoader`` decoding processes of a one-process run (``None``: :func:`default_workers` for
+            the model's device; ``0``: decode in the main process).
+        processes: CPU worker processes, each decoding and explaining whole batches with one torch thread
+            (``None``: :func:`resolve_processes` decides; see :mod:`finercam.dataset.parallel`).
         amp: ``"none"``, ``"bf16"`` or ``"fp16"`` autocast (CUDA only).
         shard: ``(I, N)``.
         max_pixels: the decompression-bomb limit (``None``: Pillow's).
@@ -95,6 +112,7 @@ class RunSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE
     num_workers: int | None = None
+    processes: int | None = None
     amp: str = "none"
     shard: tuple[int, int] = (0, 1)
     max_pixels: int | None = None
@@ -117,6 +135,16 @@ class RunSettings:
             raise InvalidArgumentError(f"gammas must be one or more finite numbers >= 0; got {list(self.gammas)}")
         if len(set(self.gammas)) != len(self.gammas):
             raise InvalidArgumentError(f"gammas repeats a value: {list(self.gammas)}")
+        if self.processes is not None and (
+            isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1
+        ):
+            raise InvalidArgumentError(f"processes must be an int >= 1; got {self.processes!r}")
+        if self.processes is not None and self.processes > 1 and self.num_workers is not None:
+            raise InvalidArgumentError(
+                "give either processes (CPU worker processes that each decode their own batches) or num_workers "
+                f"(decoding processes feeding one model process), not both; got processes={self.processes}, "
+                f"num_workers={self.num_workers}"
+            )
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
             raise InvalidArgumentError(f"shard must be (I, N) with 0 <= I < N; got {self.shard}")

@@ -123,13 +123,21 @@ class Preprocess:
         return sx, sy, float(pad_left - left), float(pad_top - top)
 
     def __call__(self, image: Image.Image) -> Tensor:
-        """Preprocess one image.
+        """Preprocess one image: :meth:`to_uint8`, then :meth:`normalise`.
 
         Args:
             image: a PIL image (converted to RGB if needed).
 
         Returns:
             A float32 tensor ``(3, H, W)``.
+        """
+        return self.normalise(self.to_uint8(image))
+
+    def to_uint8(self, image: Image.Image) -> Tensor:
+        """The geometric steps (resize, crop) of one image: a ``uint8`` tensor ``(3, H, W)``, not yet normalised.
+
+        Batch pipelines move these (a quarter of the bytes of floats) and call :meth:`normalise` on the batch, on
+        the model's device.
         """
         if not isinstance(image, Image.Image):
             raise InvalidTypeError(
@@ -146,11 +154,18 @@ class Preprocess:
         if self.crop is not None:
             image = _center_crop(image, self.crop)
         assert (image.height, image.width) == final
-        tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-        tensor = tensor.to(torch.float32).div_(255.0)
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+    def normalise(self, pixels: Tensor) -> Tensor:
+        """``uint8`` pixels ``(..., 3, H, W)`` (one image or a batch, on any device) -> float32 in ``[0, 1]``, then
+        ``(x - mean) / std`` when ``mean`` is set. The same operations per element as for one image, so a batch
+        gives bitwise the values of its images one by one."""
+        if pixels.dtype != torch.uint8:
+            raise InvalidTypeError(f"normalise expects uint8 pixels (from to_uint8); got {pixels.dtype}")
+        tensor = pixels.to(torch.float32).div_(255.0)
         if self.mean is not None and self.std is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-            std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device)[:, None, None]
+            std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device)[:, None, None]
             tensor = tensor.sub_(mean).div_(std)
         return tensor
 

@@ -1,0 +1,158 @@
+"""Data parallelism on the CPU: the batches of a run shared among forked worker processes of one torch thread each.
+
+On a CPU-only machine one process with ``N`` torch threads leaves cores idle between and inside small operations, and
+decoding in the same process (or in extra ``DataLoader`` processes) competes with those threads for the same cores.
+``P`` processes with one thread each, every one decoding and explaining whole batches, keep every core busy with
+useful work (``benchmarks/run_throughput.py`` measures both layouts). The parent process only hands out batch numbers,
+receives the results and writes the store.
+
+Workers are **forked**, so the model, the listing and the explainer are inherited, not pickled (any model works, also
+one that cannot be pickled). A forked child must not start OpenMP parallel regions: GNU OpenMP's thread pool does not
+survive ``fork`` and a child that uses more than one torch thread can hang. So each worker runs with one thread, as
+PyTorch's own ``DataLoader`` workers do.
+
+Failures never hang the parent: an exception in a worker is sent back with its traceback and raised in the parent as
+:class:`WorkerError`; a worker that dies (killed, out of memory) is noticed within a second; whenever the parent
+stops (done, error, ``KeyboardInterrupt``, the consumer closing the generator) every worker is terminated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from finercam.errors import FinerCAMError
+
+Task = TypeVar("Task")
+Result = TypeVar("Result")
+
+MAX_PROCESSES = 32
+_POLL_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class WorkerError(FinerCAMError):
+    """A worker process failed or died; the message holds its traceback or exit code."""
+
+
+def fork_available() -> bool:
+    """Whether worker processes can be forked (Linux; macOS and Windows spawn, which would pickle the model)."""
+    return "fork" in multiprocessing.get_all_start_methods() and os.name == "posix" and os.uname().sysname == "Linux"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), or the CPU count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_processes(device: torch.device) -> int:
+    """Worker processes for a model on ``device``: one per usable core (at most :data:`MAX_PROCESSES`) on the CPU
+    where workers can be forked, else 1 (a GPU is fed by one process with ``DataLoader`` decoding workers)."""
+    if device.type != "cpu" or not fork_available():
+        return 1
+    return max(1, min(MAX_PROCESSES, usable_cores()))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so that a run killed
+    with ``kill -9`` leaves no orphaned workers behind; elsewhere the worker loop checks its parent instead."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(function: Callable[[Any], Any], tasks: Sequence[Any], todo: Any, done: Any, parent: int) -> None:
+    _die_with_parent()
+    torch.set_num_threads(1)
+    while True:
+        try:
+            number = todo.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            if os.getppid() != parent:  # the parent died before PR_SET_PDEATHSIG took effect
+                return
+            continue
+        if number is None:
+            return
+        try:
+            payload = pickle.dumps(function(tasks[number]), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            done.put(("error", number, traceback.format_exc()))
+            return
+        done.put(("ok", number, payload))
+
+
+def forked_map(
+    function: Callable[[Task], Result], tasks: Sequence[Task], processes: int
+) -> Iterator[tuple[int, Result]]:
+    """``(i, function(tasks[i]))`` for every task, computed by ``processes`` forked workers (one torch thread
+    each), yielded in the order they finish.
+
+    ``function`` and ``tasks`` are inherited by the workers, not pickled; each result is pickled back (keep results
+    small: CPU tensors, numbers).
+
+    Raises:
+        WorkerError: a worker raised (the message has its traceback) or died.
+    """
+    if not fork_available():
+        raise WorkerError("worker processes need fork (Linux); use one process")
+    if not tasks:
+        return
+    context = multiprocessing.get_context("fork")
+    todo, done = context.Queue(), context.Queue()
+    count = max(1, min(processes, len(tasks)))
+    for number in range(len(tasks)):
+        todo.put(number)
+    for _ in range(count):
+        todo.put(None)
+    parent = os.getpid()
+    workers = [
+        context.Process(target=_worker, args=(function, tasks, todo, done, parent), daemon=True,
+                        name=f"finercam-worker-{k}")
+        for k in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(len(tasks)):
+            kind, number, payload = _next_result(done, workers)
+            if kind == "error":
+                raise WorkerError(f"a worker process failed on task {number}:\n{payload}")
+            yield number, pickle.loads(payload)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join()
+        for channel in (todo, done):
+            channel.close()
+            channel.cancel_join_thread()
+
+
+def _next_result(done: Any, workers: list[Any]) -> tuple[str, int, Any]:
+    while True:
+        try:
+            return done.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            dead = [worker for worker in workers if worker.exitcode not in (None, 0)]
+            if dead:
+                codes = ", ".join(f"{worker.name}: exit code {worker.exitcode}" for worker in dead)
+                raise WorkerError(
+                    f"a worker process died ({codes}; a negative code is the signal, e.g. -9 when the system ran "
+                    "out of memory); the finished chunks are kept, run again to resume, with fewer --processes if "
+                    "memory is short"
+                ) from None

@@ -1,0 +1,108 @@
+"""CPU data parallelism of ``finercam run``: forked workers give exactly the one-process store; failures in a
+worker surface in the parent as one clear error and never leave a worker behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from finercam.dataset import RunSettings, load_store, open_source, run_dataset
+from finercam.dataset.parallel import WorkerError, default_processes, fork_available, forked_map
+from finercam.dataset.settings import resolve_processes
+from finercam.errors import InvalidArgumentError
+from finercam.runtime import cpu_threads
+from run_data import EMBEDDED_PREPROCESS, assert_same_store, cnn, synthetic_tree, write_bad_files
+
+pytestmark = pytest.mark.skipif(not fork_available(), reason="worker processes are forked (Linux only)")
+
+
+def _square(value: int) -> tuple[int, int, int]:
+    return value, value * value, torch.get_num_threads()
+
+
+def _fail_on_three(value: int) -> int:
+    if value == 3:
+        raise ValueError("task three is bad")
+    return value
+
+
+def _die_on_two(value: int) -> int:
+    if value == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    return value
+
+
+def _no_workers_left() -> bool:
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not multiprocessing.active_children()
+
+
+def test_forked_map_computes_every_task_once_with_one_thread_each() -> None:
+    results = dict(forked_map(_square, list(range(20)), 3))
+    assert sorted(results) == list(range(20))
+    assert all(results[i] == (i, i * i, 1) for i in range(20))  # one torch thread per worker
+    assert _no_workers_left()
+
+
+def test_an_exception_in_a_worker_is_raised_in_the_parent_with_its_traceback() -> None:
+    with pytest.raises(WorkerError, match=r"(?s)task 3.*Traceback.*ValueError: task three is bad"):
+        list(forked_map(_fail_on_three, list(range(8)), 2))
+    assert _no_workers_left()
+
+
+def test_a_dead_worker_is_reported_not_waited_for() -> None:
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"died .*exit code -9"):
+        list(forked_map(_die_on_two, list(range(40)), 2))
+    assert time.monotonic() - start < 30
+    assert _no_workers_left()
+
+
+def test_stopping_early_terminates_the_workers() -> None:
+    results = forked_map(_die_on_two, list(range(3, 400)), 2)
+    next(results)
+    results.close()
+    assert _no_workers_left()
+
+
+def test_process_settings() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_processes(cuda) == 1 and 1 <= default_processes(cpu) <= 32
+    assert resolve_processes(RunSettings(), cpu) == default_processes(cpu)
+    assert resolve_processes(RunSettings(num_workers=2), cpu) == 1  # the DataLoader layout was asked for
+    assert resolve_processes(RunSettings(processes=3), cpu) == 3
+    with pytest.raises(InvalidArgumentError, match="for models on the CPU"):
+        resolve_processes(RunSettings(processes=2), cuda)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidArgumentError, match="processes must be an int"):
+            RunSettings(processes=bad).check()  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        RunSettings(processes=2, num_workers=1).check()
+
+
+def test_forked_workers_write_exactly_the_one_process_store(tmp_path: Path) -> None:
+    """Same batches, one thread each: bitwise the same tensors and records, bad files skipped the same way, and the
+    model left exactly as found."""
+    tree = synthetic_tree(tmp_path / "data", 52, seed=13)
+    write_bad_files(tree / cnn().class_names[1])
+    source = open_source(tree, cnn().class_names)
+    model = cnn().model
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    common = {"batch_size": 5, "chunk_size": 16, "gammas": (0.0, 0.6, 2.0), "progress": False, "max_pixels": 100_000}
+    with cpu_threads(1):
+        one = run_dataset(model, EMBEDDED_PREPROCESS, source, tmp_path / "one", RunSettings(processes=1, **common))
+    forked = run_dataset(model, EMBEDDED_PREPROCESS, source, tmp_path / "forked", RunSettings(processes=3, **common))
+    assert_same_store(load_store(tmp_path / "forked"), load_store(tmp_path / "one"))
+    assert (forked.explained, forked.skipped) == (one.explained, one.skipped) and forked.skipped > 0
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+    assert _no_workers_left()
