@@ -41,10 +41,18 @@ def load_image(path: str | Path) -> Image.Image:
     return rgb
 
 
-def to_rgb(opened: Image.Image) -> Image.Image:
+def to_rgb(opened: Image.Image, *, in_place: bool = False) -> Image.Image:
     """An opened image decoded as RGB with its EXIF orientation applied (16-bit and 32-bit integer images scaled to
-    8 bits). Raises what Pillow raises for a truncated or corrupt file."""
-    image = ImageOps.exif_transpose(opened)
+    8 bits). Raises what Pillow raises for a truncated or corrupt file.
+
+    ``in_place=True`` saves a copy of the pixels, but an RGB result may then be ``opened`` itself, which is unusable
+    once the file is closed: use it inside the ``with Image.open(...)`` block.
+    """
+    if in_place:
+        ImageOps.exif_transpose(opened, in_place=True)
+        image = opened
+    else:
+        image = ImageOps.exif_transpose(opened)
     if image.mode.startswith("I;16") or image.mode == "I":
         image = image.point(lambda value: value / 256).convert("L")
     if image.mode != "RGB":

@@ -20,6 +20,7 @@ from finercam.dataset.settings import (
     TARGETS,
     RunSettings,
     parse_shard,
+    resolve_processes,
 )
 from finercam.errors import InvalidArgumentError
 from finercam.explain import DEFAULT_GAMMA, DEFAULT_NUM_REFERENCES
@@ -148,8 +149,11 @@ def run_run(args: argparse.Namespace) -> int:
     )
     info = {"spec": args.model, "weights": args.weights, "head": args.head, "class_names_file": args.class_names}
     weights = last_linear(loaded.model) if args.references == "weights" else None
+    settings.check()
+    processes = resolve_processes(settings, device)
+    layout = f"{processes} worker processes of 1 thread" if processes > 1 else "1 process"
     _say(
-        f"run: {args.model} on {device}; {len(source.items)} images ({source.kind} {source.location}); "
+        f"run: {args.model} on {device} ({layout}); {len(source.items)} images ({source.kind} {source.location}); "
         f"{args.method}, gammas {list(args.gammas)}, {args.references} T={args.num_references}; store {args.out}"
     )
     with cpu_threads(args.threads):

@@ -74,7 +74,7 @@ def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = No
                 reason = _opened_size(opened, limit)
                 if reason is not None:
                     return Decoded(reason=reason)
-                image = to_rgb(opened)
+                return _preprocessed(to_rgb(opened, in_place=True), preprocess, limit)
     except Image.DecompressionBombError as error:
         return Decoded(reason=f"too large: {error}")
     except UnidentifiedImageError:
@@ -83,6 +83,10 @@ def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = No
         return Decoded(reason=f"corrupt or truncated: {error}")
     except Exception as error:  # a decoder bug must not end a run over a million images
         return Decoded(reason=f"unreadable: {type(error).__name__}: {error}")
+
+
+def _preprocessed(image: Image.Image, preprocess: Preprocess, limit: int) -> Decoded:
+    """The geometric steps of ``preprocess`` on a decoded RGB image, guarded by the pixel ``limit``."""
     height, width = image.height, image.width
     out_height, out_width = preprocess.output_size(width, height)
     if out_height * out_width > limit:

@@ -3,17 +3,22 @@ r"""``run_dataset``: Finer-CAM over a whole dataset, batched, resumable, sharded
 For each batch, one :meth:`finercam.FinerCAM.sweep` call (one forward pass, two vector-Jacobian products) gives the
 logits, the references ``d_t``, the baseline raw map (``\gamma = 0``) and the Finer-CAM raw maps of
 ``s = y_c - \gamma\,\mathrm{agg}_t\, y_{d_t}`` for every requested ``\gamma``; they stay on the model's device until
-the chunk is handed to the store. Decoding runs in ``DataLoader`` worker processes, ahead of the model.
+the chunk is handed to the store.
 
 Work is planned in chunks of the listing (see :mod:`finercam.dataset.loading`): shard ``I`` of ``N`` takes the chunks
 ``k`` with ``k mod N == I``, a contiguous block of ``S`` images each, so that every shard reads whole folders of an
 ImageFolder tree and the shards together write exactly the chunks of one run. Bad files are skipped with their reason
 (:mod:`finercam.dataset.decode`); an error of the model itself stops the run, which then resumes where it stopped.
 
-Decoding overlaps the CAMs only where cores are free: on CUDA (:func:`finercam.dataset.settings.default_workers`
-gives all cores but one to decoding). On a CPU-only machine torch's threads already fill every core, extra decoding
-processes only oversubscribe them, and the end-to-end time is about ``model + decoding``
-(``benchmarks/run_throughput.py`` prints both).
+Two layouts (:func:`finercam.dataset.settings.resolve_processes`):
+
+* **CPU**: ``P`` forked worker processes (one per core by default), each decoding, normalising and explaining whole
+  batches with one torch thread (:mod:`finercam.dataset.parallel`); the parent hands out the batches and assembles
+  and writes the chunks. The same batch gives bitwise the same maps in any process.
+* **GPU** (or ``processes=1``): one process explains; ``DataLoader`` workers decode ahead of it
+  (:func:`finercam.dataset.settings.default_workers`), and the ``uint8`` batches are normalised on the device.
+
+``benchmarks/run_throughput.py`` measures both against the model-side time.
 """
 
 from __future__ import annotations

@@ -141,9 +141,9 @@ class RunSettings:
             raise InvalidArgumentError(f"processes must be an int >= 1; got {self.processes!r}")
         if self.processes is not None and self.processes > 1 and self.num_workers is not None:
             raise InvalidArgumentError(
-                "give either processes (CPU worker processes that each decode their own batches) or num_workers "
-                f"(decoding processes feeding one model process), not both; got processes={self.processes}, "
-                f"num_workers={self.num_workers}"
+                "give either processes (--processes: CPU worker processes that each decode their own batches) or "
+                "num_workers (--workers: decoding processes feeding one model process), not both; got "
+                f"processes={self.processes}, num_workers={self.num_workers}"
             )
         index, count = self.shard
         if count < 1 or not 0 <= index < count:
