@@ -362,6 +362,9 @@ def test_grid_inference_rules() -> None:
     assert infer_token_grid(197, (224, 224), Geometry((16, 16), 1)) == TokenGrid(14, 14, 1)
     assert infer_token_grid(49, (224, 224), Geometry((4, 4), None)) == TokenGrid(7, 7, 0)  # Swin stage 4: 4 * 2^3
     assert infer_token_grid(17, (32, 32), Geometry(None, 1)) == TokenGrid(4, 4, 1)  # factorisation search
+    # a layer before the model's prefix tokens are added (``patch_embed``): the model's count, else none
+    assert infer_token_grid(196, (224, 224), Geometry((16, 16), 1)) == TokenGrid(14, 14, 0)
+    assert infer_token_grid(196, (224, 224), Geometry((16, 16), 0)) == TokenGrid(14, 14, 0)
     with pytest.raises(AmbiguousLayoutError, match=r"several patch grids fit 17 tokens.*3x3 \+ 8 prefix.*TokenGrid"):
         infer_token_grid(17, (32, 32), Geometry(None, None))
     with pytest.raises(GridInferenceError, match=r"no patch grid fits 40 tokens for a 32x32 input.*TokenGrid"):

@@ -221,21 +221,26 @@ def infer_token_grid(num_tokens: int, image_size: tuple[int, int], geometry: Geo
     known = geometry.prefix_tokens
     any_prefix = range(MAX_PREFIX_TOKENS + 1)
     found: set[Grid] = set()
-    if geometry.patch_size is not None:
-        ph, pw = geometry.patch_size
-        for level in range(MAX_MERGE_LEVELS + 1):
-            prefixes = {known} if known is not None else (any_prefix if level == 0 else {0})
-            found = _grids_at_stride(num_tokens, image_size, (ph << level, pw << level), prefixes)
-            if found:
-                break
-    if not found:
-        found = _factorisations(num_tokens, image_size, {known} if known is not None else any_prefix)
+    # the model's prefix count first, then none: a layer before the prefix tokens are added (``patch_embed``)
+    choices: list[set[int] | None] = [None] if known is None else [{known}, {0}] if known else [{0}]
+    for prefix_choice in choices:
+        if geometry.patch_size is not None:
+            ph, pw = geometry.patch_size
+            for level in range(MAX_MERGE_LEVELS + 1):
+                prefixes = prefix_choice if prefix_choice is not None else (any_prefix if level == 0 else {0})
+                found = _grids_at_stride(num_tokens, image_size, (ph << level, pw << level), prefixes)
+                if found:
+                    break
+        if not found:
+            found = _factorisations(num_tokens, image_size, prefix_choice if prefix_choice is not None else any_prefix)
+        if found:
+            break
     if len(found) == 1:
         h, w, prefix = found.pop()
         return TokenGrid(h, w, prefix_tokens=prefix)
     what = (
         f"{num_tokens} tokens for a {image_size[0]}x{image_size[1]} input (patch size "
-        f"{geometry.patch_size or 'unknown'}, prefix tokens {'unknown' if known is None else known})"
+        f"{geometry.patch_size or 'unknown'}, prefix tokens {'unknown' if known is None else f'{known} or 0'})"
     )
     if not found:
         raise GridInferenceError(
