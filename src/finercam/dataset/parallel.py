@@ -25,6 +25,7 @@ import pickle
 import queue
 import signal
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -124,8 +125,12 @@ def forked_map(
                         name=f"finercam-worker-{k}")
         for k in range(count)
     ]
-    for worker in workers:
-        worker.start()
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about forking a process that has threads (here torch's idle OpenMP pool); the workers
+        # never use that pool (one thread each), which is what the warning is about
+        warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
+        for worker in workers:
+            worker.start()
     try:
         for _ in range(len(tasks)):
             kind, number, payload = _next_result(done, workers)

@@ -88,16 +88,18 @@ class SmallCNN(_Normalised):
 
 
 class ConvPatchEmbed(nn.Module):
-    """Images ``(B, 3, H, W)`` -> patch tokens ``(B, (H/8) * (W/8), dim)`` through a small stride-8 conv stem.
+    """Images ``(B, 3, H, W)`` -> patch tokens ``(B, (H/p) * (W/p), dim)`` through a small conv stem of stride
+    ``p = patch_size`` (8 or 4).
 
-    Three 3x3 stride-2 convolutions (batch norm, GELU) and a 1x1 projection: each token sees its own 8 x 8 patch and
-    a margin around it. ``patch_size`` is the total stride, so the token grid is ``(H / 8, W / 8)``.
+    Three 3x3 convolutions (batch norm, GELU; strides 2, 2, 2 for ``p = 8`` and 2, 2, 1 for ``p = 4``) and a 1x1
+    projection: each token sees its own p x p patch and a margin around it. The token grid is ``(H / p, W / p)``.
     """
 
     def __init__(self, dim: int, stem_widths: tuple[int, int] = (32, 64), img_size: int = 64, patch_size: int = 8):
         super().__init__()
-        if patch_size != 8:
-            raise ValueError(f"ConvPatchEmbed has a fixed stride of 8; got patch_size={patch_size}")
+        if patch_size not in (4, 8):
+            raise ValueError(f"ConvPatchEmbed has a stride of 8 or 4; got patch_size={patch_size}")
+        last_stride = patch_size // 4
         a, b = stem_widths
         self.patch_size = (patch_size, patch_size)
         self.img_size = (img_size, img_size)
@@ -106,7 +108,7 @@ class ConvPatchEmbed(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(3, a, 3, 2, 1, bias=False), nn.BatchNorm2d(a), nn.GELU(),
             nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.GELU(),
-            nn.Conv2d(b, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(b, dim, 3, last_stride, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
         )
         self.proj = nn.Conv2d(dim, dim, 1)
 
@@ -176,10 +178,11 @@ class SmallViT(_Normalised):
         stem_widths: tuple[int, int] = (32, 64),
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.25, 0.25, 0.25),
+        patch_size: int = 8,
     ) -> None:
         super().__init__()
         self._init_normalisation(mean, std)
-        self.patch_embed = ConvPatchEmbed(dim, tuple(stem_widths), img_size)  # type: ignore[arg-type]
+        self.patch_embed = ConvPatchEmbed(dim, tuple(stem_widths), img_size, patch_size)  # type: ignore[arg-type]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
