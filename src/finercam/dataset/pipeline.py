@@ -130,8 +130,12 @@ class _ChunkBuilder:
         order = torch.argsort(joined["index"], stable=True)
         tensors = {name: value[order] for name, value in joined.items()}
         for name in ("baseline_raw", "finer_raw"):
-            rows = [row for group in self.groups for row in group[name]]  # maps of different sizes stay separate
-            tensors[name] = torch.cat([rows[i] for i in order.tolist()])
+            parts = [group[name] for group in self.groups]
+            if len({part.shape[1] for part in parts}) == 1:  # one map size: reorder the rows at once
+                tensors[name] = torch.cat(parts)[order].reshape(-1)
+            else:  # maps of different sizes stay separate rows
+                rows = [row for part in parts for row in part]
+                tensors[name] = torch.cat([rows[i] for i in order.tolist()])
         return tensors
 
     def records(self, source: DataSource, positions: range, explained: set[int]) -> list[dict[str, Any]]:
