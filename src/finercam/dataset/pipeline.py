@@ -69,6 +69,7 @@ from finercam.models.preprocess import Preprocess
 from finercam.objectives import ClassifierWeights
 from finercam.progress import Progress
 from finercam.result import SweepResult
+from finercam.runtime import cpu_threads
 
 _PREFLIGHT_TRIES = 64
 SIZE_TENSORS = ("input_sizes", "image_sizes", "map_sizes")
@@ -335,9 +336,12 @@ def _process(
             dataset, batches, settings.chunk_size, num_workers=workers, pin_memory=explainer.device.type == "cuda",
         )
         done_batches = (explainer.explain(batch) for batch in loader)
-    for done in done_batches:
-        assembler.add(done)
-        progress.update(done.planned, len(done.skipped))
+    # while forked workers fill every core, the parent's small tensor work runs on one thread: torch's thread pool
+    # would otherwise spin against the workers
+    with cpu_threads(1 if processes > 1 else None):
+        for done in done_batches:
+            assembler.add(done)
+            progress.update(done.planned, len(done.skipped))
     summary.processed = progress.done
     summary.explained = progress.done - progress.skipped
     summary.skipped = progress.skipped
