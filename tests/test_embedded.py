@@ -156,3 +156,17 @@ def test_training_script_smoke(tmp_path) -> None:
     assert card["data"]["train_size"] == 48 and card["training"]["epochs"] == 1
     assert card["parameter_count"] == load_embedded("cnn").card["parameter_count"]
     assert (tmp_path / "cnn.safetensors").stat().st_size == card["weights_bytes"]
+
+
+def test_vit_patch_size_four_gives_a_finer_token_grid() -> None:
+    """``SmallViT(patch_size=4)``: a 16 x 16 token grid at 64 px that FinerCAM finds on its own; other strides are
+    refused by name."""
+    from finercam.embedded.architectures import SmallViT
+
+    torch.manual_seed(0)
+    model = SmallViT(num_classes=5, dim=32, depth=2, heads=2, patch_size=4).eval()
+    assert model.patch_embed.grid_size == (16, 16) and model.pos_embed.shape == (1, 256, 32)
+    result = finercam.FinerCAM(model, "blocks.1.norm1").sweep(torch.rand(2, 3, 64, 64), (0.0, 0.6))
+    assert tuple(result.layer_raw_maps[0].shape[-2:]) == (16, 16)
+    with pytest.raises(ValueError, match="stride of 8 or 4; got patch_size=2"):
+        SmallViT(patch_size=2)
