@@ -3,7 +3,7 @@
 The demo's test set (its default size and seed), Grad-CAM, 2 px tolerance. For T nearest references and each aggregation
 it prints how often the references are siblings (same genus), then the pointing game against the difference mask
 of the first reference and against the union of the T references' masks, at gamma 0 (base CAM), 0.6, 1 and 2.
-Run: ``.venv/bin/python benchmarks/protocol_variants.py``.
+Run: ``.venv/bin/python benchmarks/protocol_variants.py [--vit FOLDER]``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--vit", help="a ViT trained elsewhere: the --out folder of python -m finercam.embedded.train "
+                        "--model vit (e.g. with --patch-size 4); default: the shipped one")
     args = parser.parse_args()
-    models = [load_embedded(name) for name in ("cnn", "vit")]
+    models = [load_embedded("cnn"), load_embedded("vit", args.vit)]
     data = _test_set(models, args.size, args.seed)
     species = data.config.species_per_genus
     for embedded in models:

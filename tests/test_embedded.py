@@ -156,6 +156,10 @@ def test_training_script_smoke(tmp_path) -> None:
     assert card["data"]["train_size"] == 48 and card["training"]["epochs"] == 1
     assert card["parameter_count"] == load_embedded("cnn").card["parameter_count"]
     assert (tmp_path / "cnn.safetensors").stat().st_size == card["weights_bytes"]
+    retrained = load_embedded("cnn", tmp_path)  # a model trained elsewhere loads from its folder
+    assert retrained.card["training"]["epochs"] == 1 and not retrained.model.training
+    with pytest.raises(InvalidArgumentError, match="only apply to the ViT"):
+        main(["--model", "cnn", "--out", str(tmp_path), "--patch-size", "4"])
 
 
 def test_vit_patch_size_four_gives_a_finer_token_grid() -> None:

@@ -60,15 +60,17 @@ def _check_name(name: object) -> str:
     return name
 
 
-def load_embedded(name: str = "cnn") -> EmbeddedModel:
-    """Load an embedded model (``"cnn"`` or ``"vit"``, see :data:`EMBEDDED_MODELS`) from the package, on CPU.
+def load_embedded(name: str = "cnn", folder: str | Path | None = None) -> EmbeddedModel:
+    """Load an embedded model (``"cnn"`` or ``"vit"``, see :data:`EMBEDDED_MODELS`) from the package, on CPU, or
+    from ``folder``: the ``--out`` of ``python -m finercam.embedded.train`` (a retrained or variant model).
 
     Raises:
         InvalidArgumentError: unknown ``name``.
         FileNotFoundError: the weights are missing (train them with ``python -m finercam.embedded.train``).
     """
     name = _check_name(name)
-    weights, card_path = WEIGHTS_DIR / f"{name}.safetensors", WEIGHTS_DIR / f"{name}.json"
+    root = WEIGHTS_DIR if folder is None else Path(folder)
+    weights, card_path = root / f"{name}.safetensors", root / f"{name}.json"
     if not weights.is_file() or not card_path.is_file():
         raise FileNotFoundError(
             f"the embedded model {name!r} is not installed: {weights} or {card_path} is missing; create them with "

@@ -3,6 +3,9 @@
     python -m finercam.embedded.train --model cnn --threads 1   # the shipped weights: about 6 min on one free core
     python -m finercam.embedded.train --model vit --threads 1   # the shipped weights: about 12 min on one free core
     python -m finercam.embedded.train --model cnn --out /tmp/models --threads 1
+    python -m finercam.embedded.train --model vit --patch-size 4 --out /tmp/vit4 --threads 1   # 16 x 16 tokens, ~40 min
+
+A model written elsewhere loads with ``load_embedded(name, folder)``.
 
 Everything is seeded: the training images are ``synth.generate(train_size, seed=TRAIN_DATA_SEED)``, the held-out test
 images ``synth.generate(test_size, seed=TEST_DATA_SEED)`` (other individuals), and ``--seed`` seeds the
@@ -30,6 +33,7 @@ import finercam
 from finercam import synth
 from finercam.embedded import EMBEDDED_MODELS, WEIGHTS_DIR
 from finercam.embedded.architectures import build
+from finercam.errors import InvalidArgumentError
 from finercam.metrics import top1_accuracy
 
 TRAIN_DATA_SEED = 0
@@ -59,6 +63,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 0.1, "label_smoothing": 0.0, "shift": 4, "clip": 1.0,
     },
 }
+
+
+ARCHITECTURE_OVERRIDES = ("patch_size",)
+"""Overrides that change the architecture's config rather than the recipe."""
 
 
 def training_data(
@@ -115,7 +123,12 @@ def train(
 ) -> dict[str, Any]:
     """Train the model ``name`` with its recipe (fields overridden by ``overrides``); write it to ``out``; return
     the card."""
+    architecture = {k: overrides.pop(k) for k in ARCHITECTURE_OVERRIDES if overrides.get(k) is not None}
     recipe = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}}
+    if architecture:
+        if recipe["architecture"] != "SmallViT":
+            raise InvalidArgumentError(f"{sorted(architecture)} only apply to the ViT; got --model {name}")
+        recipe["config"] = {**recipe["config"], **architecture}
     torch.set_num_threads(threads)
     start = time.perf_counter()
     data_config, train_set, test_set, mean, std, data_time = training_data(recipe, log)
@@ -230,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     parser.add_argument("--label-smoothing", type=float, help="override the recipe's label smoothing")
     parser.add_argument("--species-per-genus", type=int, help="override the recipe's species per genus")
+    parser.add_argument("--patch-size", type=int, choices=(4, 8),
+                        help="ViT only: the patch embedding's stride (default 8: an 8 x 8 token grid at 64 px)")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
-          label_smoothing=args.label_smoothing, species_per_genus=args.species_per_genus)
+          label_smoothing=args.label_smoothing, species_per_genus=args.species_per_genus, patch_size=args.patch_size)
     return 0
 
 
