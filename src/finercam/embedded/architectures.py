@@ -91,11 +91,15 @@ class ConvPatchEmbed(nn.Module):
     """Images ``(B, 3, H, W)`` -> patch tokens ``(B, (H/p) * (W/p), dim)`` through a small conv stem of stride
     ``p = patch_size`` (8 or 4).
 
-    Three 3x3 convolutions (batch norm, GELU; strides 2, 2, 2 for ``p = 8`` and 2, 2, 1 for ``p = 4``) and a 1x1
-    projection: each token sees its own p x p patch and a margin around it. The token grid is ``(H / p, W / p)``.
+    Three 3x3 convolutions (batch norm, GELU; strides 2, 2, 2 for ``p = 8`` and 2, 2, 1 for ``p = 4``; padding
+    ``padding_mode``, zeros by default, ``"reflect"`` gives border tokens no edge to detect) and a 1x1 projection:
+    each token sees its own p x p patch and a margin around it. The token grid is ``(H / p, W / p)``.
     """
 
-    def __init__(self, dim: int, stem_widths: tuple[int, int] = (32, 64), img_size: int = 64, patch_size: int = 8):
+    def __init__(
+        self, dim: int, stem_widths: tuple[int, int] = (32, 64), img_size: int = 64, patch_size: int = 8,
+        padding_mode: str = "zeros",
+    ) -> None:
         super().__init__()
         if patch_size not in (4, 8):
             raise ValueError(f"ConvPatchEmbed has a stride of 8 or 4; got patch_size={patch_size}")
@@ -106,9 +110,10 @@ class ConvPatchEmbed(nn.Module):
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.stem = nn.Sequential(
-            nn.Conv2d(3, a, 3, 2, 1, bias=False), nn.BatchNorm2d(a), nn.GELU(),
-            nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.GELU(),
-            nn.Conv2d(b, dim, 3, last_stride, 1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.Conv2d(3, a, 3, 2, 1, bias=False, padding_mode=padding_mode), nn.BatchNorm2d(a), nn.GELU(),
+            nn.Conv2d(a, b, 3, 2, 1, bias=False, padding_mode=padding_mode), nn.BatchNorm2d(b), nn.GELU(),
+            nn.Conv2d(b, dim, 3, last_stride, 1, bias=False, padding_mode=padding_mode), nn.BatchNorm2d(dim),
+            nn.GELU(),
         )
         self.proj = nn.Conv2d(dim, dim, 1)
 
@@ -179,10 +184,13 @@ class SmallViT(_Normalised):
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.25, 0.25, 0.25),
         patch_size: int = 8,
+        stem_padding: str = "zeros",
     ) -> None:
         super().__init__()
         self._init_normalisation(mean, std)
-        self.patch_embed = ConvPatchEmbed(dim, tuple(stem_widths), img_size, patch_size)  # type: ignore[arg-type]
+        self.patch_embed = ConvPatchEmbed(  # type: ignore[arg-type]
+            dim, tuple(stem_widths), img_size, patch_size, stem_padding
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, dim))
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])

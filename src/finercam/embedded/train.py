@@ -65,7 +65,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-ARCHITECTURE_OVERRIDES = ("patch_size",)
+ARCHITECTURE_OVERRIDES = ("patch_size", "stem_padding")
 """Overrides that change the architecture's config rather than the recipe."""
 
 
@@ -245,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--species-per-genus", type=int, help="override the recipe's species per genus")
     parser.add_argument("--patch-size", type=int, choices=(4, 8),
                         help="ViT only: the patch embedding's stride (default 8: an 8 x 8 token grid at 64 px)")
+    parser.add_argument("--stem-padding", choices=("zeros", "reflect"),
+                        help="ViT only: the padding of the patch embedding's convolutions (default zeros)")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
-          label_smoothing=args.label_smoothing, species_per_genus=args.species_per_genus, patch_size=args.patch_size)
+          label_smoothing=args.label_smoothing, species_per_genus=args.species_per_genus, patch_size=args.patch_size,
+          stem_padding=args.stem_padding)
     return 0
 
 
