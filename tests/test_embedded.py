@@ -175,7 +175,5 @@ def test_vit_patch_size_four_gives_a_finer_token_grid() -> None:
     with pytest.raises(ValueError, match="stride of 8 or 4; got patch_size=2"):
         SmallViT(patch_size=2)
     reflect = SmallViT(num_classes=5, dim=32, depth=1, heads=2, stem_padding="reflect").eval()
-    border = torch.zeros(1, 3, 64, 64)
-    border[..., :, 0] = 1.0  # a bright left edge: with reflect padding the stem sees no edge at the image border
     assert {m.padding_mode for m in reflect.patch_embed.stem if isinstance(m, torch.nn.Conv2d)} == {"reflect"}
-    assert torch.isfinite(reflect(border)).all()
+    assert reflect(torch.rand(2, 3, 64, 48)).shape == (2, 5)  # other sizes: interpolated position embeddings
