@@ -35,28 +35,25 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import torch
-from torch import Tensor, nn
+from engine_variants import (
+    GAMMA,
+    MODELS,
+    NUM_REFERENCES,
+    SWEEP_GAMMAS,
+    VARIANTS,
+    build_model,
+    clear_parameter_grads,
+    make_images,
+    make_variant,
+    tv,
+)
+from measure import Sample, is_clean, reset_peak_rss, status_kb, timed  # this folder is on sys.path as a script
 
-from finercam.compat import import_torchvision
-
-tv = import_torchvision()  # before pytorch_grad_cam, which imports torchvision
-
-from measure import Sample, is_clean, reset_peak_rss, status_kb, timed  # noqa: E402
-
-import finercam  # noqa: E402
-
-VARIANTS = ("forward", "finercam", "sweep", "gradcam-lib")
-SWEEP_GAMMAS = [0.0, 0.3, 0.6, 1.0, 2.0]
-GAMMA = 0.6
-NUM_REFERENCES = 3
+from finercam.dataset.parallel import usable_cores
 
 # Targets: finercam at least 2.5x faster than grad-cam's FinerCAM, at most 1.3x a forward pass, and a five-gamma
 # sweep at most 1.15x a single gamma.
@@ -78,96 +75,6 @@ MEMORY_METHOD = (
     f"peak was higher). Probes run with {' '.join(f'{k}={v}' for k, v in PROBE_ENV.items())} so freed tensors "
     "leave RSS; 1 MB = 2**20 bytes."
 )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Models and variants
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build a model and explain it: its target layer and, for token layers, the token-to-grid reshapes."""
-
-    build: Callable[[int], nn.Module]
-    layer: str
-    patch: int | None = None  # ViT patch size: the layer emits 1 + (size/patch)**2 tokens
-
-    def finercam_reshape(self, size: int) -> Callable[[Tensor], Tensor] | None:
-        if self.patch is None:
-            return None
-        grid = size // self.patch
-        return finercam.TokenGrid(grid, grid, prefix_tokens=1)
-
-    def gradcam_reshape(self, size: int) -> Callable[[Tensor], Tensor] | None:
-        if self.patch is None:
-            return None
-        grid = size // self.patch
-
-        def reshape_transform(tokens: Tensor) -> Tensor:  # the usual grad-cam ViT recipe, same as TokenGrid
-            patches = tokens[:, 1:, :]
-            return patches.reshape(tokens.size(0), grid, grid, tokens.size(2)).permute(0, 3, 1, 2)
-
-        return reshape_transform
-
-
-MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(lambda size: tv.models.resnet18(weights=None), "layer4"),
-    "resnet50": ModelSpec(lambda size: tv.models.resnet50(weights=None), "layer4"),
-    "vit_b_16": ModelSpec(
-        lambda size: tv.models.vit_b_16(weights=None, image_size=size),
-        "encoder.layers.encoder_layer_11.ln_1",
-        patch=16,
-    ),
-}
-
-
-def build_model(name: str, size: int) -> nn.Module:
-    torch.manual_seed(0)
-    return MODELS[name].build(size).eval()
-
-
-def make_images(batch: int, size: int) -> Tensor:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randn(batch, 3, size, size, generator=generator)
-
-
-def make_variant(name: str, variant: str, model: nn.Module, size: int) -> Callable[[Tensor], object]:
-    """A callable running ``variant`` on a batch; it returns the result so that nothing is optimised away."""
-    spec = MODELS[name]
-    if variant == "forward":
-
-        def forward(x: Tensor) -> object:
-            with torch.inference_mode():
-                return model(x)
-
-        return forward
-    if variant in ("finercam", "sweep"):
-        cam = finercam.FinerCAM(model, spec.layer, "gradcam", reshape=spec.finercam_reshape(size))
-        if variant == "finercam":
-            return lambda x: cam(x, references="nearest", num_references=NUM_REFERENCES, gamma=GAMMA)
-        return lambda x: cam.sweep(x, gammas=SWEEP_GAMMAS)
-    if variant == "gradcam-lib":
-        from pytorch_grad_cam import FinerCAM as LibFinerCAM
-        from pytorch_grad_cam import GradCAM
-
-        layer_module = model.get_submodule(spec.layer)
-        reshape = spec.gradcam_reshape(size)
-
-        def gradcam_lib(x: Tensor) -> object:
-            # grad-cam keeps forward hooks on the layer for the object's lifetime; building it per call (cheap:
-            # it registers two hooks) keeps them off the other variants, which share the model.
-            with LibFinerCAM(model, [layer_module], reshape_transform=reshape, base_method=GradCAM) as lib:
-                return lib(x, alpha=GAMMA)
-
-        return gradcam_lib
-    raise ValueError(f"unknown variant {variant!r}")
-
-
-def clear_parameter_grads(model: nn.Module) -> None:
-    """Drop the ``.grad`` that grad-cam's ``loss.backward()`` leaves on every parameter (it sets them to None
-    itself before its next backward), so the other variants run with the same memory."""
-    model.zero_grad(set_to_none=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,13 +288,6 @@ def print_report(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -421,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     parser.add_argument(
-        "--threads", type=int, default=default_threads(), help="torch intra-op threads (default: the usable cores)"
+        "--threads", type=int, default=usable_cores(), help="torch intra-op threads (default: the usable cores)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     parser.add_argument(
