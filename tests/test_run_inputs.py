@@ -37,6 +37,10 @@ def test_decode_handles_every_awkward_kind(tmp_path: Path) -> None:
         else:
             assert decoded.pixels is None and decoded.reason is not None, name
             assert decoded.reason.startswith(category), (name, decoded.reason)
+    for missing in (tmp_path / "no-such-file.png", tmp_path):  # a vanished file, a folder in a list file
+        decoded = decode(missing, EMBEDDED_PREPROCESS)
+        assert decoded.pixels is None and decoded.reason is not None
+        assert decoded.reason.startswith("unreadable: "), decoded.reason
 
 
 def test_decode_pixel_values(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ category (``empty file``, ``not an image``, ``corrupt or truncated``, ``too larg
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,29 +61,30 @@ def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = No
     batch with :meth:`Preprocess.normalise`); a bad file gives a :class:`Decoded` with its ``reason``.
 
     The file is opened once: the header's size is checked before any pixel is decoded."""
-    path = Path(path)
     limit = default_max_pixels() if max_pixels is None else max_pixels
     try:
-        if path.stat().st_size == 0:
-            return Decoded(reason="empty file: 0 bytes")
+        handle = open(path, "rb")  # noqa: SIM115 (closed below; Pillow leaves a file object it was given open)
     except OSError as error:
         return Decoded(reason=f"unreadable: {error.strerror or error}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                reason = _opened_size(opened, limit)
-                if reason is not None:
-                    return Decoded(reason=reason)
-                return _preprocessed(to_rgb(opened, in_place=True), preprocess, limit)
-    except Image.DecompressionBombError as error:
-        return Decoded(reason=f"too large: {error}")
-    except UnidentifiedImageError:
-        return Decoded(reason="not an image: Pillow cannot identify the file format")
-    except (OSError, SyntaxError, ValueError) as error:
-        return Decoded(reason=f"corrupt or truncated: {error}")
-    except Exception as error:  # a decoder bug must not end a run over a million images
-        return Decoded(reason=f"unreadable: {type(error).__name__}: {error}")
+    with handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(handle) as opened:
+                    reason = _opened_size(opened, limit)
+                    if reason is not None:
+                        return Decoded(reason=reason)
+                    return _preprocessed(to_rgb(opened, in_place=True), preprocess, limit)
+        except Image.DecompressionBombError as error:
+            return Decoded(reason=f"too large: {error}")
+        except UnidentifiedImageError:
+            if os.fstat(handle.fileno()).st_size == 0:  # checked only for a failure: a stat per image costs
+                return Decoded(reason="empty file: 0 bytes")
+            return Decoded(reason="not an image: Pillow cannot identify the file format")
+        except (OSError, SyntaxError, ValueError) as error:
+            return Decoded(reason=f"corrupt or truncated: {error}")
+        except Exception as error:  # a decoder bug must not end a run over a million images
+            return Decoded(reason=f"unreadable: {type(error).__name__}: {error}")
 
 
 def _preprocessed(image: Image.Image, preprocess: Preprocess, limit: int) -> Decoded:

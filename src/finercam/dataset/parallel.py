@@ -3,7 +3,7 @@
 On a CPU-only machine, one process with ``N`` torch threads decodes between its batches with one core while the
 others wait (or, with ``DataLoader`` processes, oversubscribes the cores its threads spin on). ``P`` processes with
 one thread each, every one decoding and explaining whole batches, keep every core busy with useful work: on 2 cores,
-the same model-side speed, and the end-to-end time of the embedded CNN 1.32 x the model side instead of 1.54 x
+the same model-side speed, and the end-to-end time of the embedded CNN 1.27 x the model side instead of 1.49 x
 (``benchmarks/run_throughput.py`` measures both layouts). The parent process only hands out batch numbers, receives
 the results and writes the store.
 
