@@ -177,3 +177,25 @@ def test_vit_patch_size_four_gives_a_finer_token_grid() -> None:
     reflect = SmallViT(num_classes=5, dim=32, depth=1, heads=2, stem_padding="reflect").eval()
     assert {m.padding_mode for m in reflect.patch_embed.stem if isinstance(m, torch.nn.Conv2d)} == {"reflect"}
     assert reflect(torch.rand(2, 3, 64, 48)).shape == (2, 5)  # other sizes: interpolated position embeddings
+
+
+def test_vit_cls_pooling_reads_only_the_cls_token() -> None:
+    """``SmallViT(pool="cls")``: the logits are the head of the final-normed CLS token, so the last block's patch
+    tokens after its attention have no gradient; ``pool="mean"`` reads every patch token. Other values are refused."""
+    from finercam.embedded.architectures import SmallViT
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    for pool in ("cls", "mean"):
+        model = SmallViT(num_classes=5, dim=32, depth=2, heads=2, pool=pool).eval()
+        captured: list[torch.Tensor] = []
+        handle = model.norm.register_forward_hook(lambda _m, _i, out, into=captured: into.append(out))
+        logits = model(images)
+        handle.remove()
+        (tokens,) = captured
+        pooled = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
+        torch.testing.assert_close(logits, model.head(pooled))
+        (gradient,) = torch.autograd.grad(logits[:, 0].sum(), tokens)
+        assert (gradient[:, 1:].abs().sum() == 0) == (pool == "cls")
+    with pytest.raises(ValueError, match="patch tokens' mean or the CLS token; got pool='max'"):
+        SmallViT(pool="max")

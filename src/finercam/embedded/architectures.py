@@ -165,7 +165,8 @@ class Block(nn.Module):
 
 class SmallViT(_Normalised):
     """A small ViT: conv patch embedding (stride 8), CLS token, learned position embeddings, ``depth`` blocks, final
-    norm, linear head on the mean of the patch tokens.
+    norm, linear head on the mean of the patch tokens (``pool="mean"``, as the paper's DINOv2 heads) or on the CLS
+    token (``pool="cls"``, as DeiT and timm's ViTs).
 
     Explain ``blocks.<depth - 1>.norm1``: ``1 + (H/8) * (W/8)`` tokens, the patch tokens an 8 x 8 grid at 64 x 64.
     """
@@ -185,8 +186,12 @@ class SmallViT(_Normalised):
         std: tuple[float, ...] = (0.25, 0.25, 0.25),
         patch_size: int = 8,
         stem_padding: str = "zeros",
+        pool: str = "mean",
     ) -> None:
         super().__init__()
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"SmallViT pools the patch tokens' mean or the CLS token; got pool={pool!r}")
+        self.pool = pool
         self._init_normalisation(mean, std)
         self.patch_embed = ConvPatchEmbed(  # type: ignore[arg-type]
             dim, tuple(stem_widths), img_size, patch_size, stem_padding
@@ -220,6 +225,8 @@ class SmallViT(_Normalised):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
+        if self.pool == "cls":
+            return self.head(x[:, 0])
         return self.head(x[:, self.num_prefix_tokens :].mean(dim=1))
 
 

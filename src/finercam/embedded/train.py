@@ -4,6 +4,7 @@
     python -m finercam.embedded.train --model vit --threads 1   # the shipped weights: about 12 min on one free core
     python -m finercam.embedded.train --model cnn --out /tmp/models --threads 1
     python -m finercam.embedded.train --model vit --patch-size 4 --out /tmp/vit4 --threads 1   # 16 x 16 tokens, ~40 min
+    python -m finercam.embedded.train --model vit --pool cls --out /tmp/vit-cls --threads 1    # a DeiT-style CLS head
 
 A model written elsewhere loads with ``load_embedded(name, folder)``.
 
@@ -65,7 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-ARCHITECTURE_OVERRIDES = ("patch_size", "stem_padding")
+ARCHITECTURE_OVERRIDES = ("patch_size", "stem_padding", "pool")
 """Overrides that change the architecture's config rather than the recipe."""
 
 
@@ -247,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="ViT only: the patch embedding's stride (default 8: an 8 x 8 token grid at 64 px)")
     parser.add_argument("--stem-padding", choices=("zeros", "reflect"),
                         help="ViT only: the padding of the patch embedding's convolutions (default zeros)")
+    parser.add_argument("--pool", choices=("mean", "cls"),
+                        help="ViT only: the head reads the mean of the patch tokens (default) or the CLS token")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
           label_smoothing=args.label_smoothing, species_per_genus=args.species_per_genus, patch_size=args.patch_size,
-          stem_padding=args.stem_padding)
+          stem_padding=args.stem_padding, pool=args.pool)
     return 0
 
 
