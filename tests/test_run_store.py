@@ -266,3 +266,45 @@ def test_progress_line_and_summary(tree: Path, tmp_path: Path) -> None:
     text = "\n".join(summary.lines())
     assert f"(shard 1/2: {summary.in_shard} of {COUNT} images)" in text and "chunk files: 1" in text
     assert (tmp_path / "s" / "summary-shard-1-of-2.json").is_file()
+
+
+def test_gallery_cards_carry_each_class_role_for_the_search(tree: Path, tmp_path: Path) -> None:
+    """The gallery's search box looks in one role at a time (true, explained, predicted, reference classes) or in all:
+    each card carries exactly the store's names for each role, lower-cased, and the page offers every role."""
+    from html.parser import HTMLParser
+
+    from finercam.dataset.gallery import SEARCH_FIELDS, write_gallery
+
+    _run(tree, tmp_path / "s")
+    store = load_store(tmp_path / "s")
+    page, _ = write_gallery(store, tmp_path / "g.html", limit=None)
+
+    class Cards(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cards: list[dict[str, str]] = []
+            self.fields: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            values = {key: value or "" for key, value in attrs}
+            if values.get("class") == "card":
+                self.cards.append(values)
+            if tag == "option" and values["value"] in SEARCH_FIELDS:
+                self.fields.append(values["value"])
+
+    parser = Cards()
+    parser.feed(page.read_text())
+    assert parser.fields == list(SEARCH_FIELDS) and len(parser.cards) == len(store) == COUNT
+    by_index = {int(card["data-index"]): card for card in parser.cards}
+    for row, record in enumerate(store.ok_records()):
+        card = by_index[record.index]
+        expected = {
+            "true": [store.class_name(int(store.labels[row]))],
+            "explained": [store.class_name(int(store.targets[row]))],
+            "predicted": [store.class_name(int(store.predictions[row]))],
+            "references": [store.class_name(int(d)) for d in store.references[row]],
+        }
+        for key, names in expected.items():
+            assert card[f"data-{key}"] == " | ".join(names).lower()
+        assert set(card["data-classes"].split(" | ")) == {n.lower() for names in expected.values() for n in names}
+    assert any(card["data-true"] != card["data-classes"] for card in parser.cards)  # the roles differ

@@ -1,7 +1,8 @@
 r"""A self-contained HTML gallery of a result store: search by class, sort by confidence margin.
 
 One file, no network: every thumbnail (image | base CAM | Finer-CAM) is an inline base64 JPEG, and a few lines of
-inline JavaScript filter the cards by class name and reorder them. The **confidence margin** of an image is
+inline JavaScript filter the cards by class name (in any class of the image, or only its true, explained, predicted
+or reference classes) and reorder them. The **confidence margin** of an image is
 ``p_c - max_{j != c} p_j`` (the explained class against its strongest rival; negative when the model prefers
 another class): sorting by it ascending puts the hardest, most fine-grained cases first. Every text that comes from
 the data (ids, paths, class names, skip reasons) is HTML-escaped, and the script reads it only through ``dataset``
@@ -29,6 +30,11 @@ from finercam.images import ImageReadError
 from finercam.methods import get_method
 
 ORDERS = ("listing", "margin")
+SEARCH_FIELDS = {
+    "classes": "in any class of the image", "true": "in the true class", "explained": "in the explained class c",
+    "predicted": "in the predicted class", "references": "in a reference class",
+}
+"""Where the search box looks (``data-*`` attribute of each card: lower-cased class names, ``" | "``-joined)."""
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1em;color:#222}
 .bar{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ddd}
@@ -39,17 +45,19 @@ table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;paddin
 """
 _SCRIPT = """
 const cards=[...document.querySelectorAll('.card')],box=document.querySelector('.cards');
-const byId=id=>document.getElementById(id),search=byId('search'),order=byId('order'),count=byId('count');
+const byId=id=>document.getElementById(id),search=byId('search'),field=byId('field'),order=byId('order'),
+      count=byId('count');
 function update(){
-  const q=search.value.trim().toLowerCase();
+  const q=search.value.trim().toLowerCase(),where=field.value;
   const key={listing:c=>+c.dataset.index,'margin-up':c=>+c.dataset.margin,'margin-down':c=>-c.dataset.margin,
              confidence:c=>-c.dataset.confidence}[order.value];
   const sorted=[...cards].sort((a,b)=>key(a)-key(b));
   let shown=0;
-  for(const c of sorted){const hit=!q||c.dataset.classes.includes(q);c.hidden=!hit;shown+=hit;box.appendChild(c);}
+  for(const c of sorted){const hit=!q||c.dataset[where].includes(q);c.hidden=!hit;shown+=hit;box.appendChild(c);}
   count.textContent=shown+' of '+cards.length+' images';
 }
-search.addEventListener('input',update);order.addEventListener('change',update);update();
+search.addEventListener('input',update);field.addEventListener('change',update);order.addEventListener('change',update);
+update();
 """
 
 
@@ -90,15 +98,21 @@ def _card(store: ResultStore, row: int, gamma: float, margin: float, thumbnail: 
     target, prediction, label = int(store.targets[row]), int(store.predictions[row]), int(store.labels[row])
     probabilities = store.probabilities[row]
     references = [int(d) for d in store.references[row].tolist() if d >= 0]
-    classes = {store.class_name(c) for c in (target, prediction, *references)}
-    if label >= 0:
-        classes.add(store.class_name(label))
+    names = {
+        "true": [store.class_name(label)] if label >= 0 else [],
+        "explained": [store.class_name(target)],
+        "predicted": [store.class_name(prediction)],
+        "references": [store.class_name(d) for d in references],
+    }
+    names["classes"] = sorted({name for group in names.values() for name in group})
+    searched = " ".join(
+        f'data-{key}="{escape(" | ".join(group).lower(), quote=True)}"' for key, group in names.items()
+    )
     refs = ", ".join(f"{store.class_name(d)} ({float(probabilities[d]):.3f})" for d in references) or "none"
     truth = escape(store.class_name(label)) if label >= 0 else "unknown"
     return (
         f'<div class="card" data-index="{record.index}" data-margin="{margin:.6f}" '
-        f'data-confidence="{float(probabilities[target]):.6f}" '
-        f'data-classes="{escape(" | ".join(sorted(classes)).lower(), quote=True)}">'
+        f'data-confidence="{float(probabilities[target]):.6f}" {searched}>'
         f'<img src="{thumbnail}" alt="{escape(record.id, quote=True)}">'
         f'<div class="id">{escape(record.id)}</div>'
         f"<div>c: {escape(store.class_name(target))} (p {float(probabilities[target]):.3f})</div>"
@@ -178,6 +192,7 @@ def _document(store: ResultStore, gamma: float, cards: list[str], chosen: int) -
 explained class: {escape(config["target"])}.
 Each card: image | base CAM (gamma 0) | Finer-CAM (gamma {gamma:g}). Showing {len(cards)} of {chosen} chosen.</p>
 <div class="bar"><input id="search" type="search" placeholder="search by class name" size="40">
+<select id="field">{"".join(f'<option value="{key}">{label}</option>' for key, label in SEARCH_FIELDS.items())}</select>
 <select id="order"><option value="listing">listing order</option><option value="margin-up">margin, smallest first
 </option><option value="margin-down">margin, largest first</option><option value="confidence">confidence, highest
 first</option></select> <span id="count"></span></div>
