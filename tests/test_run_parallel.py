@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finercam.dataset import RunSettings, load_store, open_source, run_dataset
-from finercam.dataset.parallel import WorkerError, default_processes, fork_available, forked_map
+from finercam.dataset.parallel import WorkerError, default_processes, fork_available, forked_map, memory_fit
 from finercam.dataset.settings import resolve_processes
 from finercam.errors import InvalidArgumentError
 from finercam.runtime import cpu_threads
@@ -37,6 +37,15 @@ def _die_on_two(value: int) -> int:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.05)
     return value
+
+
+def _allocate_and_wait(value: int) -> tuple[int, int]:
+    """Touch 64 MiB, then wait a little: the worker's peak memory grows by about that much on its first task."""
+    block = torch.ones(64 * 2**20 // 4)
+    block += 1
+    del block
+    time.sleep(0.02)
+    return value, os.getpid()
 
 
 def _no_workers_left() -> bool:
@@ -89,9 +98,19 @@ def test_process_settings() -> None:
         RunSettings(processes=2, num_workers=1).check()
 
 
-def test_forked_workers_write_exactly_the_one_process_store(tmp_path: Path) -> None:
+def test_forked_workers_write_exactly_the_one_process_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same batches, one thread each: bitwise the same tensors and records, bad files skipped the same way, and the
-    model left exactly as found."""
+    model left exactly as found; the default process count (here 3 cores) is fitted to the memory, a given one not."""
+    import finercam.dataset.parallel as parallel
+    import finercam.dataset.pipeline as pipeline
+
+    fitted: list[tuple[int, int]] = []
+
+    def spy(wanted: int, log: object) -> object:
+        return lambda growth: fitted.append((wanted, growth)) or wanted
+
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
+    monkeypatch.setattr(pipeline, "memory_fit", spy)
     tree = synthetic_tree(tmp_path / "data", 52, seed=13)
     write_bad_files(tree / cnn().class_names[1])
     source = open_source(tree, cnn().class_names)
@@ -102,7 +121,34 @@ def test_forked_workers_write_exactly_the_one_process_store(tmp_path: Path) -> N
         one = run_dataset(model, EMBEDDED_PREPROCESS, source, tmp_path / "one", RunSettings(processes=1, **common))
     forked = run_dataset(model, EMBEDDED_PREPROCESS, source, tmp_path / "forked", RunSettings(processes=3, **common))
     assert_same_store(load_store(tmp_path / "forked"), load_store(tmp_path / "one"))
+    assert fitted == []  # --processes given: as many as asked
+    run_dataset(model, EMBEDDED_PREPROCESS, source, tmp_path / "default", RunSettings(**common))
+    assert_same_store(load_store(tmp_path / "default"), load_store(tmp_path / "one"))
+    assert len(fitted) == 1 and fitted[0][0] == 3 and fitted[0][1] >= 0
     assert (forked.explained, forked.skipped) == (one.explained, one.skipped) and forked.skipped > 0
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
     assert _no_workers_left()
+
+
+def test_memory_fit_starts_only_the_workers_the_memory_holds() -> None:
+    """Two workers start; the first result's growth of its worker's peak memory decides how many run in all."""
+    growths: list[int] = []
+
+    def fit(growth: int) -> int:
+        growths.append(growth)
+        return 3
+
+    results = dict(forked_map(_allocate_and_wait, list(range(30)), 6, fit=fit))
+    assert sorted(results) == list(range(30)) and len(growths) == 1
+    assert 48 * 2**20 <= growths[0] <= 256 * 2**20, growths  # the 64 MiB block, measured in the worker
+    assert len({pid for _, pid in results.values()}) == 3  # 2 at first, 1 more: not the 6 asked for
+    assert _no_workers_left()
+
+    notes: list[str] = []
+    gib = 2**30
+    assert memory_fit(8, notes.append, available=lambda: 4 * gib)(gib) == 5  # 2 started + 0.75 * 4 GiB / 1 GiB
+    assert "grew by 1.00 GiB" in notes[0] and "5 worker processes instead of 8" in notes[0]
+    assert memory_fit(8, notes.append, available=lambda: 100 * gib)(gib) == 8 and len(notes) == 1
+    assert memory_fit(8, available=lambda: None)(gib) == 8  # unknown memory: as asked
+    assert memory_fit(8, available=lambda: gib // 10)(gib) == 2  # never fewer than the two already running

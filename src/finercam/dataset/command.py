@@ -77,7 +77,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
                      help="images per store file (fixed when the store is created)")
     run.add_argument("--processes", type=_positive_int,
                      help="CPU models: worker processes, each decoding and explaining whole batches with one torch "
-                     "thread (default: one per core, at most 32; 1 on a GPU)")
+                     "thread (default: one per core, at most 32, fewer if the memory is short; 1 on a GPU)")
     run.add_argument("--workers", type=_non_negative_int,
                      help="one-process runs (GPU, or --processes 1): decoding processes feeding the model (default: "
                      "all cores but one on CUDA; on the CPU (cores - 2) // 2)")

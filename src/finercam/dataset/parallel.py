@@ -12,6 +12,11 @@ one that cannot be pickled). A forked child must not start OpenMP parallel regio
 survive ``fork`` and a child that uses more than one torch thread can hang. So each worker runs with one thread, as
 PyTorch's own ``DataLoader`` workers do.
 
+**Memory.** Every worker holds its own batch's activations. With ``fit`` (the default of ``finercam run`` when
+``--processes`` is not given), at most two workers start at once; the first result reports how much the worker's peak
+resident memory grew on its batch, and ``fit`` decides from that how many workers run in all (see
+:func:`memory_fit`), so that a large model on a many-core machine does not exhaust the memory.
+
 Failures never hang the parent: an exception in a worker is sent back with its traceback and raised in the parent as
 :class:`WorkerError`; a worker that dies (killed, out of memory) is noticed within a second; whenever the parent
 stops (done, error, ``KeyboardInterrupt``, the consumer closing the generator) every worker is terminated.
@@ -26,6 +31,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import resource
 import signal
 import traceback
 import warnings
@@ -41,6 +47,7 @@ Task = TypeVar("Task")
 Result = TypeVar("Result")
 
 MAX_PROCESSES = 32
+_FIRST_WORKERS = 2
 _POLL_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _NUMPY_DTYPES = frozenset({
@@ -72,6 +79,47 @@ def default_processes(device: torch.device) -> int:
     if device.type != "cpu" or not fork_available():
         return 1
     return max(1, min(MAX_PROCESSES, usable_cores()))
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory (``ru_maxrss``: KiB on Linux). A forked child starts from its own current
+    resident size, so its growth is what its work allocated."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (what can be allocated without swapping), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_fit(
+    wanted: int, log: Callable[[str], None] | None = None, share: float = 0.75,
+    available: Callable[[], int | None] = available_memory_bytes,
+) -> Callable[[int], int]:
+    """A ``fit`` for :func:`forked_map`: given the growth ``g`` of a worker's peak memory on its first batch, the
+    workers to run in all: ``wanted``, or fewer so that the ones not yet started need at most ``share`` of the
+    available memory (never fewer than the two already started). ``log`` hears of a reduction."""
+
+    def fit(growth: int) -> int:
+        free = available()
+        if free is None or growth <= 0:
+            return wanted
+        started = min(wanted, _FIRST_WORKERS)
+        allowed = max(started, min(wanted, started + int(share * free) // growth))
+        if allowed < wanted and log is not None:
+            log(f"note: each worker process grew by {growth / 2**30:.2f} GiB on its first batch and "
+                f"{free / 2**30:.1f} GiB are available: {allowed} worker processes instead of {wanted} "
+                "(--processes N sets the count; a smaller --batch-size needs less memory)")
+        return allowed
+
+    return fit
 
 
 def _tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -107,6 +155,7 @@ def _die_with_parent() -> None:
 def _worker(function: Callable[[Any], Any], tasks: Sequence[Any], todo: Any, done: Any, parent: int) -> None:
     _die_with_parent()
     torch.set_num_threads(1)
+    start = _peak_rss_bytes()
     while True:
         try:
             number = todo.get(timeout=_POLL_SECONDS)
@@ -119,19 +168,21 @@ def _worker(function: Callable[[Any], Any], tasks: Sequence[Any], todo: Any, don
         try:
             payload = _dumps(function(tasks[number]))
         except BaseException:
-            done.put(("error", number, traceback.format_exc()))
+            done.put(("error", number, traceback.format_exc(), 0))
             return
-        done.put(("ok", number, payload))
+        done.put(("ok", number, payload, _peak_rss_bytes() - start))
 
 
 def forked_map(
-    function: Callable[[Task], Result], tasks: Sequence[Task], processes: int
+    function: Callable[[Task], Result], tasks: Sequence[Task], processes: int,
+    fit: Callable[[int], int] | None = None,
 ) -> Iterator[tuple[int, Result]]:
     """``(i, function(tasks[i]))`` for every task, computed by ``processes`` forked workers (one torch thread
     each), yielded in the order they finish.
 
     ``function`` and ``tasks`` are inherited by the workers, not pickled; each result is pickled back (keep results
-    small: CPU tensors, numbers).
+    small: CPU tensors, numbers). With ``fit``, two workers start first, and ``fit(growth)`` (the first result's
+    growth of its worker's peak resident memory, in bytes) says how many run in all (see :func:`memory_fit`).
 
     Raises:
         WorkerError: a worker raised (the message has its traceback) or died.
@@ -145,25 +196,29 @@ def forked_map(
     count = max(1, min(processes, len(tasks)))
     for number in range(len(tasks)):
         todo.put(number)
-    for _ in range(count):
-        todo.put(None)
     parent = os.getpid()
-    workers = [
-        context.Process(target=_worker, args=(function, tasks, todo, done, parent), daemon=True,
-                        name=f"finercam-worker-{k}")
-        for k in range(count)
-    ]
-    with warnings.catch_warnings():
-        # Python >= 3.12 warns about forking a process that has threads (here torch's idle OpenMP pool); the workers
-        # never use that pool (one thread each), which is what the warning is about
-        warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
-        for worker in workers:
-            worker.start()
+    workers: list[Any] = []
+
+    def start(total: int) -> None:
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about forking a process that has threads (here torch's idle OpenMP pool); the
+            # workers never use that pool (one thread each), which is what the warning is about
+            warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
+            for k in range(len(workers), total):
+                todo.put(None)  # after every task: one stop per worker
+                worker = context.Process(target=_worker, args=(function, tasks, todo, done, parent), daemon=True,
+                                         name=f"finercam-worker-{k}")
+                worker.start()
+                workers.append(worker)
+
+    start(min(count, _FIRST_WORKERS) if fit is not None else count)
     try:
-        for _ in range(len(tasks)):
-            kind, number, payload = _next_result(done, workers)
+        for received in range(len(tasks)):
+            kind, number, payload, growth = _next_result(done, workers)
             if kind == "error":
                 raise WorkerError(f"a worker process failed on task {number}:\n{payload}")
+            if received == 0 and fit is not None and count > len(workers):
+                start(max(len(workers), min(count, fit(growth))))
             yield number, pickle.loads(payload)
     finally:
         for worker in workers:
@@ -176,7 +231,7 @@ def forked_map(
             channel.cancel_join_thread()
 
 
-def _next_result(done: Any, workers: list[Any]) -> tuple[str, int, Any]:
+def _next_result(done: Any, workers: list[Any]) -> tuple[str, int, Any, int]:
     while True:
         try:
             return done.get(timeout=_POLL_SECONDS)

@@ -44,7 +44,7 @@ from finercam.dataset.loading import (
     num_chunks,
     plan_batches,
 )
-from finercam.dataset.parallel import forked_map
+from finercam.dataset.parallel import forked_map, memory_fit
 from finercam.dataset.progress import RunSummary
 from finercam.dataset.settings import (
     RunSettings,
@@ -297,14 +297,15 @@ def run_dataset(
         str(root), [index, count], total, sum(len(chunk_range(c, settings.chunk_size, total)) for c in mine),
         already_done=sum(len(chunk_range(c, settings.chunk_size, total)) for c in mine if c in completed),
     )
+    log = log or (lambda _line: None)
     for note in source.notes:
-        (log or (lambda _line: None))(f"note: {note}")
+        log(f"note: {note}")
 
     batches = plan_batches(pending, settings.chunk_size, settings.batch_size, total)
     if batches:
         positions = (position for batch in batches for position in batch)
         writer.commit(_preflight(explainer, source, preprocess, positions, settings.max_pixels))
-        _process(writer, explainer, source, preprocess, batches, settings, summary)
+        _process(writer, explainer, source, preprocess, batches, settings, summary, log)
     else:
         writer.commit()
     _summarise(summary, root, source, mine, replace(settings, target=target))
@@ -315,9 +316,10 @@ def run_dataset(
 
 def _process(
     writer: StoreWriter, explainer: _Explainer, source: DataSource, preprocess: Preprocess,
-    batches: list[list[int]], settings: RunSettings, summary: RunSummary,
+    batches: list[list[int]], settings: RunSettings, summary: RunSummary, log: Callable[[str], None],
 ) -> None:
-    """The loop: decoded batches in, chunks out; in forked CPU workers when ``processes > 1``."""
+    """The loop: decoded batches in, chunks out; in forked CPU workers when ``processes > 1`` (as many as the memory
+    allows when ``settings.processes`` is not given)."""
     dataset = ImageDataset(source.items, preprocess, settings.max_pixels)
     processes = resolve_processes(settings, explainer.device)
     progress = Progress(sum(len(batch) for batch in batches), enabled=settings.progress)
@@ -329,7 +331,8 @@ def _process(
         def explain(planned: list[int]) -> _BatchDone:
             return explainer.explain(collate([dataset[index] for index in planned], settings.chunk_size))
 
-        done_batches: Iterator[_BatchDone] = (done for _, done in forked_map(explain, batches, processes))
+        fit = memory_fit(processes, log) if settings.processes is None else None
+        done_batches: Iterator[_BatchDone] = (done for _, done in forked_map(explain, batches, processes, fit))
     else:
         workers = settings.num_workers if settings.num_workers is not None else default_workers(explainer.device)
         loader = batch_loader(
