@@ -216,6 +216,11 @@ def test_single_class_model_explains_the_logit_and_says_so(tiny_net: nn.Module, 
         (lambda m, x: FinerCAM(m, "layer4")(x, aggregation="max"), InvalidArgumentError, "'mean', 'softmax'"),
         (lambda m, x: FinerCAM(m, "layer4")(x, num_references=0), InvalidArgumentError, "num_references"),
         (lambda m, x: FinerCAM(m, "layer4").sweep(x, gammas=[]), InvalidArgumentError, "gammas is empty"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, gamma=1e39), InvalidArgumentError, "does not fit the model's dtype"),
+        (lambda m, x: FinerCAM(m, "layer4", None), InvalidTypeError, "method must be a name.*got NoneType"),
+        (lambda m, x: FinerCAM(m, "layer4")(x, references=3), InvalidTypeError, "got int 3.*num_references="),
+        (lambda m, x: FinerCAM(m, "layer4")(x, references=[[-1], [2]]), InvalidArgumentError, "class -1"),
+        (lambda m, x: TokenGrid(4.0, 4, 1), InvalidTypeError, "integer height"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_input_gets_a_clear_error(resnet18: nn.Module, call, error, fragment) -> None:  # type: ignore[no-untyped-def]
@@ -238,3 +243,115 @@ def test_an_input_the_model_cannot_take_names_its_shape(resnet18: nn.Module) -> 
 def test_a_model_without_class_logits(tiny_net: nn.Module, images: Tensor) -> None:
     with pytest.raises(ModelOutputError, match=r"shape \(4, 8, 8, 8\); expected \(B, C\)"):
         FinerCAM(tiny_net.features, "2")(images)
+
+
+class _SharedConv(nn.Module):
+    """One convolution applied twice: its activations are ambiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.shared(torch.relu(self.shared(x))).mean((2, 3)))
+
+
+def test_a_layer_that_runs_twice_is_refused() -> None:
+    model = _SharedConv().eval()
+    before = _snapshot(model)
+    for method in ("gradcam", "scorecam"):
+        with pytest.raises(ModelOutputError, match="'shared' ran 2 times in one forward pass"):
+            FinerCAM(model, "shared", method)(torch.randn(2, 3, 8, 8))
+    _assert_unchanged(model, before)
+
+
+class _NoGradHead(nn.Module):
+    """A frozen-backbone probe whose forward runs the head under no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.backbone(x)
+        with torch.no_grad():
+            return self.fc(features.mean((2, 3)))
+
+
+def test_a_forward_that_cuts_the_graph_is_explained_in_the_error() -> None:
+    with pytest.raises(ModelOutputError, match=r"torch\.no_grad.*method=.scorecam."):
+        FinerCAM(_NoGradHead().eval(), "backbone")(torch.randn(2, 3, 8, 8))
+    assert FinerCAM(_NoGradHead().eval(), "backbone", "scorecam")(torch.randn(2, 3, 8, 8)).maps.isfinite().all()
+
+
+class _IndexFirst(nn.Module):
+    """A layer returning (indices, activations), as pooling with indices does."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros(1, dtype=torch.long), x * 2
+
+
+class _IndexFirstNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.sub = _IndexFirst()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.sub(self.conv(x))[1]).mean((2, 3)))
+
+
+def test_the_activation_is_the_first_floating_point_tensor_of_a_tuple() -> None:
+    torch.manual_seed(0)
+    model, x = _IndexFirstNet().eval(), torch.randn(2, 3, 8, 8)
+    explained = FinerCAM(model, "sub")(x, targets=1, references=[[0], [0]])
+    direct = FinerCAM(model, "conv")(x, targets=1, references=[[0], [0]])
+    # sub's activation is 2 * conv's and its gradient half of conv's: the same Grad-CAM map.
+    assert torch.allclose(explained.raw_maps, direct.raw_maps, atol=1e-6)
+
+
+class _SequenceFirstViT(nn.Module):
+    """Tokens kept sequence-first, (N, B, D), as with nn.MultiheadAttention(batch_first=False)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch_embed(x).flatten(2).permute(2, 0, 1)
+        tokens = torch.cat([self.cls_token.expand(1, x.shape[0], -1), tokens])
+        h = self.norm1(tokens)
+        tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(tokens[1:].mean(0))
+
+
+def test_sequence_first_tokens_when_the_batch_equals_the_token_count() -> None:
+    torch.manual_seed(0)
+    model = _SequenceFirstViT().eval()
+    x = torch.randn(17, 3, 32, 32)  # 16 patches + CLS = 17 tokens = the batch size
+    cam = FinerCAM(model, "norm1")
+    whole = cam(x, targets=0, references=[[1]] * 17)
+    pair = cam(x[:2], targets=0, references=[[1]] * 2)
+    assert torch.allclose(whole.raw_maps[:2], pair.raw_maps, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam"])
+@pytest.mark.parametrize("aggregation", ["mean", "softmax"])
+def test_half_precision_stays_finite(tiny_net: nn.Module, images: Tensor, method: str, aggregation: str) -> None:
+    # float16 rounds 1e-8 and 1e-9 to 0: a constant Score-CAM channel and references with probability 0 must not
+    # give 0 / 0.
+    model = tiny_net.half()
+    with torch.no_grad():
+        head = model.head[-1]
+        head.bias.copy_(torch.tensor([25.0] + [0.0] * (head.bias.numel() - 1)))  # a confident prediction
+        model.features[2].bias[0] = -1e4  # a dead ReLU channel: constant
+    result = FinerCAM(model, "features", method)(images.half(), aggregation=aggregation)
+    assert result.maps.dtype == torch.float16
+    assert bool(result.maps.isfinite().all()) and bool(result.baseline_maps.isfinite().all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
@@ -52,17 +53,40 @@ def test_nearest_is_closest_logit_and_never_the_target_even_on_ties() -> None:
     assert refs.indices.tolist() == [[1, 3]]
 
 
-@pytest.mark.parametrize("strategy", ["nearest", "top"])
-def test_the_target_is_excluded_also_among_infinite_logits(strategy: str) -> None:
-    # Masked classes at -inf (and a target at -inf) must neither displace the exclusion nor be preferred.
-    logits = torch.tensor([[0.0, 0.5, float("-inf"), 0.2], [float("-inf"), 0.5, float("-inf"), 0.1]])
-    targets = torch.tensor([0, 2])
-    refs = select_references(strategy, logits, targets, 3).indices
-    assert not (refs == targets[:, None]).any()
-    assert refs[0, -1] == 2  # the masked class comes last
-    assert set(refs[1].tolist()) == {0, 1, 3}
+@pytest.mark.parametrize("strategy", ["nearest", "top", "weights"])
+def test_masked_classes_are_never_references(strategy: str) -> None:
+    # A class the model masks with -inf is no look-alike: it is never chosen, and rows run short (-1) rather than
+    # pick it; the target is still excluded by index.
+    inf = float("inf")
+    logits = torch.tensor([[0.0, 0.5, -inf, 0.2], [0.3, 0.5, -inf, -inf]])
+    weights = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.0, 0.01], [0.0, 1.0]])  # class 2 is the most similar row
+    refs = select_references(strategy, logits, torch.tensor([0, 1]), 3, weights).indices
+    expected = {"nearest": [[3, 1, -1], [0, -1, -1]], "top": [[1, 3, -1], [0, -1, -1]],
+                "weights": [[1, 3, -1], [0, -1, -1]]}[strategy]
+    assert refs.tolist() == expected
     with pytest.raises(InvalidArgumentError, match=r"NaN for image\(s\) \[1\]"):
-        select_references(strategy, torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), targets[:1].repeat(2), 2)
+        select_references(strategy, torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), torch.tensor([0, 0]), 2,
+                          weights[:3])
+
+
+def test_a_masked_target_or_explicit_reference_is_refused() -> None:
+    logits = torch.tensor([[0.0, 0.5, -float("inf"), 0.2]])
+    with pytest.raises(InvalidArgumentError, match=r"target class 2 of image 0 has logit -inf"):
+        select_references("nearest", logits, torch.tensor([2]), 2)
+    with pytest.raises(InvalidArgumentError, match=r"reference class 2 of image 0 has logit -inf"):
+        select_references([[1, 2]], logits, torch.tensor([0]), 2)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "softmax"])
+def test_padding_next_to_an_infinite_logit_stays_finite(aggregation: str) -> None:
+    # Ragged rows pad with -1, which gathers class 0; class 0 at -inf must not turn 0 * inf into NaN.
+    logits = torch.tensor([[-float("inf"), 1.0, 2.0, 0.5], [-float("inf"), 0.0, 3.0, 1.0]], requires_grad=True)
+    refs = select_references([[1, 3], [3]], logits, torch.tensor([2, 2]), 2)
+    u, v = contrast_terms(logits, torch.tensor([2, 2]), refs, aggregation)
+    (u - 0.6 * v).sum().backward()
+    assert bool(u.isfinite().all() and v.isfinite().all() and logits.grad.isfinite().all())  # type: ignore[union-attr]
+    if aggregation == "mean":
+        assert torch.allclose(v, torch.tensor([0.75, 1.0]))
 
 
 def test_top_is_the_highest_other_classes() -> None:
@@ -110,6 +134,25 @@ def test_explicit_references_ragged_lists_are_padded_and_validated() -> None:
         select_references([[2, 2], [3]], logits, targets, 3)
     with pytest.raises(InvalidArgumentError, match="unknown reference strategy 'closest'"):
         select_references("closest", logits, targets, 3)
+
+
+def test_explicit_references_in_other_containers_and_bad_kinds() -> None:
+    logits = torch.randn(2, 6)
+    targets = torch.tensor([0, 1])
+    expected = [[2, 3], [4, 5]]
+    for given in (np.array(expected), [torch.tensor([2, 3]), np.array([4, 5])], torch.tensor(expected)):
+        assert select_references(given, logits, targets, 3).indices.tolist() == expected
+    # -1 is padding inside the engine, never a class a user may give (in either form).
+    for bad in ([[-1], [2]], torch.tensor([[-1], [2]])):
+        with pytest.raises(InvalidArgumentError, match=r"reference class .*-1 .*classes are 0\.\.5"):
+            select_references(bad, logits, targets, 3)
+    for bad, name in ((3, "int 3"), (None, "NoneType None"), (2.5, "float")):
+        with pytest.raises(InvalidTypeError, match=f"references must be a strategy name.*got {name}.*num_references="):
+            select_references(bad, logits, targets, 3)
+    with pytest.raises(InvalidTypeError, match=r"references\[0\] is int 2; expected a list of classes"):
+        select_references([2, 3], logits, targets, 3)
+    with pytest.raises(InvalidTypeError, match=r"must be integer classes; got \[2\.0\]"):
+        select_references([torch.tensor([2.0]), [3]], logits, targets, 3)
 
 
 def test_mean_aggregation_is_paper_eq8_with_ragged_rows() -> None:

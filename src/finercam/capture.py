@@ -72,7 +72,7 @@ def _forward(model: nn.Module, images: Tensor) -> object:
         return model(images)
     except FinerCAMError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:  # timm asserts input sizes
         raise ModelOutputError(
             f"the model's forward pass failed on images of shape {tuple(images.shape)} ({images.dtype}): {error}"
         ) from error
@@ -107,9 +107,11 @@ def forward_with_capture(
         ModelOutputError: a layer did not run or emitted no tensor, or the logits do not depend on the layers.
     """
     captured: list[Tensor | None] = [None] * len(layers)
+    calls = [0] * len(layers)
 
     def make_hook(index: int, layer: TargetLayer) -> Callable[[nn.Module, object, object], object]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+            calls[index] += 1
             tensor = first_tensor(output)
             if tensor is None:
                 raise ModelOutputError(
@@ -147,10 +149,20 @@ def forward_with_capture(
     missing = [layer.name for layer, tensor in zip(layers, captured, strict=True) if tensor is None]
     if missing:
         raise ModelOutputError(f"target layer(s) {missing} did not run during the model's forward pass")
+    repeated = [(layer.name, count) for layer, count in zip(layers, calls, strict=True) if count > 1]
+    if repeated:
+        name, count = repeated[0]
+        raise ModelOutputError(
+            f"target layer {name!r} ran {count} times in one forward pass (one module used at several places, like "
+            "a ResNet block's shared ReLU), so which of its outputs to explain is ambiguous: pick a module that runs "
+            "once, e.g. the enclosing block"
+        )
     if record_graph and not logits.requires_grad:
         raise ModelOutputError(
             "the logits do not depend on the target layer(s) "
-            f"{[layer.name for layer in layers]}: pick a layer that feeds the classifier"
+            f"{[layer.name for layer in layers]} as autograd sees them: pick a layer that feeds the classifier. If it "
+            "does, the model's forward cuts the graph above it (a .detach(), or the head run under torch.no_grad() "
+            "as in some frozen-backbone probes): remove that, or use method='scorecam', which needs no gradients"
         )
     return Capture(logits=logits, activations=tuple(t for t in captured if t is not None))
 

@@ -240,6 +240,12 @@ class FinerCAM:
         weights = classifier_matrix(classifier_weights, logits.shape[1])
         chosen = select_references(references, logits, target_classes, num_references, weights)
         gamma = torch.tensor(gammas, dtype=logits.dtype, device=logits.device)
+        if not bool(gamma.isfinite().all()):
+            too_large = [g for g, value in zip(gammas, gamma.tolist(), strict=True) if not math.isfinite(value)]
+            raise InvalidArgumentError(
+                f"gamma {too_large[0]!r} does not fit the model's dtype {logits.dtype} (largest "
+                f"{torch.finfo(logits.dtype).max:.4g}); comparison strengths are usually 0 to about 2"
+            )
 
         reshapes = self._reshapes(capture.activations, images)
         if method.uses_gradients:
@@ -296,7 +302,7 @@ class FinerCAM:
         u, v = contrast_terms(logits, targets, references, aggregation)
         rows = [u, v]
         if aggregation != "mean":  # with "mean", u is y_c itself
-            rows.append(logits.gather(1, targets[:, None]).squeeze(1))
+            rows.append(logits.gather(1, targets[:, None]).squeeze(1).to(u.dtype))
         gradients = vector_jacobian_products(torch.stack(rows), activations, [layer.name for layer in self.layers])
         compute = self.method.compute
         assert compute is not None

@@ -17,7 +17,8 @@ itself, and returns the reshape that :class:`finercam.FinerCAM` applies to the a
   channels-first) and checked against the input's aspect ratio; a channel-last output that no layer knowledge
   explains is recognised only when the channels-first reading does not fit the image. Ambiguous layouts raise
   :class:`~finercam.errors.AmbiguousLayoutError` asking for an explicit ``reshape``.
-* Sequence-first tokens ``(N, B, D)`` (``nn.MultiheadAttention`` without ``batch_first``): transposed first.
+* Sequence-first tokens ``(N, B, D)`` (``nn.MultiheadAttention`` without ``batch_first``): transposed first. When
+  ``N == B`` the shape cannot tell, and the ``batch_first`` flag of the attention beside the layer decides.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def grid_reshape(
         return _four_d_layout(model, layer_module, shape, (height, width))
     if len(shape) == 3:
         geometry = model_geometry(model, layer_module)
-        if batch_size is not None and shape[0] != batch_size and shape[1] == batch_size:
+        if batch_size is not None and shape[1] == batch_size and (
+            shape[0] != batch_size or declared_batch_first(model, layer_module) is False
+        ):
             return SequenceFirst(infer_token_grid(shape[0], (height, width), geometry))
         return infer_token_grid(shape[1], (height, width), geometry)
     raise ModelShapeError(
@@ -106,6 +109,18 @@ def _ancestors(model: nn.Module, module: nn.Module) -> list[nn.Module]:
                 chain.append(dict(chain[-1].named_children())[part])
             return chain[::-1]
     return [model]
+
+
+def declared_batch_first(model: nn.Module, layer_module: nn.Module) -> bool | None:
+    """The ``batch_first`` flag of the attention next to ``layer_module`` (``nn.MultiheadAttention``,
+    ``nn.Transformer*Layer``, open_clip's transformer): searched in the layer's innermost ancestor that has one;
+    ``None`` when none declares it. It decides the layout of tokens ``(N, B, D)`` when ``N == B``."""
+    for ancestor in _ancestors(model, layer_module):
+        for module in ancestor.modules():
+            flag = getattr(module, "batch_first", None)
+            if isinstance(flag, bool):
+                return flag
+    return None
 
 
 def _patch_size_of(module: nn.Module) -> tuple[int, int] | None:

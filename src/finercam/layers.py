@@ -127,6 +127,9 @@ class TokenGrid:
     prefix_tokens: int = 1
 
     def __post_init__(self) -> None:
+        fields = (self.height, self.width, self.prefix_tokens)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields):
+            raise InvalidTypeError(f"TokenGrid needs integer height, width and prefix_tokens; got {self}")
         if self.height < 1 or self.width < 1 or self.prefix_tokens < 0:
             raise InvalidArgumentError(
                 f"TokenGrid needs height >= 1, width >= 1 and prefix_tokens >= 0; got {self}"
@@ -187,17 +190,22 @@ def to_maps(activation: Tensor, reshape: Reshape | None) -> Tensor:
 
 
 def _first_tensor_key(output: object) -> int | str | None:
-    """Where the primary tensor of a layer's output sits: an index of a tuple or list, a key of a mapping."""
+    """Where the primary tensor of a layer's output sits: an index of a tuple or list, a key of a mapping. It is the
+    first floating-point tensor (activations; integer tensors beside them are indices or sizes)."""
     if isinstance(output, tuple | list):
-        return next((i for i, item in enumerate(output) if isinstance(item, Tensor)), None)
+        return next((i for i, item in enumerate(output) if _is_activation(item)), None)
     if isinstance(output, Mapping):  # dicts and HF ModelOutputs (their None fields are not keys)
-        return next((key for key, item in output.items() if isinstance(item, Tensor)), None)
+        return next((key for key, item in output.items() if _is_activation(item)), None)
     return None
 
 
+def _is_activation(item: object) -> bool:
+    return isinstance(item, Tensor) and (item.is_floating_point() or item.is_complex())
+
+
 def first_tensor(output: object) -> Tensor | None:
-    """The tensor a layer emits: the output itself, the first tensor of a tuple or list (HF layers return
-    ``(hidden_states, attention)``), or the first tensor value of a dict or HF ``ModelOutput``."""
+    """The tensor a layer emits: the output itself, the first floating-point tensor of a tuple or list (HF layers
+    return ``(hidden_states, attention)``), or the first floating-point tensor value of a dict or HF ``ModelOutput``."""
     if isinstance(output, Tensor):
         return output
     key = _first_tensor_key(output)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from finercam.errors import InvalidArgumentError
+from finercam.errors import InvalidArgumentError, InvalidTypeError
 
 GradientMethod = Callable[[Tensor, Tensor], Tensor]
 
@@ -104,6 +104,8 @@ METHODS["scorecam"] = CAMMethod("scorecam", "Score-CAM", False, False, None)
 
 def get_method(name: str) -> CAMMethod:
     """Look up a method by name (case-insensitive; ``-`` and ``_`` ignored, ``gradcampp`` is ``gradcam++``)."""
+    if not isinstance(name, str):
+        raise InvalidTypeError(f"method must be a name, one of {sorted(METHODS)}; got {type(name).__name__} {name!r}")
     key = name.lower().replace("-", "").replace("_", "")
     key = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}.get(key, key)
     method = METHODS.get(key)

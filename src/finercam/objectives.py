@@ -100,29 +100,35 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
     return resolved
 
 
-def _ranked_excluding_target(keys: Tensor, targets: Tensor, count: int, *, descending: bool) -> Tensor:
+def _ranked_excluding_target(
+    keys: Tensor, targets: Tensor, count: int, logits: Tensor, *, descending: bool
+) -> Tensor:
     """The ``count`` classes ranked first by ``keys`` (B, C), never the target; ties broken by class index.
 
     The target is removed by index (not by an extreme key, which other classes may share, e.g. masked classes at
-    ``-inf``); undefined keys (NaN, e.g. ``inf - inf``) rank last.
+    ``-inf``); undefined keys (NaN, e.g. ``inf - inf``) rank last. A class whose logit is not finite (a class the
+    model masks with ``-inf``) is never a reference: where fewer finite classes remain than ``count``, the row is
+    padded with ``-1``.
     """
-    keys = keys.detach().nan_to_num(nan=float("-inf") if descending else float("inf"), posinf=None, neginf=None)
+    worst = float("-inf") if descending else float("inf")
+    valid = logits.detach().isfinite()
+    keys = keys.detach().nan_to_num(nan=worst, posinf=None, neginf=None).masked_fill(~valid, worst)
     order = torch.sort(keys, dim=1, descending=descending, stable=True).indices
-    others = order[order != targets[:, None]].view(order.shape[0], order.shape[1] - 1)
-    return others[:, :count]
+    others = order[order != targets[:, None]].view(order.shape[0], order.shape[1] - 1)[:, :count]
+    return others.masked_fill(~valid.gather(1, others), -1)
 
 
 @reference_strategy("nearest")
 def nearest_references(logits: Tensor, targets: Tensor, count: int, _weights: Tensor | None = None) -> Tensor:
     """Classes whose logit is closest to the target's: ``|y_j - y_c|`` ascending (official code)."""
     distance = (logits.detach() - logits.detach().gather(1, targets[:, None])).abs()
-    return _ranked_excluding_target(distance, targets, count, descending=False)
+    return _ranked_excluding_target(distance, targets, count, logits, descending=False)
 
 
 @reference_strategy("top")
 def top_references(logits: Tensor, targets: Tensor, count: int, _weights: Tensor | None = None) -> Tensor:
     """The highest-scoring classes other than the target (paper Table 2: 2nd, 3rd, 4th prediction)."""
-    return _ranked_excluding_target(logits, targets, count, descending=True)
+    return _ranked_excluding_target(logits, targets, count, logits, descending=True)
 
 
 @reference_strategy("weights")
@@ -135,7 +141,7 @@ def weight_references(logits: Tensor, targets: Tensor, count: int, weights: Tens
         )
     rows = torch.nn.functional.normalize(weights.detach().to(logits.device, torch.float32), dim=1)
     similarity = rows[targets] @ rows.T
-    return _ranked_excluding_target(similarity, targets, count, descending=True)
+    return _ranked_excluding_target(similarity, targets, count, logits, descending=True)
 
 
 def classifier_matrix(classifier: ClassifierWeights | None, num_classes: int) -> Tensor | None:
@@ -174,34 +180,66 @@ class References:
         return self.indices >= 0
 
 
-def _explicit_references(references: Tensor | Sequence[Sequence[int]], targets: Tensor, num_classes: int) -> Tensor:
-    batch = targets.shape[0]
+def _as_reference_rows(references: object, batch: int) -> Tensor | list[list[int]]:
+    """Explicit references as a ``(B, T)`` tensor or a list of ``B`` integer lists (NumPy arrays and rows given as
+    tensors or arrays included); anything else is a :class:`~finercam.errors.InvalidTypeError` naming what is
+    accepted."""
+    accepted = (
+        f"a strategy name {sorted(REFERENCE_STRATEGIES)}, a (B, T) integer tensor or array, or a list of {batch} "
+        "lists of classes (one per image)"
+    )
     if isinstance(references, Tensor):
-        if references.is_floating_point() or references.dtype == torch.bool:
-            raise InvalidTypeError(f"references must hold integer class indices; got dtype {references.dtype}")
-        if references.ndim != 2 or references.shape[0] != batch or references.shape[1] < 1:
+        return references
+    if hasattr(references, "__array__") and not isinstance(references, Sequence):
+        return torch.as_tensor(references)  # type: ignore[arg-type]
+    if not isinstance(references, Sequence) or isinstance(references, str | bytes):
+        raise InvalidTypeError(
+            f"references must be {accepted}; got {type(references).__name__} {references!r} (how many references a "
+            "strategy picks is num_references=)"
+        )
+    rows: list[list[int]] = []
+    for image, row in enumerate(references):
+        if isinstance(row, Tensor) or (hasattr(row, "__array__") and not isinstance(row, Sequence)):
+            array = torch.as_tensor(row)
+            row = array.tolist() if array.ndim == 1 else row
+        if not isinstance(row, Sequence) or isinstance(row, str | bytes):
+            raise InvalidTypeError(
+                f"references[{image}] is {type(row).__name__} {row!r}; expected a list of classes for that image. "
+                f"references must be {accepted}"
+            )
+        if not all(_is_integer(d) for d in row):
+            raise InvalidTypeError(f"references for image {image} must be integer classes; got {list(row)!r}")
+        rows.append([int(d) for d in row])
+    return rows
+
+
+def _explicit_references(references: object, targets: Tensor, num_classes: int) -> Tensor:
+    batch = targets.shape[0]
+    given = _as_reference_rows(references, batch)
+    if isinstance(given, Tensor):
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+            raise InvalidTypeError(f"references must hold integer class indices; got dtype {given.dtype}")
+        if given.ndim != 2 or given.shape[0] != batch or given.shape[1] < 1:
             raise InvalidArgumentError(
-                f"references has shape {tuple(references.shape)}; expected (B, T) = ({batch}, T) with T >= 1, "
+                f"references has shape {tuple(given.shape)}; expected (B, T) = ({batch}, T) with T >= 1, "
                 f"a list of {batch} lists, or a strategy name {sorted(REFERENCE_STRATEGIES)}"
             )
-        indices = references.to(device=targets.device, dtype=torch.long)
+        indices = given.to(device=targets.device, dtype=torch.long)
         _check_classes(indices, num_classes, "reference class")
     else:
-        rows = list(references)
-        if len(rows) != batch or not all(isinstance(r, Sequence) and not isinstance(r, str) for r in rows):
+        if len(given) != batch:
             raise InvalidArgumentError(
-                f"references is a list of {len(rows)} entries; expected a list of {batch} lists (one per image), a "
+                f"references is a list of {len(given)} lists; expected a list of {batch} lists (one per image), a "
                 f"(B, T) tensor, or a strategy name {sorted(REFERENCE_STRATEGIES)}"
             )
-        for image, row in enumerate(rows):
+        for image, row in enumerate(given):
             if len(row) == 0:
                 raise InvalidArgumentError(f"references for image {image} is empty; give at least one class")
-            if not all(_is_integer(d) for d in row):
-                raise InvalidTypeError(f"references for image {image} must be integer classes; got {list(row)!r}")
-        width = max(len(row) for row in rows)
-        padded = [[int(d) for d in row] + [-1] * (width - len(row)) for row in rows]
+        width = max(len(row) for row in given)
+        # Checked before padding (padded with class 0 here), so that a given -1 is refused like any other non-class.
+        _check_classes(torch.tensor([row + [0] * (width - len(row)) for row in given]), num_classes, "reference class")
+        padded = [row + [-1] * (width - len(row)) for row in given]
         indices = torch.tensor(padded, dtype=torch.long, device=targets.device)
-        _check_classes(indices[indices >= 0], num_classes, "reference class")
     for image in range(batch):
         row = indices[image][indices[image] >= 0].tolist()
         if len(set(row)) != len(row):
@@ -215,7 +253,7 @@ def _explicit_references(references: Tensor | Sequence[Sequence[int]], targets: 
 
 
 def select_references(
-    references: str | Tensor | Sequence[Sequence[int]],
+    references: str | Tensor | Sequence[Sequence[int]] | object,
     logits: Tensor,
     targets: Tensor,
     num_references: int,
@@ -245,10 +283,27 @@ def select_references(
                 f"unknown reference strategy {references!r}; use one of {sorted(REFERENCE_STRATEGIES)}, a (B, T) "
                 "tensor or a list of lists of classes"
             )
+        _check_finite(logits, targets[:, None], "target class")
         count = min(num_references, num_classes - 1)
         indices = strategy(logits, targets, count, classifier_weights)
         return References(indices=indices, strategy=references)
-    return References(indices=_explicit_references(references, targets, num_classes), strategy="explicit")
+    _check_finite(logits, targets[:, None], "target class")
+    indices = _explicit_references(references, targets, num_classes)
+    _check_finite(logits, indices, "reference class")
+    return References(indices=indices, strategy="explicit")
+
+
+def _check_finite(logits: Tensor, classes: Tensor, what: str) -> None:
+    """Refuse explaining or contrasting a class whose logit is infinite (a class the model masks): its score has no
+    gradient and makes Score-CAM's weights undefined. ``-1`` entries (padding) are skipped."""
+    values = logits.detach().gather(1, classes.clamp(min=0))
+    bad = ~values.isfinite() & (classes >= 0)
+    if bool(bad.any()):
+        image, slot = (int(i) for i in bad.nonzero()[0])
+        raise InvalidArgumentError(
+            f"{what} {int(classes[image, slot])} of image {image} has logit {float(values[image, slot])} (the model "
+            "masks it): it cannot be explained or contrasted; choose a class with a finite score"
+        )
 
 
 def contrast_terms(logits: Tensor, targets: Tensor, references: References, aggregation: str) -> tuple[Tensor, Tensor]:
@@ -265,16 +320,20 @@ def contrast_terms(logits: Tensor, targets: Tensor, references: References, aggr
     Returns:
         ``u`` and ``v``, each of shape ``(B,)``.
     """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # SOFTMAX_EPS and the probabilities of unlikely references vanish in half precision
     target_logit = logits.gather(1, targets[:, None]).squeeze(1)
-    mask = references.mask.to(logits.dtype)
-    reference_logits = logits.gather(1, references.indices.clamp(min=0)) * mask
+    mask = references.mask
+    zero = logits.new_zeros(())
+    # Padding slots (-1) are zeroed with `where`, never multiplied by 0: another class's logit may be infinite.
+    reference_logits = torch.where(mask, logits.gather(1, references.indices.clamp(min=0)), zero)
     count = mask.sum(dim=1)
     has_reference = count > 0
     if aggregation == "mean":
         v = reference_logits.sum(dim=1) / count.clamp(min=1)
         return target_logit, v
     if aggregation == "softmax":
-        probabilities = torch.softmax(logits, dim=1).gather(1, references.indices.clamp(min=0)) * mask
+        probabilities = torch.where(mask, torch.softmax(logits, dim=1).gather(1, references.indices.clamp(min=0)), zero)
         total = probabilities.sum(dim=1) + SOFTMAX_EPS
         u = torch.where(has_reference, probabilities.sum(dim=1) * target_logit / total, target_logit)
         v = (probabilities * reference_logits).sum(dim=1) / total

@@ -7,6 +7,7 @@ everywhere stays zero (never NaN).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,7 +15,13 @@ MINMAX_EPS = 1e-7
 
 
 def minmax(maps: Tensor, eps: float = MINMAX_EPS) -> Tensor:
-    """Scale each map ``(..., H, W)`` to ``[0, 1]`` by its own minimum and maximum."""
+    """Scale each map ``(..., H, W)`` to ``[0, 1]`` by its own minimum and maximum.
+
+    ``eps`` is raised to the dtype's smallest normal number where it would vanish (``1e-8`` is 0 in float16), so a
+    constant map gives 0, never ``0 / 0``.
+    """
+    if maps.is_floating_point():
+        eps = max(eps, torch.finfo(maps.dtype).tiny)
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
     return (maps - low) / (high - low + eps)

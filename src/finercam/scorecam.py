@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from finercam.objectives import References, contrast_terms
+from finercam.postprocess import minmax
 
 CHANNEL_NORMALISATION_EPS = 1e-8
 
@@ -59,9 +60,7 @@ def channel_scores(
             owners = image_index[rows]
             masks = activation_maps[owners, channel_index[rows]][:, None]
             masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-            low = masks.amin(dim=(-2, -1), keepdim=True)
-            high = masks.amax(dim=(-2, -1), keepdim=True)
-            masks = (masks - low) / (high - low + CHANNEL_NORMALISATION_EPS)
+            masks = minmax(masks, CHANNEL_NORMALISATION_EPS)
             logits = forward(images[owners] * masks)
             owner_references = References(references.indices[owners], references.strategy)
             u, v = contrast_terms(logits, targets[owners], owner_references, aggregation)
