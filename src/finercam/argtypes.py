@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -28,3 +31,75 @@ def gamma(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the base CAM), got {text}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (not NaN or infinite)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _creatable(path: Path) -> None:
+    """Raise unless the folders above ``path`` exist as folders or can be made, in a writable place."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"'{ancestor}' is a file, so '{path}' cannot be created under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"'{ancestor}' is not writable, so '{path}' cannot be created")
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: an existing writable folder, or one that can be created (checked before any work)."""
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"'{path}' is a file; give a folder (it is created when missing)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"the folder '{path}' is not writable")
+        return path
+    _creatable(path)
+    return path
+
+
+def output_file(*suffixes: str) -> Callable[[str], Path]:
+    """An argument type for a file to write: not a folder, in a writable place, ending in one of ``suffixes``
+    (case-insensitive; any suffix when none is given)."""
+
+    def parse(text: str) -> Path:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"'{path}' is a folder; give a file name")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"'{path}' must end in one of {', '.join(suffixes)}")
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise argparse.ArgumentTypeError(f"the file '{path}' is not writable")
+        else:
+            _creatable(path)
+        return path
+
+    return parse
+
+
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp")
+"""What the figure writers (matplotlib, Pillow) accept."""
