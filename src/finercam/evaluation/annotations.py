@@ -10,6 +10,9 @@ Three sources, detected by :func:`load_regions`:
   "keypoints": [[x, y], ...], "mask": "<mask image relative to the file's folder>"}}}`` (any of the three keys;
   boxes and keypoints in pixels of the original image, a mask is non-zero inside).
 
+Every entry is checked when the file is read (:mod:`finercam.evaluation.region_files`), and :func:`check_coverage`
+checks, before an evaluation starts, how many of its images have a region and that each region fits its image.
+
 Coordinates are given on the original images; :meth:`Preprocess.point_transform
 <finercam.models.Preprocess.point_transform>` carries them to the model's input, so the regions stay aligned whatever
 the resize and crop.
@@ -29,11 +32,21 @@ from PIL import Image
 from torch import Tensor
 
 from finercam.errors import InvalidArgumentError
+from finercam.evaluation.region_files import (
+    FIELDS,
+    check_entry,
+    check_fits,
+    image_size,
+    read_cub_boxes,
+    read_cub_images,
+    read_cub_keypoints,
+)
 from finercam.metrics import boxes_to_masks, keypoints_to_masks
 from finercam.models.preprocess import Preprocess
 
 DEFAULT_KEYPOINT_RADIUS = 0.04  # of the shorter input side
 REGION_KINDS = ("difference", "box", "parts", "mask")
+_FIELD_OF = {"box": "boxes", "mask": "mask", "parts": "keypoints"}  # the JSON field of each kind, by precedence
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,10 @@ class Regions(Protocol):
     """A source of ground-truth regions."""
 
     description: str
+    root: Path  # image paths are matched relative to this folder
+
+    def annotated(self, paths: Sequence[Path]) -> list[bool]:
+        """Whether each image has a region; raises :class:`InvalidArgumentError` for one that cannot fit its image."""
 
     def masks(self, items: Sequence[ImageItem], preprocess: Preprocess, size: tuple[int, int], targets: Tensor,
               references: Tensor, class_names: Sequence[str] | None) -> tuple[Tensor, Tensor]:
@@ -99,6 +116,10 @@ class SynthRegions:
         self._maps = {record["path"]: record["part_map"] for record in annotation["images"]}
         self._decode = lambda text: torch.from_numpy(decode_part_map(text, size).copy())
 
+    def annotated(self, paths: Sequence[Path]) -> list[bool]:
+        """Whether each image is one of the dataset's (its path relative to the annotations' folder is listed)."""
+        return [_relative(path, self.root) in self._maps for path in paths]
+
     def masks(self, items: Sequence[ImageItem], preprocess: Preprocess, size: tuple[int, int], targets: Tensor,
               references: Tensor, class_names: Sequence[str] | None) -> tuple[Tensor, Tensor]:
         from finercam.synth import difference_mask
@@ -125,74 +146,119 @@ class SynthRegions:
 
 
 class BoxKeypointRegions:
-    """Boxes, keypoints or mask images per image, keyed by path relative to ``root`` (CUB or the JSON format)."""
+    """Boxes, keypoints or mask images per image, keyed by path relative to ``root`` (CUB or the JSON format).
+
+    ``entries`` must be checked already (:func:`~finercam.evaluation.region_files.check_entry`); ``source`` names
+    the annotation file in errors. An image whose region is empty at the model's input (cropped away) has no region:
+    it is left out of the localization metrics rather than scored as a miss.
+    """
 
     def __init__(self, root: Path, entries: dict[str, dict], kind: str, keypoint_radius: float | None,
-                 description: str) -> None:
+                 description: str, source: str = "the annotations") -> None:
         self.root, self.entries, self.kind, self.radius = root, entries, kind, keypoint_radius
-        self.description = description
+        self.description, self.source = description, source
+        self._checked: dict[Path, bool] = {}
+
+    def _entry(self, path: Path) -> tuple[str | None, dict | None]:
+        """The image's key and its entry when it has a region of this kind."""
+        key = _relative(path, self.root)
+        entry = self.entries.get(key) if key is not None else None
+        return key, entry if entry and entry.get(_FIELD_OF[self.kind]) else None
+
+    def annotated(self, paths: Sequence[Path]) -> list[bool]:
+        """Whether each image has a region of this kind, each checked against the image's size (read from its
+        header) the first time: a box wholly outside the image, a keypoint outside it or a mask of another size is
+        refused. Unreadable images are not checked: the evaluation skips them."""
+        found = []
+        for path in paths:
+            if path not in self._checked:
+                key, entry = self._entry(path)
+                size = image_size(path) if entry is not None else None
+                if key is not None and entry is not None and size is not None:
+                    check_fits(self.source, key, entry, self.kind, size, self.root)
+                self._checked[path] = entry is not None
+            found.append(self._checked[path])
+        return found
+
+    def _mask(self, name: str, key: str, item: ImageItem) -> Tensor:
+        try:
+            with Image.open(self.root / name) as image:
+                mask = torch.from_numpy(np.array(image.convert("L")) > 0)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise InvalidArgumentError(
+                f"{self.source}: images[{key!r}].mask {name!r} cannot be read: {error}"
+            ) from None
+        if tuple(mask.shape) != (item.height, item.width):
+            raise InvalidArgumentError(
+                f"{self.source}: images[{key!r}].mask {name!r} is {mask.shape[1]}x{mask.shape[0]} pixels but its "
+                f"image is {item.width}x{item.height}"
+            )
+        return mask
 
     def masks(self, items: Sequence[ImageItem], preprocess: Preprocess, size: tuple[int, int], targets: Tensor,
               references: Tensor, class_names: Sequence[str] | None) -> tuple[Tensor, Tensor]:
         regions = torch.zeros(len(items), *size, dtype=torch.bool)
-        valid = torch.zeros(len(items), dtype=torch.bool)
         radius = DEFAULT_KEYPOINT_RADIUS * min(size) if self.radius is None else self.radius
         for i, item in enumerate(items):
-            key = _relative(item.path, self.root)
-            entry = self.entries.get(key) if key is not None else None
-            if not entry:
+            key, entry = self._entry(item.path)
+            if key is None or entry is None:
                 continue
-            if self.kind == "box" and entry.get("boxes"):
+            if self.kind == "box":
                 boxes = torch.tensor(entry["boxes"], dtype=torch.float64).view(-1, 2, 2)
                 corners = torch.stack([_transform_points(b, item, preprocess) for b in boxes]).view(1, -1, 4)
                 regions[i] = boxes_to_masks(corners, None, size)[0]
-            elif self.kind == "parts" and entry.get("keypoints"):
+            elif self.kind == "parts":
                 points = _transform_points(torch.tensor(entry["keypoints"], dtype=torch.float64).view(-1, 2), item,
                                            preprocess)
                 regions[i] = keypoints_to_masks(points[None], None, size, radius)[0]
-            elif self.kind == "mask" and entry.get("mask"):
-                with Image.open(self.root / entry["mask"]) as image:
-                    mask = torch.from_numpy(np.array(image.convert("L")) > 0)
-                if tuple(mask.shape) != (item.height, item.width):
-                    raise InvalidArgumentError(
-                        f"mask {entry['mask']!r} is {mask.shape[1]}x{mask.shape[0]} but its image {key!r} is "
-                        f"{item.width}x{item.height}"
-                    )
-                regions[i] = transform_mask(mask, preprocess, size)
             else:
-                continue
-            valid[i] = True
-        return regions, valid
-
-
-def _read_table(path: Path, columns: int) -> list[list[str]]:
-    if not path.is_file():
-        raise InvalidArgumentError(f"the CUB annotations need {path}, which does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) < columns:
-            raise InvalidArgumentError(f"{path}:{number}: expected {columns} fields, got {line!r}")
-        rows.append(fields)
-    return rows
+                regions[i] = transform_mask(self._mask(entry["mask"], key, item), preprocess, size)
+        return regions, regions.flatten(1).any(dim=1)
 
 
 def cub_regions(root: Path, kind: str, keypoint_radius: float | None) -> BoxKeypointRegions:
-    """The CUB-200-2011 bounding boxes or part keypoints; image paths are relative to ``root/images``."""
-    paths = {fields[0]: fields[1] for fields in _read_table(root / "images.txt", 2)}
-    entries: dict[str, dict] = {path: {} for path in paths.values()}
+    """The CUB-200-2011 bounding boxes or part keypoints; image paths are relative to ``root/images``. Every line is
+    checked (known image id, finite numbers, boxes of positive size) when read."""
+    paths = read_cub_images(root)
     if kind == "box":
-        for image_id, x, y, w, h in (row[:5] for row in _read_table(root / "bounding_boxes.txt", 5)):
-            x0, y0 = float(x), float(y)
-            entries[paths[image_id]].setdefault("boxes", []).append([x0, y0, x0 + float(w), y0 + float(h)])
+        table, field = root / "bounding_boxes.txt", "boxes"
+        values = read_cub_boxes(root, paths)
     else:
-        for image_id, _part, x, y, visible in (row[:5] for row in _read_table(root / "parts" / "part_locs.txt", 5)):
-            if float(visible) > 0:
-                entries[paths[image_id]].setdefault("keypoints", []).append([float(x), float(y)])
+        table, field = root / "parts" / "part_locs.txt", "keypoints"
+        values = read_cub_keypoints(root, paths)
+    entries: dict[str, dict] = {path: {field: values[path]} if path in values else {} for path in paths.values()}
     what = "bounding box" if kind == "box" else "visible part keypoints (disks)"
-    return BoxKeypointRegions(root / "images", entries, kind, keypoint_radius, f"CUB-200-2011 {what}")
+    return BoxKeypointRegions(root / "images", entries, kind, keypoint_radius, f"CUB-200-2011 {what}",
+                              repr(str(table)))
+
+
+def check_coverage(regions: Regions, paths: Sequence[Path], annotations: str | Path) -> str:
+    """Check that some of ``paths`` have a region before an evaluation starts; return a note saying how many are left
+    out of the localization metrics ("" when none is).
+
+    Raises:
+        InvalidArgumentError: no image has a region (the paths are matched relative to ``regions.root``), or a
+            region does not fit its image.
+    """
+    found = regions.annotated(paths)
+    count = sum(found)
+    if paths and count == 0:
+        first = Path(paths[0])
+        key = _relative(first, regions.root)
+        where = (f"the first image is {key!r} relative to it" if key is not None
+                 else f"the first image, {str(first)!r}, is not under it")
+        if isinstance(regions, BoxKeypointRegions):
+            named = [name for name, entry in regions.entries.items() if entry]
+            where += f"; the file names {len(named)} images" + (f", e.g. {named[0]!r}" if named else "")
+        raise InvalidArgumentError(
+            f"0 of {len(paths)} images have annotations in {str(annotations)!r}; paths are matched relative to "
+            f"{str(regions.root)!r} ({where}). Give the annotations of this --data, or leave pointing and energy "
+            "out of --metrics"
+        )
+    if count < len(paths):
+        return (f"{len(paths) - count} of {len(paths)} images have no annotation in {str(annotations)!r} and are left "
+                f"out of pointing and energy (paths are matched relative to {str(regions.root)!r})")
+    return ""
 
 
 def load_regions(path: str | Path, kind: str | None = None, keypoint_radius: float | None = None) -> Regions:
@@ -232,10 +298,14 @@ def load_regions(path: str | Path, kind: str | None = None, keypoint_radius: flo
             f"{str(path)!r}: expected {{\"images\": {{\"relative/path.jpg\": {{\"boxes\": [[x0, y0, x1, y1]], "
             "\"keypoints\": [[x, y]], \"mask\": \"mask.png\"}}}} (see finercam.evaluation.annotations)"
         )
-    if kind is None:
-        present = {key for entry in images.values() if isinstance(entry, dict) for key in entry}
-        kind = next((k for k, key in (("box", "boxes"), ("mask", "mask"), ("parts", "keypoints")) if key in present),
-                    "box")
     if kind == "difference":
         raise InvalidArgumentError("difference regions come only from synthetic annotations")
-    return BoxKeypointRegions(path.parent, images, kind, keypoint_radius, f"{kind} regions from {path.name}")
+    entries = {key: check_entry(path, key, entry) for key, entry in images.items()}
+    present = [field for field in FIELDS if any(entry.get(field) for entry in entries.values())]
+    kind = kind or next((k for k, field in _FIELD_OF.items() if field in present), "box")
+    if present and _FIELD_OF[kind] not in present:
+        choices = " or ".join(k for k, field in _FIELD_OF.items() if field in present)
+        raise InvalidArgumentError(f"{str(path)!r} gives no image {_FIELD_OF[kind]!r} for --regions {kind}; it gives "
+                                   f"{present}: choose --regions {choices}")
+    return BoxKeypointRegions(path.parent, entries, kind, keypoint_radius, f"{kind} regions from {path.name}",
+                              repr(str(path)))

@@ -10,22 +10,24 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import finercam
-from finercam.argtypes import gamma, non_negative_int, positive_int
+from finercam.argtypes import gamma, non_negative_float, non_negative_int, output_dir, positive_float, positive_int
 from finercam.errors import InvalidArgumentError, MissingDependencyError
-from finercam.evaluation.annotations import REGION_KINDS, load_regions
+from finercam.evaluation.annotations import REGION_KINDS, check_coverage, load_regions
+from finercam.evaluation.inputs import check_arguments, linear_head, metric_groups
 from finercam.evaluation.runner import TARGETS, EvaluationOptions, evaluate_dataset
 from finercam.evaluation.scoring import METRIC_GROUPS, ScoreOptions, normalised_zero
-from finercam.evaluation.summary import csv_text, markdown, summarize
+from finercam.evaluation.summary import csv_text, markdown, strict_json, summarize
 from finercam.images import image_folder
 from finercam.methods import METHODS
 from finercam.metrics import DEFAULT_KS, DEFAULT_RESAMPLES, DEFAULT_STEPS, FILLS
@@ -36,9 +38,12 @@ def _fill(text: str) -> str | float:
     if text in FILLS:
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be one of {list(FILLS)} or a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be one of {list(FILLS)} or a finite number, got {text!r}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -60,9 +65,10 @@ def add_command(
                         "a CUB-200-2011 folder, or a JSON regions file")
     parser.add_argument("--regions", choices=REGION_KINDS, help="which regions of the annotations (default: "
                         "difference for synthetic data, box otherwise)")
-    parser.add_argument("--keypoint-radius", type=float, help="disk radius of keypoints, input pixels "
+    parser.add_argument("--keypoint-radius", type=non_negative_float, help="disk radius of keypoints, input pixels "
                         "(default 4%% of the shorter side)")
-    parser.add_argument("--out", default="finercam-eval", help="output folder (default: ./finercam-eval)")
+    parser.add_argument("--out", type=output_dir, default="finercam-eval",
+                        help="output folder (default: ./finercam-eval)")
     parser.add_argument("--layer", help="target layer (default: the model's recommended layer, else auto)")
     parser.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
     parser.add_argument("--gammas", nargs="+", type=gamma, default=[0.0, 0.3, 0.6, 1.0, 2.0],
@@ -71,13 +77,15 @@ def add_command(
     parser.add_argument("--references", default="nearest", choices=["nearest", "top", "weights"])
     parser.add_argument("--num-references", type=positive_int, default=3)
     parser.add_argument("--aggregation", default="mean", choices=["mean", "softmax"])
-    parser.add_argument("--metrics", nargs="+", choices=METRIC_GROUPS, default=list(METRIC_GROUPS),
-                        help="metric groups (default: all; pointing/energy need --annotations)")
+    parser.add_argument("--metrics", nargs="+", choices=METRIC_GROUPS,
+                        help="metric groups (default: all, pointing and energy when --annotations are given; "
+                        "pointing/energy need --annotations)")
     parser.add_argument("--ks", nargs="+", type=_fraction, default=list(DEFAULT_KS), help="RD fractions")
     parser.add_argument("--fill", type=_fill, default="mean",
                         help=f"what removed pixels become: {', '.join(FILLS)} or a number (default: mean, i.e. zero "
                         "in the model's normalised space)")
-    parser.add_argument("--blur-sigma", type=float, help="for --fill blur, pixels (default 2.5%% of the longer side)")
+    parser.add_argument("--blur-sigma", type=positive_float,
+                        help="for --fill blur, pixels > 0 (default 2.5%% of the longer side)")
     parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="deletion / insertion steps")
     parser.add_argument("--tolerance", type=non_negative_int, default=2, help="pointing-game tolerance, pixels")
     parser.add_argument("--correct-only", action="store_true", help="aggregate only correctly classified images")
@@ -114,23 +122,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from finercam.models import load_model
 
+    check_arguments(args)  # everything that can be checked before the model loads and the images are read
+    metrics = metric_groups(args.metrics, args.annotations)
+    score = ScoreOptions(metrics=metrics, ks=tuple(args.ks), fill=args.fill, blur_sigma=args.blur_sigma,
+                         steps=args.steps, tolerance=args.tolerance, pass_size=max(args.batch_size, 256))
+    folder = image_folder(args.data)
+    paths = [path for path, _ in folder.samples][: args.limit]
+    regions = load_regions(args.annotations, args.regions, args.keypoint_radius) if args.annotations else None
+    coverage = ""
+    if regions is not None and {"pointing", "energy"} & set(metrics):
+        coverage = check_coverage(regions, paths, args.annotations)
     device = resolve_device(args.device)
     loaded = load_model(args.model, weights=args.weights, head=args.head, preprocess=args.preprocess, device=device)
-    folder = image_folder(args.data)
     labels, note = _labels(folder.classes, loaded.class_names)
     if note and (args.target == "label" or args.correct_only):
         raise InvalidArgumentError(f"{note}; --target label and --correct-only need them to match")
+    head = None
+    if args.references == "weights":
+        head = linear_head(loaded.model, args.model, len(loaded.class_names) if loaded.class_names else None)
     items = [(path, labels[index]) for path, index in folder.samples][: args.limit]
-    regions = load_regions(args.annotations, args.regions, args.keypoint_radius) if args.annotations else None
     fill_mean = normalised_zero(loaded.model, loaded.preprocess.mean)
     if args.fill == "mean" and fill_mean is None:
         raise InvalidArgumentError("the model's normalisation is unknown, so --fill mean (zero in normalised space) "
                                    "is undefined; give --fill zero, image-mean, blur or a number")
-    score = ScoreOptions(
-        metrics=tuple(m for m in args.metrics if regions is not None or m not in ("pointing", "energy")),
-        ks=tuple(args.ks), fill=args.fill, fill_mean=fill_mean, blur_sigma=args.blur_sigma, steps=args.steps,
-        tolerance=args.tolerance, pass_size=max(args.batch_size, 256),
-    )
+    score = replace(score, fill_mean=fill_mean)
     options = EvaluationOptions(
         methods=tuple(dict.fromkeys(args.methods)), gammas=tuple(args.gammas), target=args.target,
         references=args.references, num_references=args.num_references, aggregation=args.aggregation,
@@ -138,15 +153,19 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, score_batch_size=args.score_batch_size,
     )
     out = Path(args.out)
-    description = f"{Path(args.data).resolve()} ({len(items)} images); model {args.model}"
+    data = f"{Path(args.data).resolve()}"
+    model = {"model": args.model, "weights": args.weights, "head": args.head, "preprocess": args.preprocess}
+    description = f"{data} ({len(items)} images); model {args.model}"
     print(f"finercam evaluate: {len(items)} images from {args.data}, model {args.model}, methods "
           f"{list(options.methods)}, gammas {list(options.gammas)}, metrics {score.names(regions is not None)}",
           flush=True)
-    if note:
-        print(f"note: {note}; accuracy is not reported for them", flush=True)
+    for line in (note and f"{note}; accuracy is not reported for them", coverage):
+        if line:
+            print(f"note: {line}", flush=True)
     records = evaluate_dataset(
         loaded.model, loaded.preprocess, items, out, options, class_names=loaded.class_names, regions=regions,
-        workers=args.workers, restart=args.restart, data_description=description,
+        workers=args.workers, restart=args.restart, data_description=data, classifier_weights=head,
+        model_description=model,
     )
     summary = summarize(records, options.methods, options.gammas, correct_only=options.correct_only,
                         resamples=args.resamples, seed=args.seed)
@@ -172,7 +191,8 @@ def _write(out: Path, summary: Any, options: EvaluationOptions, args: argparse.N
         "curves": summary.curves,
     }
     paths = [out / "results.json", out / "results.csv", out / "results.md"]
-    texts = [json.dumps(result, indent=2, default=str) + "\n", csv_text(summary), markdown(summary)]
+    texts = [json.dumps(strict_json(result), indent=2, default=str, allow_nan=False) + "\n", csv_text(summary),
+             markdown(summary)]
     for path, text in zip(paths, texts, strict=True):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)

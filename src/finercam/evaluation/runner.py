@@ -2,9 +2,10 @@
 
 Per batch: one :meth:`FinerCAM.sweep <finercam.explain.FinerCAM.sweep>` per method gives the base CAM (gamma 0) and
 the Finer maps at every gamma; :func:`~finercam.evaluation.scoring.score_sweep` scores them. Finished batches are
-appended to ``OUT/progress.jsonl`` (one JSON line per batch, flushed and fsynced), next to ``OUT/progress-config.json``
-(the options); a rerun with the same options skips them, a rerun with other options refuses to mix the two. A line cut
-short by a crash is discarded on resume.
+appended to ``OUT/progress.jsonl`` (one JSON line per batch, flushed and fsynced, listing its images' indices), next to
+``OUT/progress-config.json`` (the options); a rerun skips the images already done, also with other batch sizes, and
+refuses to mix results of other options (:mod:`finercam.evaluation.resume`). A line cut short by a crash is discarded
+on resume.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from finercam.errors import InvalidArgumentError
 from finercam.evaluation.annotations import ImageItem, Regions
-from finercam.evaluation.scoring import ScoreOptions, score_sweep
+from finercam.evaluation.resume import PROGRESS, PROGRESS_CONFIG, comparable, prepare_out, read_progress
+from finercam.evaluation.scoring import LOCALIZATION, ScoreOptions, score_sweep
 from finercam.explain import FinerCAM
 from finercam.images import ImageReadError, load_image
 from finercam.models.preprocess import Preprocess
+from finercam.objectives import ClassifierWeights
 from finercam.progress import Progress
 
-PROGRESS, PROGRESS_CONFIG = "progress.jsonl", "progress-config.json"
+__all__ = ["PROGRESS", "PROGRESS_CONFIG", "TARGETS", "EvaluationOptions", "evaluate_dataset", "read_progress"]
 TARGETS = ("prediction", "label")
 
 
@@ -43,7 +46,8 @@ class EvaluationOptions:
         references, num_references, aggregation: the reference strategy, ``T`` and the aggregation of the refs.
         layer: the target layer (``None``: the model's recommended layer, else auto).
         score: the metric options. correct_only: aggregate only correctly classified images.
-        batch_size: images per batch. score_batch_size: masked inputs per Score-CAM pass.
+        batch_size: images per batch. score_batch_size: masked inputs per Score-CAM pass (neither changes the
+            results, so a resumed evaluation may change them).
     """
 
     methods: tuple[str, ...] = ("gradcam",)
@@ -67,8 +71,9 @@ class EvaluationOptions:
         object.__setattr__(self, "gammas", gammas)
 
     def fingerprint(self) -> str:
-        """A short hash of the options that change per-image results (``correct_only`` only filters)."""
-        fields = {k: v for k, v in asdict(self).items() if k != "correct_only"}
+        """A short hash of the options that change per-image results (not the batch sizes; ``correct_only`` only
+        filters)."""
+        fields = comparable(asdict(self))
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -107,40 +112,6 @@ def _collate(rows: list) -> list:
     return rows
 
 
-def _prepare_out(out: Path, options: EvaluationOptions, extra: dict[str, Any], restart: bool) -> set[int]:
-    """Create ``out``, check or write the options, and return the batches already finished."""
-    out.mkdir(parents=True, exist_ok=True)
-    config_path, progress_path = out / PROGRESS_CONFIG, out / PROGRESS
-    record = {"fingerprint": options.fingerprint(), "options": asdict(options), **extra}
-    if restart:
-        progress_path.unlink(missing_ok=True)
-    elif config_path.is_file() and progress_path.is_file():
-        previous = json.loads(config_path.read_text())
-        if previous.get("fingerprint") != record["fingerprint"] or previous.get("data") != record.get("data"):
-            raise InvalidArgumentError(
-                f"{out} holds a partial evaluation with other options or data; pass --restart to discard it, or "
-                "choose another --out"
-            )
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, config_path)
-    return {line["batch"] for line in read_progress(out)}
-
-
-def read_progress(out: Path) -> list[dict[str, Any]]:
-    """The finished batches in ``out/progress.jsonl``; a last line cut short by a crash is dropped (and truncated
-    away so that appending goes on cleanly)."""
-    path = out / PROGRESS
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-
-
 def _gamma_key(gamma: float) -> str:
     return f"{gamma:g}"
 
@@ -157,32 +128,47 @@ def evaluate_dataset(
     workers: int = 0,
     restart: bool = False,
     data_description: str = "",
+    model_description: Mapping[str, Any] | None = None,
+    classifier_weights: ClassifierWeights | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate ``items`` (image path, label or ``None``); return every finished batch's record (see
-    :func:`read_progress`), resuming from ``out`` when it holds a partial run of the same options and data.
+    :func:`read_progress`), resuming from ``out`` when it holds a partial run of the same options, data and model
+    (the batch sizes may differ; the images left are batched with the new ones).
 
-    Images that cannot be read are skipped and listed with their reason in the batch records.
+    Images that cannot be read are skipped and listed with their reason in the batch records; images without a
+    region in ``regions`` are left out of the localization metrics (``None`` values). ``data_description`` and
+    ``model_description`` (e.g. the model's spec and weights files) are recorded and must match on resume.
+    ``classifier_weights`` (the linear head) is needed for ``references="weights"``.
+
+    Raises:
+        InvalidArgumentError: localization metrics without ``regions``, or ``out`` holds an evaluation with other
+            options (each difference is named).
     """
+    wanted = sorted(set(LOCALIZATION) & set(options.score.metrics))
+    if wanted and regions is None:
+        raise InvalidArgumentError(f"the metrics {wanted} need ground-truth regions (regions=load_regions(...))")
+    if options.references == "weights" and classifier_weights is None:
+        raise InvalidArgumentError("references='weights' needs classifier_weights: the linear head whose rows are "
+                                   "the classes (e.g. model.fc)")
     out = Path(out)
-    done = _prepare_out(out, options, {"data": data_description, "images": len(items)}, restart)
+    extra = {"data": data_description, "images": len(items), "model": dict(model_description or {})}
+    done = prepare_out(out, asdict(options), extra, restart, len(items))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size)
+    cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size,
+                             classifier_weights=classifier_weights)
             for method in options.methods}
     setting = _Setting(model, cams, options, preprocess, class_names, regions, device)
-    batches = [list(range(start, min(start + options.batch_size, len(items))))
-               for start in range(0, len(items), options.batch_size)]
-    todo = [b for b in range(len(batches)) if b not in done]
-    subset = [i for b in todo for i in batches[b]]
-    tracker = Progress(len(subset), enabled=progress)  # the images left (all of them unless resuming)
-    loader = DataLoader(_Files([items[i] for i in subset], preprocess), batch_size=options.batch_size,
+    left = [i for i in range(len(items)) if i not in done]
+    batches = [left[start : start + options.batch_size] for start in range(0, len(left), options.batch_size)]
+    first = 1 + max((record["batch"] for record in read_progress(out)), default=-1)
+    tracker = Progress(len(left), enabled=progress)  # the images left (all of them unless resuming)
+    loader = DataLoader(_Files([items[i] for i in left], preprocess), batch_size=options.batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate)
-    position = 0
     with (out / PROGRESS).open("a") as log:
-        for batch_number, rows in zip(todo, _regrouped(loader, [len(batches[b]) for b in todo]), strict=True):
-            record = _evaluate_batch(setting, rows, [items[subset[position + k]] for k in range(len(rows))])
-            record["batch"] = batch_number
-            position += len(rows)
+        for number, (indices, rows) in enumerate(zip(batches, _regrouped(loader, batches), strict=True), first):
+            record = _evaluate_batch(setting, rows, [items[i] for i in indices], indices)
+            record["batch"] = number
             log.write(json.dumps(record) + "\n")
             log.flush()
             os.fsync(log.fileno())
@@ -190,26 +176,32 @@ def evaluate_dataset(
     return read_progress(out)
 
 
-def _regrouped(loader: DataLoader, sizes: list[int]):
-    """The loader's rows regrouped into the batches of ``sizes`` (the loader's batches are the same sizes)."""
+def _regrouped(loader: DataLoader, batches: list[list[int]]) -> Iterator[list]:
+    """The loader's rows, one list per batch (the loader's batches are the same sizes)."""
     iterator = iter(loader)
-    for size in sizes:
+    for batch in batches:
         rows = next(iterator)
-        assert len(rows) == size
+        assert len(rows) == len(batch)
         yield rows
 
 
-def _evaluate_batch(setting: _Setting, rows: list, sources: list[tuple[Path, int | None]]) -> dict[str, Any]:
+def _evaluate_batch(setting: _Setting, rows: list, sources: list[tuple[Path, int | None]],
+                    indices: list[int]) -> dict[str, Any]:
     """One batch's record. Images of different input sizes (a preprocessing without a crop) are explained in groups
-    of equal size; the record lists the images group after group, their values in the same order."""
-    skipped = [{"path": str(sources[k][0]), "reason": reason} for k, (_, _, _, reason) in enumerate(rows) if reason]
-    record: dict[str, Any] = {"skipped": skipped, "images": [], "values": {}, "curves": {}}
+    of equal size; the record lists the images group after group, their values in the same order, each image with
+    its ``index`` in the dataset (``indices``: those of every image of the batch, skipped ones included)."""
+    skipped = [{"path": str(sources[k][0]), "reason": reason, "index": indices[k]}
+               for k, (_, _, _, reason) in enumerate(rows) if reason]
+    record: dict[str, Any] = {"indices": indices, "skipped": skipped, "images": [], "values": {}, "curves": {}}
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, row in enumerate(rows):
         if row[3] is None:
             groups.setdefault(tuple(row[1].shape), []).append(k)
     for kept in groups.values():
-        _merge(record, _evaluate_group(setting, rows, sources, kept))
+        part = _evaluate_group(setting, rows, sources, kept)
+        for image, k in zip(part["images"], kept, strict=True):
+            image["index"] = indices[k]
+        _merge(record, part)
     return record
 
 
@@ -273,8 +265,9 @@ def _evaluate_group(
             values["empty"] = [float(v) for v in scores.empty[g].float().cpu()]
             per_gamma[_gamma_key(gamma)] = values
             curve_sums[_gamma_key(gamma)] = {
-                mode: {"all": curve.cpu().sum(dim=0).tolist(), "correct": curve.cpu()[correct].sum(dim=0).tolist()}
-                for mode, curve in scores.curves[g].items()
+                mode: {"all": curve.cpu().double().sum(dim=0).tolist(),
+                       "correct": curve.cpu().double()[correct].sum(dim=0).tolist()}
+                for mode, curve in scores.curves[g].items()  # float64 sums: the same whatever the batches
             }
         record["values"][method] = per_gamma
         record["curves"][method] = curve_sums

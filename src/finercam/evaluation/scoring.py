@@ -15,7 +15,7 @@ from finercam.errors import InvalidArgumentError
 from finercam.metrics import (
     DEFAULT_KS,
     DEFAULT_STEPS,
-    FILLS,
+    check_fill,
     deletion_insertion,
     mask_energy,
     pointing_hits,
@@ -54,10 +54,10 @@ class ScoreOptions:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(METRIC_GROUPS))
-        if unknown:
-            raise InvalidArgumentError(f"unknown metrics {unknown}; choose among {list(METRIC_GROUPS)}")
-        if isinstance(self.fill, str) and self.fill not in FILLS:
-            raise InvalidArgumentError(f"fill must be one of {list(FILLS)} or a number; got {self.fill!r}")
+        if unknown or not self.metrics:
+            raise InvalidArgumentError(f"unknown metrics {unknown or '(none given)'}; choose among "
+                                       f"{list(METRIC_GROUPS)}")
+        check_fill(self.fill, self.blur_sigma)
 
     def names(self, localization: bool) -> list[str]:
         """The metric names these options produce (``pointing``, ``energy``, ``rd@0.05``, ``deletion``, ...)."""

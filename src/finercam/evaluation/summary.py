@@ -47,9 +47,15 @@ def summarize(
     records: Sequence[dict[str, Any]], methods: Sequence[str], gammas: Sequence[float], *, correct_only: bool = False,
     resamples: int = 2000, seed: int = 0,
 ) -> Summary:
-    """Aggregate the batch records of :func:`~finercam.evaluation.runner.evaluate_dataset`."""
+    """Aggregate the batch records of :func:`~finercam.evaluation.runner.evaluate_dataset`.
+
+    Images are taken in dataset order (their ``index``), whatever batches they were evaluated in, so that a resumed
+    evaluation gives the same intervals as an uninterrupted one.
+    """
     images = [image for record in records for image in record["images"]]
-    skipped = [item for record in records for item in record["skipped"]]
+    order = _dataset_order(images)
+    images = [images[i] for i in order]
+    skipped = sorted((item for record in records for item in record["skipped"]), key=lambda item: item.get("index", 0))
     labelled = [image for image in images if image["correct"] is not None]
     accuracy = sum(image["correct"] for image in labelled) / len(labelled) if labelled else None
     if correct_only and len(labelled) < len(images):
@@ -67,15 +73,17 @@ def summarize(
             for record in records:
                 for name, values in record["values"].get(method, {}).get(key, {}).items():
                     merged.setdefault(name, []).extend(math.nan if v is None else v for v in values)
-            columns[key] = merged
+            columns[key] = {name: [values[i] for i in order] for name, values in merged.items()}
         names = names or [name for name in columns[f"{gammas[0]:g}"] if name != "empty"]
         base = columns[f"{0.0:g}"]
         for gamma in gammas:
             key = f"{gamma:g}"
-            table = torch.tensor([columns[key][name] for name in names], dtype=torch.float64).T[keep]
-            reference = torch.tensor([base[name] for name in names], dtype=torch.float64).T[keep]
-            estimates = bootstrap(table, resamples, seed=seed) if names else []
-            deltas = bootstrap(table - reference, resamples, seed=seed) if names else []
+            estimates, deltas = [], []
+            if names:
+                table = torch.tensor([columns[key][name] for name in names], dtype=torch.float64).T[keep]
+                reference = torch.tensor([base[name] for name in names], dtype=torch.float64).T[keep]
+                estimates = bootstrap(table, resamples, seed=seed)
+                deltas = bootstrap(table - reference, resamples, seed=seed)
             empty = torch.tensor(columns[key].get("empty", []), dtype=torch.float64)[keep]
             rows.append({
                 "method": method, "method_title": METHODS[method].title if method in METHODS else method,
@@ -86,6 +94,26 @@ def summarize(
             })
             curves.setdefault(method, {})[key] = _mean_curves(records, method, key, correct_only)
     return Summary(rows, curves, names, int(keep.sum()), skipped, accuracy)
+
+
+def _dataset_order(images: Sequence[dict[str, Any]]) -> list[int]:
+    """The positions of ``images`` sorted by their ``index`` in the dataset (records written before indices were
+    recorded keep their order)."""
+    if not all("index" in image for image in images):
+        return list(range(len(images)))
+    return sorted(range(len(images)), key=lambda i: images[i]["index"])
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``, so that it is valid JSON (``null``) for any
+    parser, not Python's ``NaN`` extension."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def _mean_curves(records: Sequence[dict[str, Any]], method: str, key: str, correct_only: bool) -> dict[str, Any]:
@@ -101,7 +129,8 @@ def _mean_curves(records: Sequence[dict[str, Any]], method: str, key: str, corre
             entry = result.setdefault(mode, {"sum": torch.zeros_like(total)})  # type: ignore[dict-item]
             entry["sum"] = entry["sum"] + total  # type: ignore[operator]
     for entry in result.values():
-        mean = entry.pop("sum") / max(count, 1)  # type: ignore[operator]
+        # float32 probabilities: 7 decimals keep all they hold, and make the mean independent of the batching
+        mean = (entry.pop("sum") / max(count, 1)).round(decimals=7)  # type: ignore[operator]
         entry.update({"fractions": fractions, "target": mean[:, 0].tolist(), "reference": mean[:, 1].tolist()})
     return result
 
@@ -122,6 +151,11 @@ def markdown(summary: Summary, title: str = "finercam evaluate") -> str:
     names = summary.metric_names
     lines = [f"## {title}", "",
              f"{summary.n_images} images; mean [95% bootstrap CI]; ↑ higher is better, ↓ lower is better.", ""]
+    for name in (n for n in names if n in ("pointing", "energy") and summary.rows):
+        counted = summary.rows[0]["metrics"][name]["n"]
+        if counted < summary.n_images:
+            lines[-1:-1] = [f"{name}: over {counted} of {summary.n_images} images (the others have no ground-truth "
+                            "region)."]
     lines += ["| method | gamma | " + " | ".join(f"{n} {_arrow(n)}" for n in names) + " |",
               "|---|---|" + "---|" * len(names)]
     for row in summary.rows:
@@ -137,8 +171,14 @@ def markdown(summary: Summary, title: str = "finercam evaluate") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _number(value: float) -> str:
+    """A CSV cell: six decimals, or empty for a value that does not exist (no image had one)."""
+    return f"{value:.6f}" if math.isfinite(value) else ""
+
+
 def csv_text(summary: Summary) -> str:
-    """One CSV line per method, gamma and metric: mean, interval, n, and the difference to the base CAM."""
+    """One CSV line per method, gamma and metric: mean, interval, n, and the difference to the base CAM (empty
+    cells where no image has a value)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "gamma", "finer", "metric", "higher_is_better", "mean", "low", "high", "n",
@@ -148,7 +188,7 @@ def csv_text(summary: Summary) -> str:
             estimate, delta = row["metrics"][name], row["delta"].get(name)
             writer.writerow([
                 row["method"], f"{row['gamma']:g}", row["finer"], name, metric_info(name).higher_is_better,
-                *(f"{estimate[k]:.6f}" for k in ("mean", "low", "high")), estimate["n"],
-                *((f"{delta[k]:.6f}" for k in ("mean", "low", "high")) if delta else ("", "", "")),
+                *(_number(estimate[k]) for k in ("mean", "low", "high")), estimate["n"],
+                *((_number(delta[k]) for k in ("mean", "low", "high")) if delta else ("", "", "")),
             ])
     return buffer.getvalue()

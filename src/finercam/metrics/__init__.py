@@ -19,6 +19,7 @@ from finercam.metrics.faithfulness import (
     DEFAULT_STEPS,
     FILLS,
     Curves,
+    check_fill,
     deletion_insertion,
     fill_images,
     gaussian_blur,
@@ -88,7 +89,8 @@ def top1_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: 
 __all__ = [
     "CURVE_MODES", "DEFAULT_KS", "DEFAULT_LEVEL", "DEFAULT_RESAMPLES", "DEFAULT_STEPS", "FILLS", "METRICS", "Curves",
     "Estimate", "MetricInfo",
-    "bootstrap", "boxes_to_masks", "deletion_insertion", "fill_images", "gaussian_blur", "keypoints_to_masks",
+    "bootstrap", "boxes_to_masks", "check_fill", "deletion_insertion", "fill_images", "gaussian_blur",
+    "keypoints_to_masks",
     "mask_energy", "metric_info", "pixel_ranks", "pointing_hits", "rd_name", "relative_confidence_drop",
     "top1_accuracy", "top_fraction_mask",
 ]

@@ -88,6 +88,29 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.conv2d(padded, horizontal, groups=channels), vertical, groups=channels)
 
 
+def check_fill(fill: Fill, blur_sigma: float | None = None) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``fill`` is one of :data:`FILLS` or finite numbers, and
+    ``blur_sigma`` is ``None`` (the default width) or a finite number of pixels > 0. A NaN or infinite fill makes
+    every masked prediction NaN, and a blur of width 0 fills with the image itself (nothing is removed)."""
+    if isinstance(fill, str):
+        if fill not in FILLS:
+            raise InvalidArgumentError(f"fill must be one of {list(FILLS)}, a number or one value per channel; "
+                                       f"got {fill!r}")
+    else:
+        try:
+            values = torch.as_tensor(fill, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidArgumentError(f"fill must be one of {list(FILLS)}, a number or one value per channel; "
+                                       f"got {fill!r}") from None
+        if not bool(values.isfinite().all()):
+            raise InvalidArgumentError(f"a fill value must be a finite number (NaN or infinite pixels make every "
+                                       f"masked prediction meaningless); got {fill!r}")
+    if blur_sigma is not None and (isinstance(blur_sigma, bool) or not isinstance(blur_sigma, numbers.Real)
+                                   or not math.isfinite(blur_sigma) or blur_sigma <= 0):
+        raise InvalidArgumentError(f"blur_sigma must be a finite number of pixels > 0 (a blur of width 0 removes "
+                                   f"nothing); got {blur_sigma!r}")
+
+
 def fill_images(
     images: Tensor, fill: Fill = "mean", mean: Sequence[float] | Tensor | None = None,
     blur_sigma: float | None = None,
@@ -95,12 +118,13 @@ def fill_images(
     """What removed pixels become: a tensor broadcastable to ``images`` (see the module docstring for ``fill``).
 
     Args:
-        blur_sigma: for ``fill="blur"``, in pixels (default ``0.025`` of the longer side).
+        blur_sigma: for ``fill="blur"``, in pixels > 0 (default ``0.025`` of the longer side).
+
+    Raises:
+        InvalidArgumentError: see :func:`check_fill`.
     """
+    check_fill(fill, blur_sigma)
     if isinstance(fill, str):
-        if fill not in FILLS:
-            raise InvalidArgumentError(f"fill must be one of {list(FILLS)}, a number or one value per channel; "
-                                       f"got {fill!r}")
         if fill == "image-mean":
             return images.mean(dim=(2, 3), keepdim=True)
         if fill == "blur":

@@ -1,0 +1,97 @@
+"""Resuming ``finercam evaluate``: which images an output folder already holds, and whether its options match.
+
+``OUT/progress-config.json`` records the options and the data; ``OUT/progress.jsonl`` one line per finished batch,
+each listing the indices of its images (``indices``). A rerun compares only what changes the per-image results: the
+batch sizes (lowered after running out of memory) and ``correct_only`` (a filter of the summary) may change, and the
+images left are batched with the new sizes. Any other difference is refused with the options that differ, old and
+new (unless no image was finished: then there is nothing to keep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from finercam.errors import InvalidArgumentError
+from finercam.mappings import differences
+
+PROGRESS, PROGRESS_CONFIG = "progress.jsonl", "progress-config.json"
+FREE_OPTIONS = ("batch_size", "score_batch_size", "correct_only")
+"""Options that do not change per-image results, so a resumed evaluation may change them."""
+FREE_SCORE_OPTIONS = ("pass_size",)
+
+
+def comparable(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON view of ``asdict(EvaluationOptions)`` without the options a resumed evaluation may change."""
+    view = json.loads(json.dumps(options, default=str))
+    score = {k: v for k, v in view.get("score", {}).items() if k not in FREE_SCORE_OPTIONS}
+    return {**{k: v for k, v in view.items() if k not in FREE_OPTIONS}, "score": score}
+
+
+def read_progress(out: Path) -> list[dict[str, Any]]:
+    """The finished batches in ``out/progress.jsonl``; a last line cut short by a crash is dropped (and truncated
+    away so that appending goes on cleanly)."""
+    path = out / PROGRESS
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete))
+    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+
+def done_indices(records: list[dict[str, Any]], batch_size: int, total: int) -> set[int]:
+    """The indices of the images the ``records`` hold (a record written before ``indices`` were recorded covers
+    batch ``batch`` of ``batch_size`` images)."""
+    done: set[int] = set()
+    for record in records:
+        if "indices" in record:
+            done.update(record["indices"])
+        else:
+            start = record["batch"] * batch_size
+            done.update(range(start, min(start + batch_size, total)))
+    return done
+
+
+def prepare_out(out: Path, options: Mapping[str, Any], extra: Mapping[str, Any], restart: bool, total: int) -> set[int]:
+    """Create ``out``; unless ``restart``, check that what it holds was made with the same options (``asdict`` of the
+    :class:`~finercam.evaluation.runner.EvaluationOptions`) and ``extra`` (the data, the model); write the options;
+    return the indices of the images already evaluated.
+
+    Raises:
+        InvalidArgumentError: ``out`` holds an evaluation with other options, listing each difference.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, progress_path = out / PROGRESS_CONFIG, out / PROGRESS
+    record = {"options": json.loads(json.dumps(options, default=str)), **extra}
+    done: set[int] = set()
+    if restart:
+        progress_path.unlink(missing_ok=True)
+    elif progress_path.is_file():
+        if not config_path.is_file():
+            raise InvalidArgumentError(f"{str(out)!r} holds {PROGRESS} but not {PROGRESS_CONFIG}, so its options are "
+                                       "unknown; pass --restart to discard it, or choose another --out")
+        previous = json.loads(config_path.read_text())
+        done = done_indices(read_progress(out), int(previous.get("options", {}).get("batch_size", 1)), total)
+        changed = differences(comparable(previous.get("options", {})), comparable(record["options"]))
+        changed += differences(_extra(previous, extra), _extra(record, extra))
+        if changed and done:  # an evaluation stopped before its first batch holds nothing to keep
+            state = "finished" if done >= set(range(total)) else "partial"
+            raise InvalidArgumentError(
+                f"{str(out)!r} holds a {state} evaluation ({len(done)} of {total} images done) with other options or "
+                f"data: {'; '.join(changed[:8])}. "
+                "Pass --restart to discard it, or choose another --out (batch sizes may change on resume)"
+            )
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, config_path)
+    return done
+
+
+def _extra(record: Mapping[str, Any], keys: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: record.get(key) for key in keys}
