@@ -131,6 +131,33 @@ def test_forked_workers_write_exactly_the_one_process_store(tmp_path: Path, monk
     assert _no_workers_left()
 
 
+_REUSED_MEMORY = """
+import ctypes, sys, torch
+from finercam.dataset.parallel import forked_map
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large blocks come from the heap, which keeps them once freed
+block = torch.ones(96 * 2**20 // 4); block += 1; del block  # 96 MiB resident in the parent's heap, free
+def work(value):
+    block = torch.ones(64 * 2**20 // 4); block += 1  # reuses the parent's free heap: no new resident page
+    return value
+growths = []
+list(forked_map(work, list(range(6)), 3, fit=lambda growth: growths.append(growth) or 3))
+print(growths[0])
+"""
+
+
+def test_a_worker_reusing_its_parents_freed_memory_still_counts_it() -> None:
+    """Memory the parent freed stays resident in its heap; a worker writing it copies the pages, which its peak
+    resident size does not show: the growth of its private memory does."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _REUSED_MEMORY], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert 48 * 2**20 <= int(done.stdout.split()[-1]) <= 256 * 2**20, done.stdout
+
+
 def test_memory_fit_starts_only_the_workers_the_memory_holds() -> None:
     """Two workers start; the first result's growth of its worker's peak memory decides how many run in all."""
     growths: list[int] = []

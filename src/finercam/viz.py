@@ -6,16 +6,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from finercam.errors import MissingDependencyError
+from finercam.errors import InvalidArgumentError, MissingDependencyError
 
 ArrayLike = Tensor | np.ndarray
-__all__ = ["Column", "MissingDependencyError", "overlay", "pyplot", "save_comparison"]
+__all__ = ["Channels", "Column", "MissingDependencyError", "overlay", "pyplot", "save_comparison"]
 
 
 def _matplotlib() -> ModuleType:
@@ -38,15 +38,45 @@ def pyplot() -> ModuleType:
     return plt
 
 
-def _to_numpy_image(image: ArrayLike) -> np.ndarray:
-    """An image ``(3, H, W)`` or ``(H, W, 3)`` (tensor or array) as a float ``(H, W, 3)`` array in ``[0, 1]``."""
+Channels = Literal["first", "last"]
+"""Where an image keeps its colour channels: ``"first"`` ``(C, H, W)`` (torch) or ``"last"`` ``(H, W, C)`` (numpy,
+Pillow, matplotlib)."""
+
+
+def _channels_of(image: ArrayLike, channels: Channels | None) -> Channels:
+    """The layout of ``image``: as given, else torch's ``"first"`` for a tensor and ``"last"`` for an array.
+
+    The layout is never guessed from the shape: an image 1 or 3 pixels wide looks like a channel axis.
+    """
+    if channels is None:
+        return "first" if isinstance(image, Tensor) else "last"
+    if channels not in ("first", "last"):
+        raise InvalidArgumentError(
+            f"channels must be 'first' (C, H, W) or 'last' (H, W, C); got {channels!r}"
+        )
+    return channels
+
+
+def _to_numpy_image(image: ArrayLike, channels: Channels | None = None) -> np.ndarray:
+    """An image as a float ``(H, W, 3)`` array in ``[0, 1]``.
+
+    Args:
+        image: ``(C, H, W)`` or ``(H, W, C)`` pixels with ``C`` 1 or 3 (tensor or array), or ``(H, W)`` gray.
+        channels: where the channel axis is (see :func:`_channels_of`; ``None``: first for a tensor, last for an
+            array).
+    """
+    layout = _channels_of(image, channels)
     array = image.detach().cpu().float().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=float)
-    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
-        array = array.transpose(1, 2, 0)
     if array.ndim == 2:
         array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3):
-        raise ValueError(f"expected an image (3, H, W) or (H, W, 3); got shape {array.shape}")
+    elif array.ndim == 3 and layout == "first":
+        array = array.transpose(1, 2, 0)
+    expected = "(C, H, W)" if layout == "first" else "(H, W, C)"
+    if array.ndim != 3 or array.shape[-1] not in (1, 3) or 0 in array.shape:
+        raise InvalidArgumentError(
+            f"expected an image {expected} with C = 1 or 3 (channels={layout!r}), or (H, W); got shape "
+            f"{tuple(image.shape)}"
+        )
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     low, high = float(array.min()), float(array.max())
@@ -58,11 +88,13 @@ def _to_numpy_image(image: ArrayLike) -> np.ndarray:
 def _to_numpy_map(cam: ArrayLike) -> np.ndarray:
     array = cam.detach().cpu().float().numpy() if isinstance(cam, Tensor) else np.asarray(cam, dtype=float)
     if array.ndim != 2:
-        raise ValueError(f"expected a map (H, W); got shape {array.shape}")
+        raise InvalidArgumentError(f"expected a map (H, W); got shape {array.shape}")
     return np.clip(array, 0.0, 1.0)
 
 
-def overlay(image: ArrayLike, cam: ArrayLike, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(
+    image: ArrayLike, cam: ArrayLike, *, alpha: float = 0.5, cmap: str = "jet", channels: Channels | None = None
+) -> np.ndarray:
     """Blend a colour-mapped map in ``[0, 1]`` over an image: ``(1 - alpha) * image + alpha * cmap(map)``.
 
     Args:
@@ -70,14 +102,18 @@ def overlay(image: ArrayLike, cam: ArrayLike, *, alpha: float = 0.5, cmap: str =
         cam: ``(H, W)`` map in ``[0, 1]``, e.g. ``result.maps[i]``.
         alpha: weight of the map.
         cmap: a matplotlib colormap name (``"jet"``, ``"inferno"``).
+        channels: ``"first"`` for ``(3, H, W)``, ``"last"`` for ``(H, W, 3)``; ``None`` (default): first for a
+            tensor, last for a numpy array. Never guessed from the shape, so images 1 or 3 pixels wide work.
 
     Returns:
         An ``(H, W, 3)`` float array in ``[0, 1]``.
     """
     matplotlib = _matplotlib()
-    pixels, heat = _to_numpy_image(image), _to_numpy_map(cam)
+    pixels, heat = _to_numpy_image(image, channels), _to_numpy_map(cam)
     if pixels.shape[:2] != heat.shape:
-        raise ValueError(f"image is {pixels.shape[:2]} but the map is {heat.shape}; resize one to the other")
+        raise InvalidArgumentError(
+            f"image is {pixels.shape[:2]} (height, width) but the map is {heat.shape}; resize one to the other"
+        )
     colours = matplotlib.colormaps[cmap](heat)[..., :3]
     return np.clip((1 - alpha) * pixels + alpha * colours, 0.0, 1.0)
 
@@ -132,9 +168,9 @@ def save_comparison(
             for row in range(rows):
                 axis: Any = axes[row, column_index]
                 picture = (
-                    _to_numpy_image(images[row])
+                    _to_numpy_image(images[row], "first")
                     if column.maps is None
-                    else overlay(images[row], column.maps[row], alpha=alpha, cmap=cmap)
+                    else overlay(images[row], column.maps[row], alpha=alpha, cmap=cmap, channels="first")
                 )
                 axis.imshow(picture, interpolation="nearest")
                 if column.outlines is not None:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import non_negative_int as _non_negative_int
+from finercam.argtypes import output_dir as _output_dir
+from finercam.argtypes import output_file as _output_file
 from finercam.argtypes import positive_int as _positive_int
 from finercam.dataset.settings import (
     AMP_DTYPES,
@@ -39,14 +41,25 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-
-
-
 def _shard(text: str) -> tuple[int, int]:
     try:
         return parse_shard(text)
     except InvalidArgumentError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _panel(text: str) -> int:
+    """A panel side in pixels within :data:`finercam.dataset.visualize.PANEL_RANGE`."""
+    from finercam.dataset.visualize import check_panel
+
+    try:
+        return check_panel(int(text))
+    except (ValueError, InvalidArgumentError):
+        from finercam.dataset.visualize import PANEL_RANGE
+
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of pixels from {PANEL_RANGE[0]} to {PANEL_RANGE[1]}, got {text}"
+        ) from None
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
@@ -59,8 +72,8 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--preprocess", help="preprocessing preset (default: the model's own configuration)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     run.add_argument("--data", required=True, help="ImageFolder root, or a list file ('path' or 'path<TAB>label')")
-    run.add_argument("--out", required=True, help="the result store folder (an existing one with the same "
-                     "settings is resumed)")
+    run.add_argument("--out", required=True, type=_output_dir, help="the result store folder (an existing one "
+                     "with the same settings is resumed; not inside --data)")
     run.add_argument("--class-names", help="the model's class names, one per line in class order")
     run.add_argument("--layer", help="target layer (default: the model's recommended layer, else auto)")
     run.add_argument("--method", default="gradcam", choices=sorted(METHODS))
@@ -95,21 +108,21 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 def _add_views(commands: argparse._SubParsersAction) -> None:
     visualize = commands.add_parser("visualize", help="comparison grids: image | reference exemplar | base | Finer")
     visualize.add_argument("store", nargs="+", help="result store folder(s) (shards of one run may be listed)")
-    visualize.add_argument("--out", required=True, help="output folder")
+    visualize.add_argument("--out", required=True, type=_output_dir, help="output folder")
     visualize.add_argument("--gamma", type=_gamma, help="comparison strength shown (default: the store's)")
     visualize.add_argument("--id", action="append", dest="ids", help="only this image id (repeatable)")
     visualize.add_argument("--limit", type=_positive_int, help="at most this many images")
-    visualize.add_argument("--panel", type=_positive_int, default=224, help="panel size in pixels")
+    visualize.add_argument("--panel", type=_panel, default=224, help="panel size in pixels (16 to 4096)")
     report = commands.add_parser("report", help="a self-contained HTML gallery of a result store")
     report.add_argument("store", nargs="+", help="result store folder(s)")
-    report.add_argument("--out", required=True, help="the HTML file")
+    report.add_argument("--out", required=True, type=_output_file(".html", ".htm"), help="the HTML file")
     report.add_argument("--gamma", type=_gamma, help="comparison strength shown (default: the store's)")
     report.add_argument("--limit", type=_non_negative_int, default=500, help="at most this many images (0: all)")
     report.add_argument("--order", default="listing", choices=["listing", "margin"],
                         help="which images fill the limit: the first, or the smallest confidence margins")
     export = commands.add_parser("export", help="PNG overlays or the official Finer-CAM per-image .npy files")
     export.add_argument("store", nargs="+", help="result store folder(s)")
-    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--out", required=True, type=_output_dir, help="output folder")
     export.add_argument("--format", default="png", choices=["png", "official"])
     export.add_argument("--gamma", type=_gamma, help="comparison strength (default: the store's)")
     export.add_argument("--limit", type=_positive_int, help="at most this many images")
@@ -130,15 +143,40 @@ def _load(args: argparse.Namespace) -> tuple[LoadedModel, torch.device]:
     return loaded, device
 
 
-def run_run(args: argparse.Namespace) -> int:
-    """``finercam run --model SPEC --data DIR|LIST --out DIR``."""
-    from finercam.dataset.pipeline import run_dataset
-    from finercam.dataset.sources import open_source, read_class_names
+def _classifier(loaded: LoadedModel, args: argparse.Namespace) -> torch.nn.Linear | None:
+    """The linear classifier of ``--references weights`` (``None`` for other strategies), or an error before the run
+    when the model has none."""
     from finercam.explain_image import last_linear
+
+    if args.references != "weights":
+        return None
+    weights = last_linear(loaded.model)
+    if weights is None:
+        raise InvalidArgumentError(
+            f"--references weights needs a model whose last layer is a linear classifier (torch.nn.Linear), whose "
+            f"weight rows give the class similarities; {args.model} has none (a TorchScript or wrapped model hides "
+            "it). Use --references nearest or --references top"
+        )
+    return weights
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """``finercam run --model SPEC --data DIR|LIST --out DIR``.
+
+    The inputs that need no model are checked first (``--data``, ``--class-names``, ``--out`` apart from the data),
+    then the model is loaded and the model files fingerprinted for the store's manifest.
+    """
+    from finercam.dataset.fingerprint import FINGERPRINTS, model_fingerprints
+    from finercam.dataset.pipeline import run_dataset
+    from finercam.dataset.sources import check_apart, check_data, open_source, read_class_names
     from finercam.runtime import cpu_threads
 
+    check_data(args.data)
+    check_apart(args.data, args.out)
+    given_names = read_class_names(args.class_names) if args.class_names else None
     loaded, device = _load(args)
-    names = read_class_names(args.class_names) if args.class_names else loaded.class_names
+    weights = _classifier(loaded, args)
+    names = given_names if given_names is not None else loaded.class_names
     source = open_source(args.data, names)
     settings = RunSettings(
         method=args.method, layer=args.layer or loaded.target_layer or "auto", gammas=tuple(args.gammas),
@@ -147,8 +185,10 @@ def run_run(args: argparse.Namespace) -> int:
         processes=args.processes, amp=args.amp, shard=args.shard, max_pixels=args.max_pixels, progress=not args.quiet,
         score_batch_size=args.score_batch_size,
     )
-    info = {"spec": args.model, "weights": args.weights, "head": args.head, "class_names_file": args.class_names}
-    weights = last_linear(loaded.model) if args.references == "weights" else None
+    info = {
+        "spec": args.model, "weights": args.weights, "head": args.head, "class_names_file": args.class_names,
+        FINGERPRINTS: model_fingerprints(args.model, args.weights, args.head),
+    }
     settings.check()
     processes = resolve_processes(settings, device)
     layout = f"{processes} worker processes of 1 thread" if processes > 1 else "1 process"
@@ -167,9 +207,24 @@ def run_run(args: argparse.Namespace) -> int:
 
 
 def _store(args: argparse.Namespace) -> ResultStore:
+    """The store(s) of a view; says when the store is incomplete, and stops when it holds no chunk yet."""
+    from finercam.dataset.store import StoreError
     from finercam.dataset.store_reader import load_store
 
-    return load_store(args.store if len(args.store) > 1 else args.store[0])
+    store = load_store(args.store if len(args.store) > 1 else args.store[0])
+    shown = ", ".join(repr(str(root)) for root in store.roots)
+    if not store.chunks:
+        raise StoreError(
+            f"the store {shown} holds no images yet: its run lists {store.total} images, but no chunk of "
+            f"{store.manifest['chunk_size']} has been written (the run stopped before its first chunk, or is still "
+            "running). Run the same finercam run command again to fill it"
+        )
+    note = store.coverage_note()
+    if note:
+        _say(f"note: {note}")
+    if len(store) == 0:
+        _say(f"note: no image of the store was explained: all {len(store.records)} present were skipped by the run")
+    return store
 
 
 def run_visualize(args: argparse.Namespace) -> int:
@@ -178,10 +233,23 @@ def run_visualize(args: argparse.Namespace) -> int:
 
     store = _store(args)
     written, skipped = save_grids(store, args.out, args.gamma, ids=args.ids, limit=args.limit, panel=args.panel)
-    _say(f"wrote {len(written)} comparison grids to {args.out}")
-    for image_id, reason in skipped[:10]:
-        _say(f"  left out {image_id}: {reason}")
+    _say(f"wrote {len(written)} comparison grids to {args.out}{_incomplete(store)}")
+    _left_out(skipped)
     return 0
+
+
+def _incomplete(store: ResultStore) -> str:
+    """``"; incomplete store: ..."`` for the last line of a view, or nothing when every chunk is present."""
+    if not store.missing_chunks:
+        return ""
+    return f"; incomplete store: {len(store.records)} of the run's {store.total} images present, see the note above"
+
+
+def _left_out(skipped: list[tuple[str, str]], shown: int = 10) -> None:
+    for image_id, reason in skipped[:shown]:
+        _say(f"  left out {image_id}: {reason}")
+    if len(skipped) > shown:
+        _say(f"  ... and {len(skipped) - shown} more left out")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -190,7 +258,9 @@ def run_report(args: argparse.Namespace) -> int:
 
     store = _store(args)
     path, left_out = write_gallery(store, args.out, args.gamma, limit=args.limit or None, order=args.order)
-    _say(f"wrote {path} ({len(store)} images in the store; {len(left_out)} unreadable now)")
+    _say(f"wrote {path} ({len(store)} explained images in the store; {len(left_out)} left out of the gallery"
+         f"{_incomplete(store)})")
+    _left_out(left_out)
     return 0
 
 
@@ -201,9 +271,8 @@ def run_export(args: argparse.Namespace) -> int:
     store = _store(args)
     exporter = export_official if args.format == "official" else export_overlays
     report = exporter(store, args.out, args.gamma, limit=args.limit)
-    _say(f"wrote {len(report.written)} {args.format} files to {args.out}")
-    for image_id, reason in report.skipped[:10]:
-        _say(f"  left out {image_id}: {reason}")
+    _say(f"wrote {len(report.written)} {args.format} files to {args.out}{_incomplete(store)}")
+    _left_out(report.skipped)
     return 0
 
 

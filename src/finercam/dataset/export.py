@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from finercam.dataset.names import inside, safe_component, short_hash, unique_stem
+from finercam.dataset.names import inside, make_folder, safe_component, short_hash, unique_stem
 from finercam.dataset.render import default_gamma, render_baseline, render_map
 from finercam.dataset.store_reader import ImageRecord, ResultStore
 from finercam.images import ImageReadError
@@ -39,6 +39,14 @@ class ExportReport:
 
     written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def left_out_reason(error: Exception) -> str:
+    """Why a view or export left one image out: the message of an expected error (an image that cannot be read
+    now), else the error's type and message, so that one bad image never stops the whole job."""
+    if isinstance(error, ImageReadError):
+        return str(error)
+    return f"could not be rendered ({type(error).__name__}: {error})"
 
 
 def store_preprocess(store: ResultStore) -> Preprocess:
@@ -77,18 +85,19 @@ def export_overlays(
     from finercam.viz import overlay
 
     gamma = default_gamma(store) if gamma is None else float(gamma)
-    root, report = Path(out), ExportReport()
+    root, report = make_folder(Path(out)), ExportReport()
     for record in _rows(store, limit):
         assert record.row is not None
         try:
             picture = display_image(store, record)
-        except ImageReadError as error:
-            report.skipped.append((record.id, str(error)))
+            heat = render_map(store, record.row, gamma, tuple(picture.shape[-2:]))  # type: ignore[arg-type]
+            blended = overlay(picture, heat, alpha=alpha, channels="first")
+        except Exception as error:  # one image that cannot be drawn is left out with its reason, never the rest
+            report.skipped.append((record.id, left_out_reason(error)))
             continue
-        heat = render_map(store, record.row, gamma, tuple(picture.shape[-2:]))  # type: ignore[arg-type]
         folder = safe_component(store.class_name(int(store.targets[record.row])))
         path = inside(root, folder, f"{unique_stem(record.id)}.png")
-        report.written.append(save_png(path, overlay(picture, heat, alpha=alpha)))
+        report.written.append(save_png(path, blended))
     return report
 
 
@@ -124,13 +133,16 @@ def export_official(
 ) -> ExportReport:
     """Write the official per-image ``.npy`` dictionaries into ``out``."""
     gamma = default_gamma(store) if gamma is None else float(gamma)
-    root, report, used = Path(out), ExportReport(), set()
-    root.mkdir(parents=True, exist_ok=True)
+    root, report, used = make_folder(Path(out)), ExportReport(), set()
     for record in _rows(store, limit):
         assert record.row is not None
-        path = inside(root, official_name(record, used))
         buffer = io.BytesIO()
-        np.save(buffer, official_dict(store, record.row, gamma), allow_pickle=True)  # type: ignore[arg-type]
+        try:
+            np.save(buffer, official_dict(store, record.row, gamma), allow_pickle=True)  # type: ignore[arg-type]
+        except Exception as error:  # one row that cannot be rendered is left out with its reason, never the rest
+            report.skipped.append((record.id, left_out_reason(error)))
+            continue
+        path = inside(root, official_name(record, used))
         path.write_bytes(buffer.getvalue())
         report.written.append(path)
     return report

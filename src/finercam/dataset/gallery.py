@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from finercam.dataset.export import display_image
+from finercam.dataset.export import display_image, left_out_reason
+from finercam.dataset.names import make_folder
 from finercam.dataset.render import default_gamma, render_baseline, render_map
 from finercam.dataset.store import atomic_write
 from finercam.dataset.store_reader import ResultStore
 from finercam.errors import InvalidArgumentError
-from finercam.images import ImageReadError
 from finercam.methods import get_method
 
 ORDERS = ("listing", "margin")
@@ -79,8 +79,8 @@ def _thumbnail(store: ResultStore, row: int, gamma: float, size: int) -> str:
     shape = tuple(picture.shape[-2:])
     panels = [
         picture.permute(1, 2, 0).numpy(),
-        overlay(picture, render_baseline(store, row, shape)),  # type: ignore[arg-type]
-        overlay(picture, render_map(store, row, gamma, shape)),  # type: ignore[arg-type]
+        overlay(picture, render_baseline(store, row, shape), channels="first"),  # type: ignore[arg-type]
+        overlay(picture, render_map(store, row, gamma, shape), channels="first"),  # type: ignore[arg-type]
     ]
     width = max(1, round(shape[1] * size / shape[0]))
     strip = Image.new("RGB", (3 * width + 4, size), "white")
@@ -156,20 +156,22 @@ def write_gallery(
     for row in rows:
         try:
             thumb = _thumbnail(store, row, gamma, thumbnail)
-        except ImageReadError as error:
-            left_out.append((store.ok_records()[row].id, str(error)))
+        except Exception as error:  # one image that cannot be drawn is left out with its reason, never the rest
+            left_out.append((store.ok_records()[row].id, left_out_reason(error)))
             continue
         cards.append(_card(store, row, gamma, float(values[row]), thumb))
-    document = _document(store, gamma, cards, len(rows))
+    document = _document(store, gamma, cards, len(rows), left_out)
     path = Path(out)
     if path.suffix.lower() not in (".html", ".htm"):
         path = path / "report.html" if path.is_dir() or not path.suffix else path.with_suffix(".html")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     atomic_write(path, document.encode("utf-8"))
     return path, left_out
 
 
-def _document(store: ResultStore, gamma: float, cards: list[str], chosen: int) -> str:
+def _document(
+    store: ResultStore, gamma: float, cards: list[str], chosen: int, left_out: list[tuple[str, str]]
+) -> str:
     escape = html.escape
     config = store.config
     title = get_method(store.method).title
@@ -181,22 +183,27 @@ def _document(store: ResultStore, gamma: float, cards: list[str], chosen: int) -
         f"<h2>Skipped files ({len(skipped)})</h2><table><tr><th>id</th><th>reason</th></tr>{rows}</table>{more}"
         if skipped else ""
     )
-    missing = store.missing_chunks
-    partial = f" ({len(missing)} chunks not in the store yet)" if missing else ""
+    coverage = store.coverage_note()
+    partial = f"<p><strong>Note: {escape(coverage)}.</strong></p>" if coverage else ""
+    left = "".join(f"<tr><td>{escape(image_id)}</td><td>{escape(reason)}</td></tr>" for image_id, reason in left_out)
+    left_html = (
+        f"<h2>Left out of this gallery ({len(left_out)})</h2><table><tr><th>id</th><th>reason</th></tr>{left}</table>"
+        if left_out else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Finer-CAM gallery</title><style>{_STYLE}</style></head><body>
 <h1>Finer-CAM gallery</h1>
 <p>{escape(model)}; layer {escape(", ".join(store.layers))}; {escape(title)}; {len(store)} images explained,
-{len(skipped)} skipped{escape(partial)}; references {escape(str(config["references"]))}
+{len(skipped)} skipped; references {escape(str(config["references"]))}
 (T = {int(config["num_references"])}, {escape(str(config["aggregation"]))});
 explained class: {escape(config["target"])}.
 Each card: image | base CAM (gamma 0) | Finer-CAM (gamma {gamma:g}). Showing {len(cards)} of {chosen} chosen.</p>
-<div class="bar"><input id="search" type="search" placeholder="search by class name" size="40">
+{partial}<div class="bar"><input id="search" type="search" placeholder="search by class name" size="40">
 <select id="field">{"".join(f'<option value="{key}">{label}</option>' for key, label in SEARCH_FIELDS.items())}</select>
 <select id="order"><option value="listing">listing order</option><option value="margin-up">margin, smallest first
 </option><option value="margin-down">margin, largest first</option><option value="confidence">confidence, highest
 first</option></select> <span id="count"></span></div>
 <div class="cards">{"".join(cards)}</div>
-{skipped_html}
+{left_html}{skipped_html}
 <script>{_SCRIPT}</script></body></html>
 """

@@ -38,3 +38,15 @@ def inside(root: Path, *parts: str) -> Path:
     if path != base and base not in path.parents:
         raise InvalidArgumentError(f"refusing to write {str(path)!r}: outside the output folder {str(base)!r}")
     return path
+
+
+def make_folder(folder: Path) -> Path:
+    """Create an output folder (and its parents), or say which part of the path is a file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((part for part in (folder, *folder.parents) if part.exists() and not part.is_dir()), folder)
+        raise InvalidArgumentError(
+            f"cannot write into {str(folder)!r}: {str(blocking)!r} is a file; give a folder path"
+        ) from None
+    return folder

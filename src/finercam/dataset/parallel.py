@@ -152,10 +152,31 @@ def _die_with_parent() -> None:
         pass
 
 
+def _private_bytes() -> int | None:
+    """Resident memory private to this process (``Private_Clean + Private_Dirty`` of ``/proc/self/smaps_rollup``),
+    ``None`` where unknown. In a forked child it counts the pages the child wrote, also pages it shares with its
+    parent and copied on write: memory the parent had freed and the child reuses, which its resident size does not
+    show as growth."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            fields = [line.split() for line in rollup if line.startswith(("Private_Clean:", "Private_Dirty:"))]
+        return sum(int(field[1]) for field in fields) * 1024 if len(fields) == 2 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _growth_since(peak: int, private: int | None) -> int:
+    """How much memory this worker's work took since ``(peak, private)`` were read: the larger of the growth of its
+    peak resident size (freshly mapped memory, also when freed again) and of its private memory (reused memory)."""
+    now = _private_bytes()
+    return max(_peak_rss_bytes() - peak, 0 if now is None or private is None else now - private)
+
+
 def _worker(function: Callable[[Any], Any], tasks: Sequence[Any], todo: Any, done: Any, parent: int) -> None:
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     torch.set_num_threads(1)
-    start = _peak_rss_bytes()
+    peak, private = _peak_rss_bytes(), _private_bytes()
     while True:
         try:
             number = todo.get(timeout=_POLL_SECONDS)
@@ -170,7 +191,7 @@ def _worker(function: Callable[[Any], Any], tasks: Sequence[Any], todo: Any, don
         except BaseException:
             done.put(("error", number, traceback.format_exc(), 0))
             return
-        done.put(("ok", number, payload, _peak_rss_bytes() - start))
+        done.put(("ok", number, payload, _growth_since(peak, private)))
 
 
 def forked_map(
@@ -182,7 +203,7 @@ def forked_map(
 
     ``function`` and ``tasks`` are inherited by the workers, not pickled; each result is pickled back (keep results
     small: CPU tensors, numbers). With ``fit``, two workers start first, and ``fit(growth)`` (the first result's
-    growth of its worker's peak resident memory, in bytes) says how many run in all (see :func:`memory_fit`).
+    memory growth of its worker, in bytes: see :func:`_growth_since`) says how many run in all (see :func:`memory_fit`).
 
     Raises:
         WorkerError: a worker raised (the message has its traceback) or died.

@@ -54,7 +54,7 @@ from finercam.dataset.settings import (
     resolve_processes,
     target_mode,
 )
-from finercam.dataset.sources import DataSource
+from finercam.dataset.sources import DataSource, check_apart
 from finercam.dataset.store import (
     RESOLVED,
     StoreWriter,
@@ -277,12 +277,15 @@ def run_dataset(
         The :class:`RunSummary`, also written to ``summary.json`` in ``out``.
 
     Raises:
-        InvalidArgumentError: bad settings, labels that do not fit the model, ``amp`` without CUDA.
+        InvalidArgumentError: bad settings, labels that do not fit the model, ``amp`` without CUDA, ``out`` inside
+            the ImageFolder tree (or the tree inside ``out``).
         StoreError: ``out`` holds a store made with other settings or another listing.
     """
     settings = settings or RunSettings()
     settings.check()
     root = Path(out)
+    if source.kind == "image-folder":
+        check_apart(source.location, root)
     target = target_mode(settings, source)
     info = dict(model_info) if model_info is not None else {"class": type(model).__name__}
     labels = torch.tensor([-1 if item.label is None else item.label for item in source.items], dtype=torch.int64)
@@ -298,7 +301,7 @@ def run_dataset(
         already_done=sum(len(chunk_range(c, settings.chunk_size, total)) for c in mine if c in completed),
     )
     log = log or (lambda _line: None)
-    for note in source.notes:
+    for note in (*source.notes, *writer.notes):
         log(f"note: {note}")
 
     batches = plan_batches(pending, settings.chunk_size, settings.batch_size, total)

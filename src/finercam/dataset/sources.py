@@ -27,11 +27,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from finercam.errors import InvalidArgumentError
-from finercam.images import image_folder
+from finercam.images import IMAGE_SUFFIXES, image_folder
 
 LABEL_SOURCES = ("class-names", "normalised-class-names", "folder-order", "indices", "none")
 _SHOWN = 20
+_LIST_FILE = "a list file (one path per line)"
+_DATA = "an ImageFolder folder or a list file (one path per line)"
 
 
 class ClassNameMismatchError(InvalidArgumentError):
@@ -88,12 +92,49 @@ class DataSource:
         return digest.hexdigest()
 
 
+def _is_image(path: Path) -> bool:
+    """Whether a file is an image: an image suffix, or a header Pillow recognises."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True
+    except Exception:  # not an image (or unreadable: reading it as text says why)
+        return False
+
+
+def read_text_file(path: Path, what: str, expected: str) -> str:
+    """The text of a UTF-8 file given by the user, or an error naming ``what`` and the ``expected`` content when it
+    is a folder, missing, unreadable, an image or another binary file, or not UTF-8."""
+    shown = str(path)
+    if path.is_dir():
+        raise InvalidArgumentError(f"{what} {shown!r} is a folder; give a file ({expected})")
+    if not path.is_file():
+        raise InvalidArgumentError(f"{what} {shown!r} does not exist; give a file ({expected})")
+    if _is_image(path):
+        raise InvalidArgumentError(f"{what} {shown!r} is an image, not {expected}")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InvalidArgumentError(f"{what} {shown!r} cannot be read ({error.strerror or error})") from None
+    if b"\0" in data:
+        raise InvalidArgumentError(f"{what} {shown!r} is a binary file (it holds NUL bytes), not {expected}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise InvalidArgumentError(
+            f"{what} {shown!r} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); give {expected}, "
+            "saved as UTF-8"
+        ) from None
+
+
 def read_class_names(path: str | Path) -> tuple[str, ...]:
     """Read a class-names file: one name per line (trailing whitespace stripped; blank lines are an error)."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidArgumentError(f"class-names file {str(path)!r} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path, "class-names file", "a text file with one class name per line").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     names = tuple(line.strip() for line in lines)
@@ -198,10 +239,11 @@ def _label_index(label: str, names: Sequence[str] | None, exact: dict[str, int])
 
 def list_source(list_file: str | Path, class_names: Sequence[str] | None) -> DataSource:
     """Read a list file (see module doc); labels are class names of ``class_names`` or class indices."""
+    text = read_text_file(Path(list_file), "list file", _LIST_FILE)
     list_file = Path(list_file).resolve()
     base = list_file.parent
     entries: list[tuple[str, str | None]] = []
-    for raw in list_file.read_text(encoding="utf-8").splitlines():
+    for raw in text.splitlines():
         line = raw.strip()
         if line and not line.startswith("#"):
             entries.append(_split_line(line, base))
@@ -234,11 +276,41 @@ def list_source(list_file: str | Path, class_names: Sequence[str] | None) -> Dat
     return DataSource("list", list_file, tuple(items), names, label_source, notes)
 
 
+def check_data(data: str | Path) -> None:
+    """Check ``--data`` before any work: a folder, or a readable UTF-8 list file (not an image, not binary)."""
+    data = Path(data)
+    if data.is_dir():
+        return
+    if not data.exists():
+        raise InvalidArgumentError(f"--data {str(data)!r} does not exist; give {_DATA}")
+    if data.is_file():
+        read_text_file(data, "--data", _DATA)
+        return
+    raise InvalidArgumentError(f"--data {str(data)!r} is neither an ImageFolder folder nor a list file")
+
+
+def check_apart(data: str | Path, out: str | Path) -> None:
+    """Refuse a store folder ``out`` inside the ImageFolder tree ``data`` it explains (its files would become images
+    and classes of the dataset), the tree itself, or a tree inside the store."""
+    data_path, out_path = Path(data).resolve(), Path(out).resolve()
+    if not data_path.is_dir():
+        return
+    if out_path == data_path or data_path in out_path.parents:
+        raise InvalidArgumentError(
+            f"--out {str(out)!r} is inside --data {str(data)!r}: the store's files would be read as images and class "
+            "folders of the dataset. Give an --out folder outside the dataset"
+        )
+    if out_path in data_path.parents:
+        raise InvalidArgumentError(
+            f"--data {str(data)!r} is inside --out {str(out)!r}: the store would be written among the dataset's "
+            "folders. Give an --out folder of its own, outside the dataset"
+        )
+
+
 def open_source(data: str | Path, class_names: Sequence[str] | None = None) -> DataSource:
-    """An ImageFolder tree (a folder) or a list file (a file)."""
+    """An ImageFolder tree (a folder) or a list file (a UTF-8 text file, one image path per line)."""
     data = Path(data)
     if data.is_dir():
         return folder_source(data, class_names)
-    if data.is_file():
-        return list_source(data, class_names)
-    raise InvalidArgumentError(f"--data {str(data)!r} is neither an ImageFolder folder nor a list file")
+    check_data(data)
+    return list_source(data, class_names)

@@ -2,7 +2,8 @@ r"""The result store of ``finercam run``: a folder of a few large files, written
 
 Layout (see ``docs/store.md`` for the full reference)::
 
-    OUT/store.json                        manifest: format, version, model, layer, method, gammas, references,
+    OUT/store.json                        manifest: format, version, model (with the size and SHA-256 of its
+                                          weights, head and model files), layer, method, gammas, references,
                                           preprocessing, class names, the listing's size and fingerprint, the
                                           resolved layer, C and T, versions
     OUT/chunks/chunk-000000.safetensors   chunk k: every image at listing positions [k S, (k + 1) S)
@@ -58,7 +59,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from finercam.dataset.fingerprint import FINGERPRINTS
 from finercam.errors import InvalidArgumentError
+from finercam.mappings import differences
 
 STORE_FORMAT, CHUNK_FORMAT, STORE_VERSION = "finercam-store", "finercam-store-chunk", 1
 MANIFEST, CHUNKS = "store.json", "chunks"
@@ -140,46 +143,90 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _differences(stored: Mapping[str, Any], asked: Mapping[str, Any], prefix: str = "") -> list[str]:
+def _fingerprints(manifest: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    model = (manifest.get("config") or {}).get("model") or {}
+    return model.get(FINGERPRINTS) if isinstance(model, Mapping) else None
+
+
+def _without_fingerprints(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    config = dict(manifest.get("config") or {})
+    if isinstance(config.get("model"), Mapping):
+        config["model"] = {key: value for key, value in config["model"].items() if key != FINGERPRINTS}
+    return {**manifest, "config": config}
+
+
+def _fingerprint_differences(stored: Mapping[str, Any] | None, asked: Mapping[str, Any] | None) -> list[str]:
+    """One line per model file whose size or SHA-256 changed, or that one side has and the other not."""
+    if stored is None or asked is None:  # a store made before fingerprints existed: nothing to compare
+        return []
     lines = []
-    for key in sorted(set(stored) | set(asked)):
-        a, b = stored.get(key), asked.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            lines += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            shown = [repr(v) if len(repr(v)) < 60 else repr(v)[:57] + "..." for v in (a, b)]
-            lines.append(f"{prefix}{key}: store {shown[0]}, now {shown[1]}")
+    for role in sorted(set(stored) | set(asked)):
+        before, now = stored.get(role), asked.get(role)
+        if before == now:
+            continue
+        if before is None or now is None:
+            lines.append(f"config.model.{FINGERPRINTS}.{role}: store {'no file' if before is None else 'a file'}, "
+                         f"now {'no file' if now is None else 'a file'}")
+            continue
+        lines.append(
+            f"config.model.{FINGERPRINTS}.{role}: the {role} file changed since the store was made (size "
+            f"{before.get('size')} -> {now.get('size')} bytes, sha256 {str(before.get('sha256'))[:12]}... -> "
+            f"{str(now.get('sha256'))[:12]}...)"
+        )
     return lines
 
 
 def compare_manifests(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    """The differences that stop a resume (or a merge of shards): one line each, ``key: store X, now Y``.
+
+    The fingerprints of the model files are compared when both manifests record them (stores made before they
+    existed have none, and stay readable and resumable).
+    """
     keys = [*COMPARED, *([RESOLVED] if stored.get(RESOLVED) and asked.get(RESOLVED) else [])]
-    return _differences({key: stored.get(key) for key in keys}, {key: asked.get(key) for key in keys})
+    files = _fingerprint_differences(_fingerprints(stored), _fingerprints(asked))
+    stored, asked = _without_fingerprints(stored), _without_fingerprints(asked)
+    return files + differences({key: stored.get(key) for key in keys}, {key: asked.get(key) for key in keys},
+                               before="store")
+
+
+def unverified_fingerprints(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
+    """The model files a run cannot check against a store made before fingerprints were recorded."""
+    if _fingerprints(stored) is not None:
+        return []
+    return sorted(_fingerprints(asked) or {})
 
 
 class StoreWriter:
     """Opens a store to create or resume it, and writes its chunks atomically.
 
     A new store's manifest is written by :meth:`commit`, once the run has checked that the model fits the data, so
-    that a run stopped by a user error leaves nothing that a corrected run would refuse to resume.
+    that a run stopped by a user error leaves nothing that a corrected run would refuse to resume. ``notes`` says
+    what a resumed store could not check (model files of a store made before fingerprints were recorded).
     """
 
     def __init__(self, root: str | Path, manifest: Mapping[str, Any], shard: tuple[int, int] = (0, 1)) -> None:
         self.root = Path(root)
         self.shard = shard
+        self.notes: list[str] = []
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"--out {str(self.root)!r} exists and is not a folder")
         manifest = json.loads(json.dumps(manifest))  # the JSON view: tuples as lists, as they are read back
         self.committed = (self.root / MANIFEST).exists()
         if self.committed:
             stored = read_manifest(self.root)
-            differences = compare_manifests(stored, manifest)
-            if differences:
+            changed = compare_manifests(stored, manifest)
+            if changed:
                 raise StoreError(
                     f"the store {str(self.root)!r} was made with other settings or another listing, so it cannot be "
-                    f"resumed: {'; '.join(differences[:8])}. Use a new --out folder, or the store's settings"
+                    f"resumed: {'; '.join(changed[:8])}. Use a new --out folder, or the store's settings"
                 )
             self.manifest = stored
+            unchecked = unverified_fingerprints(stored, manifest)
+            if unchecked:
+                self.notes.append(
+                    f"the store predates model-file fingerprints: it cannot be checked that the {', '.join(unchecked)} "
+                    "file(s) are the ones it was made with; resume only with unchanged files"
+                )
             self._remove_stale_temporaries()
         else:
             self.manifest = manifest

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -108,11 +109,49 @@ class ResultStore:
         return int(self.manifest["data"]["count"])
 
     @property
+    def chunk_count(self) -> int:
+        """Chunks of the whole run."""
+        return -(-self.total // int(self.manifest["chunk_size"]))
+
+    @property
     def missing_chunks(self) -> tuple[int, ...]:
         """Chunks not (yet) in the store: a run that was interrupted, or shards not loaded."""
-        count = -(-self.total // int(self.manifest["chunk_size"]))
         present = set(self.chunks)
-        return tuple(chunk for chunk in range(count) if chunk not in present)
+        return tuple(chunk for chunk in range(self.chunk_count) if chunk not in present)
+
+    def missing_shards(self) -> tuple[tuple[int, int], ...]:
+        """Shards ``(I, N)`` none of whose chunks are in the store, for the shard counts ``N`` that the loaded
+        folders' ``summary-shard-I-of-N.json`` files name."""
+        missing, count = set(self.missing_chunks), self.chunk_count
+        found = []
+        for shards in shard_counts(self.roots):
+            for index in range(shards):
+                own = range(index, count, shards)
+                if len(own) and all(chunk in missing for chunk in own):
+                    found.append((index, shards))
+        return tuple(found)
+
+    def coverage_note(self) -> str | None:
+        """``None`` when every chunk of the run is present; else how many of the run's images are present and which
+        shards or chunks are missing."""
+        missing = self.missing_chunks
+        if not missing:
+            return None
+        shards = self.missing_shards()
+        in_shards = {chunk for index, count in shards for chunk in range(index, self.chunk_count, count)}
+        rest = [chunk for chunk in missing if chunk not in in_shards]
+        parts = []
+        if shards:
+            listed = ", ".join(f"{index}/{count}" for index, count in shards)
+            parts.append(f"shard{'s' if len(shards) > 1 else ''} {listed} (run {'them' if len(shards) > 1 else 'it'}, "
+                         "or list its store folder too)")
+        if rest:
+            parts.append(f"chunk{'s' if len(rest) > 1 else ''} {chunk_ranges(rest)} (the run was interrupted or is "
+                         "still running: run the same command again to finish it)")
+        return (
+            f"the store is incomplete: {len(self.records)} of the run's {self.total} images are present "
+            f"({len(self.chunks)} of {self.chunk_count} chunks); missing: {'; '.join(parts)}"
+        )
 
     @cached_property
     def probabilities(self) -> Tensor:
@@ -160,6 +199,35 @@ class ResultStore:
         count = len(self.gammas)
         start = int(self.map_offsets[row]) * count
         return self.finer_raw[start:start + count * height * width].view(count, height, width)
+
+
+_SHARD_SUMMARY = re.compile(r"^summary-shard-(\d+)-of-(\d+)\.json$")
+
+
+def shard_counts(roots: Iterable[Path]) -> tuple[int, ...]:
+    """The shard counts ``N`` of the sharded runs that wrote into ``roots`` (from their summary file names)."""
+    counts = set()
+    for root in roots:
+        if root.is_dir():
+            for entry in root.iterdir():
+                match = _SHARD_SUMMARY.match(entry.name)
+                if match and int(match.group(2)) > 1:
+                    counts.add(int(match.group(2)))
+    return tuple(sorted(counts))
+
+
+def chunk_ranges(chunks: Sequence[int], shown: int = 8) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"`` (at most ``shown`` runs, then how many chunks more)."""
+    runs: list[list[int]] = []
+    for chunk in sorted(chunks):
+        if runs and chunk == runs[-1][1] + 1:
+            runs[-1][1] = chunk
+        else:
+            runs.append([chunk, chunk])
+    text = ", ".join(f"{first}-{last}" if last > first else f"{first}" for first, last in runs[:shown])
+    if len(runs) > shown:
+        text += f" and {sum(last - first + 1 for first, last in runs[shown:])} more"
+    return text
 
 
 def _merge_manifests(roots: Sequence[Path]) -> dict[str, Any]:

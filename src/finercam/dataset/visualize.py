@@ -16,17 +16,26 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from finercam.dataset.export import display_image, save_png
-from finercam.dataset.names import inside, safe_component, unique_stem
+from finercam.dataset.export import display_image, left_out_reason, save_png
+from finercam.dataset.names import inside, make_folder, safe_component, unique_stem
 from finercam.dataset.render import default_gamma, render_baseline, render_map
 from finercam.dataset.store_reader import ImageRecord, ResultStore
 from finercam.errors import InvalidArgumentError
-from finercam.images import ImageReadError
 from finercam.methods import get_method
 
 TEXT_LINES = 3
 LINE_HEIGHT = 14
 MARGIN = 6
+PANEL_RANGE = (16, 4096)
+"""Smallest and largest panel side in pixels (a grid is four panels wide: 4096 makes about 200 MB of pixels)."""
+
+
+def check_panel(panel: int) -> int:
+    """``panel`` when it is a whole number within :data:`PANEL_RANGE`, else an error naming the range."""
+    low, high = PANEL_RANGE
+    if isinstance(panel, bool) or not isinstance(panel, int) or not low <= panel <= high:
+        raise InvalidArgumentError(f"panel must be a whole number of pixels from {low} to {high}; got {panel!r}")
+    return panel
 
 
 def exemplar_rows(store: ResultStore) -> dict[int, list[int]]:
@@ -121,15 +130,15 @@ def comparison_grid(
             exemplar = store.ok_records()[candidates[0]]
             try:
                 panels.append((_square(display_image(store, exemplar), panel), [*caption, f"exemplar: {exemplar.id}"]))
-            except ImageReadError:
+            except Exception:  # the exemplar is an aside: a blank panel, never the image's grid lost
                 panels.append((_blank(panel, "exemplar unreadable"), caption))
         else:
             panels.append((_blank(panel, "no image of this class in the store"), caption))
     else:
         panels.append((_blank(panel, "no reference class (C = 1)"), ["no reference", "", ""]))
     title = get_method(store.method).title
-    base = overlay(picture, render_baseline(store, row, size))  # type: ignore[arg-type]
-    finer = overlay(picture, render_map(store, row, gamma, size))  # type: ignore[arg-type]
+    base = overlay(picture, render_baseline(store, row, size), channels="first")  # type: ignore[arg-type]
+    finer = overlay(picture, render_map(store, row, gamma, size), channels="first")  # type: ignore[arg-type]
     panels.append((_square(base, panel), [f"{title} (baseline, gamma 0)",
                                           f"c ({_probability(store, row, target)}): {name(target)}"]))
     versus = ", ".join(name(d) for d in references) or "nothing"
@@ -151,6 +160,7 @@ def save_grids(
     Returns:
         The files written, and ``(id, reason)`` of images left out.
     """
+    check_panel(panel)
     gamma = default_gamma(store) if gamma is None else float(gamma)
     records = list(store.ok_records())
     if ids is not None:
@@ -163,15 +173,15 @@ def save_grids(
         records = records[:limit]
     exemplars = exemplar_rows(store)
     written, skipped = [], []
-    root = Path(out)
+    root = make_folder(Path(out))
     for record in records:
         if record.row is None:
             skipped.append((record.id, f"skipped by the run: {record.reason}"))
             continue
         try:
             grid = comparison_grid(store, record, gamma, exemplars, panel)
-        except ImageReadError as error:
-            skipped.append((record.id, str(error)))
+        except Exception as error:  # one image that cannot be drawn is left out with its reason, never the rest
+            skipped.append((record.id, left_out_reason(error)))
             continue
         folder = safe_component(store.class_name(int(store.targets[record.row])))
         written.append(save_png(inside(root, folder, f"{unique_stem(record.id)}.png"),

@@ -1,0 +1,53 @@
+"""Fingerprints of the files that make a run's model (``--weights``, ``--head``, a ``torchscript:`` or ``python:``
+file, a ``NAME@FILE`` checkpoint): their size and SHA-256, recorded in ``store.json`` under
+``config.model.fingerprints`` so that a store is never resumed with a model whose files changed since (the path
+alone would not tell)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from finercam.errors import InvalidArgumentError, ModelNotFoundError
+
+FINGERPRINTS = "fingerprints"
+"""The key of ``config.model`` that holds them (stores made before it existed have none)."""
+_BLOCK = 1 << 20
+
+
+def file_fingerprint(path: str | Path) -> dict[str, int | str]:
+    """``{"size": bytes, "sha256": hex digest}`` of one file, read in blocks of 1 MiB."""
+    path = Path(path)
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while block := handle.read(_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _spec_files(spec: str) -> dict[str, Path]:
+    """The local files a model spec names (the model file of ``torchscript:`` and ``python:``, an inline
+    ``NAME@FILE`` checkpoint); folders (``hf:DIR``) and hub names are not fingerprinted."""
+    from finercam.models.spec import parse_spec
+
+    try:
+        parsed = parse_spec(spec)
+    except (InvalidArgumentError, ModelNotFoundError):
+        return {}
+    files = {}
+    if parsed.kind in ("torchscript", "python") and Path(parsed.name).is_file():
+        files["model"] = Path(parsed.name)
+    if parsed.weights is not None and Path(parsed.weights).is_file():
+        files["checkpoint"] = Path(parsed.weights)
+    return files
+
+
+def model_fingerprints(spec: str, weights: str | None = None, head: str | None = None) -> dict[str, dict]:
+    """The fingerprint of every file of a model, by role (``model``, ``checkpoint``, ``weights``, ``head``); computed
+    once per run."""
+    files = _spec_files(spec)
+    for role, given in (("weights", weights), ("head", head)):
+        if given is not None and Path(given).is_file():
+            files[role] = Path(given)
+    return {role: file_fingerprint(path) for role, path in files.items()}
