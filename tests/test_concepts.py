@@ -263,6 +263,8 @@ def test_weights_references_of_the_classifier_are_the_nearest_prompts() -> None:
         (lambda e: reference_prompts("red wing", "Red  Wing"), "its own reference"),
         (lambda e: reference_prompts("red wing", ["bird", " "]), "empty"),
         (lambda e: reference_prompts("red wing", ["bird", "BIRD"]), "repeats"),
+        (lambda e: reference_prompts("red wing", "Red wing."), "'Red wing.' is the concept itself"),
+        (lambda e: reference_prompts("red wing", ["bird", "bird!"]), "'bird!' repeats 'bird'"),
         (lambda e: reference_prompts("red wing", []), "empty"),
         (lambda e: reference_prompts("green tail", Siblings(("red", "blue"))), "none of the sibling values"),
         (lambda e: Siblings(("red",)), "at least two"),
@@ -359,3 +361,23 @@ def test_classifier_arguments_are_checked() -> None:
     classifier = ZeroShotClassifier(encoder, torch.randn(2, 2), ["a", "b"])
     with pytest.raises(InvalidArgumentError, match="not one of"):
         classifier.index("c")
+
+
+def test_load_clip_refuses_arguments_the_model_does_not_use(tmp_path: Path) -> None:
+    from finercam.concepts.loading import load_clip
+
+    with pytest.raises(InvalidArgumentError, match=r"'embedded:clip' takes no weights=; a checkpoint is only loaded "
+                                                   "into open_clip models"):
+        load_clip("embedded:clip", weights=tmp_path / "any.pth")
+    with pytest.raises(InvalidArgumentError, match=r"'embedded:clip' takes no tokenizer=; a tokenizer folder is only "
+                                                   "used by hf: models"):
+        load_clip("embedded:clip", tokenizer=str(tmp_path))
+
+
+def test_prompts_compare_without_trailing_punctuation() -> None:
+    from finercam.concepts.zero_shot import normalise_prompt
+
+    assert normalise_prompt("  White   wingbar. ") == normalise_prompt("white wingbar!?") == "white wingbar"
+    assert normalise_prompt("bird (male)") == "bird (male)"  # only sentence punctuation at the end goes
+    classifier = ZeroShotClassifier(nn.Linear(3, 2), torch.randn(2, 2), ["red wing", "bird"])
+    assert classifier.index("Red wing.") == 0

@@ -49,3 +49,10 @@ def test_load_head_rejects_non_linear_and_pickles(tmp_path: Path) -> None:
         load_head(tmp_path / "module.pth")
     with pytest.raises(ModelFileNotFoundError, match="does not exist"):
         load_head(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize(("content", "name"), [("this is text\n", "t.pth"), ("garbage\n", "g.safetensors")])
+def test_a_text_file_is_not_a_head(content: str, name: str, tmp_path: Path) -> None:
+    (tmp_path / name).write_text(content)
+    with pytest.raises(WeightsError, match=r"head file .* is not a checkpoint \(neither safetensors nor a torch.save"):
+        load_head(tmp_path / name)

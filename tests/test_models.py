@@ -97,7 +97,8 @@ def test_timm_weights_file_and_errors(tmp_path: Path) -> None:
     assert loaded.preprocess.crop == (224, 224) and loaded.preprocess.interpolation == "bicubic"
     assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
 
-    with pytest.raises(WeightsError, match=r"fc.weight: checkpoint \(7, 512\) vs model \(5, 512\)"):
+    with pytest.raises(WeightsError, match=r"fc.weight: checkpoint \(7, 512\) vs model \(5, 512\).* The checkpoint's "
+                       r"classifier 'fc' has 7 classes and the architecture 5\. num_classes=5 was given"):
         load_model("timm:resnet18", weights=tmp_path / "r18.safetensors", num_classes=5)
     with pytest.raises(ModelNotFoundError, match="resnet18"):
         load_model("timm:resnet81")
@@ -250,6 +251,63 @@ def test_backbone_pooling_modes_and_errors(tmp_path: Path) -> None:
     torch.save(nn.Linear(100, 3).state_dict(), tmp_path / "h.pth")
     with pytest.warns(RandomWeightsWarning), pytest.raises(InvalidArgumentError, match="100-d features"):
         load_model("timm:resnet18", head=tmp_path / "h.pth")
+
+
+# --------------------------------------------------------------------------------------------- checkpoint files
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [("this is text\n", "t.pth"), ("hello world", "h.pth"), ("garbage\n", "g.safetensors"), ("x", "x.pth")],
+)
+def test_files_that_are_not_checkpoints_get_one_message(content: str, name: str, tmp_path: Path) -> None:
+    """Text breaks the unpickler in ways that depend on its bytes (IndexError, KeyError ...), and torch.load passes
+    a *.safetensors name to safetensors: every such file gets the same message."""
+    from finercam.models.weights import read_checkpoint
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(WeightsError, match=r"is not a checkpoint \(neither safetensors nor a torch.save file\)$"):
+        read_checkpoint(tmp_path / name)
+
+
+def test_only_a_classifier_mismatch_hints_at_the_number_of_classes(tmp_path: Path) -> None:
+    tv = import_torchvision()
+    torch.save(tv.models.mobilenet_v3_small(weights=None, num_classes=7).state_dict(), tmp_path / "seven.pth")
+    with pytest.raises(WeightsError, match=r"The checkpoint's classifier 'classifier.3' has 7 classes and the "
+                                           r"architecture 5\. num_classes=5 was given; leave it out"):
+        load_model("torchvision:mobilenet_v3_small", weights=tmp_path / "seven.pth", num_classes=5)
+    loaded = load_model("torchvision:mobilenet_v3_small", weights=tmp_path / "seven.pth")  # read from the file
+    assert loaded.model.classifier[3].out_features == 7
+    state = tv.models.mobilenet_v3_small(weights=None).state_dict()
+    state["features.0.0.weight"] = torch.zeros(16, 3, 1, 1)
+    torch.save(state, tmp_path / "conv.pth")
+    with pytest.raises(WeightsError, match=r"features\.0\.0\.weight: checkpoint \(16, 3, 1, 1\)") as raised:
+        load_model("torchvision:mobilenet_v3_small", weights=tmp_path / "conv.pth")
+    assert "classes" not in str(raised.value) and "num_classes" not in str(raised.value)
+    state = timm.create_model("resnet10t", pretrained=False).state_dict()
+    state["conv1.0.weight"] = torch.zeros(24, 3, 1, 1)
+    save_file(state, tmp_path / "timm.safetensors")
+    with pytest.raises(WeightsError, match=r"conv1\.0\.weight: checkpoint \(24, 3, 1, 1\)") as raised:
+        load_model("timm:resnet10t", weights=tmp_path / "timm.safetensors")
+    assert "classes" not in str(raised.value)
+
+
+def test_embedded_models_refuse_weights_and_heads_with_the_true_reason(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from finercam.models import embedded_loader
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "any.pth")
+    with pytest.raises(InvalidArgumentError, match=r"'embedded:cnn' ships its own weights; leave out the weights file"):
+        load_model("embedded:cnn", weights=tmp_path / "any.pth")
+    with pytest.raises(InvalidArgumentError, match="is a finished classifier, not a feature backbone"):
+        load_backbone("embedded:cnn")
+
+    def not_installed(name: str) -> object:
+        raise FileNotFoundError(f"the embedded model {name!r} is not installed")
+
+    monkeypatch.setattr(embedded_loader, "load_embedded", not_installed)
+    with pytest.raises(ModelFileNotFoundError, match="'cnn' is not installed"):
+        load_model("embedded:cnn")
 
 
 # ----------------------------------------------------------------------------------------------- torchvision

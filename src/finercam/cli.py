@@ -5,22 +5,79 @@ model; ``layers`` lists a model's candidate target layers; ``train-probe`` fits 
 ``synth`` writes the synthetic benchmark; ``demo`` runs the main job; ``evaluate`` scores base CAMs and Finer-CAM on a
 dataset; ``concepts`` localises a text concept against reference concepts with CLIP; ``run`` explains a whole dataset
 into a result store, which ``visualize``, ``report`` and ``export`` read; ``version`` prints versions.
-User errors are printed as one line (exit status 2), never as a traceback."""
+User errors are printed as one line (exit status 2), never as a traceback; Ctrl-C stops a command with one line (exit
+status 130)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 import finercam
+from finercam.argtypes import FIGURE_SUFFIXES, non_negative_float, output_dir, output_file
 from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import non_negative_int as _non_negative_int
 from finercam.argtypes import positive_int as _positive_int
 from finercam.explain import DEFAULT_GAMMA
 from finercam.methods import METHODS
+
+INTERRUPTED_STATUS = 130
+"""The exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+RESUMABLE_COMMANDS = ("run", "evaluate")
+"""Commands that keep the results written so far and resume when rerun with the same options."""
+MAX_SYNTH_SIZE = 1024
+"""The largest image side ``finercam synth`` renders."""
+MAX_DRY_RUN_SIZE = 4096
+"""The largest input side ``finercam layers --size`` dry-runs."""
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argument type for a whole number from ``low`` to ``high`` (the bound named in the error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type when int() refuses the text: "invalid int value: 'x'"
+    return parse
+
+
+def figure_path(text: str) -> str:
+    """The ``--out`` of ``explain`` and ``concepts``, checked before any work: an existing folder or a name ending in
+    ``/`` (the figure goes inside, under its default name), a file name with a figure suffix
+    (:data:`~finercam.argtypes.FIGURE_SUFFIXES`), or one without a suffix (``.png`` is added).
+
+    Returns:
+        A folder with a trailing separator, else the figure file (see :func:`figure_file`).
+    """
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        return str(output_dir(text)) + os.sep
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    elif path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"'{path}' is not a figure file: give a name ending in one of {', '.join(FIGURE_SUFFIXES)} (no suffix "
+            "writes .png), or a folder"
+        )
+    return str(output_file(*FIGURE_SUFFIXES)(str(path)))
+
+
+def figure_file(out: str | None, default_name: str, default_folder: Path) -> Path:
+    """Where a figure goes: ``out`` as :func:`figure_path` returns it (a folder gets ``default_name``), or
+    ``default_folder / default_name`` when not given."""
+    if out is None:
+        return default_folder / default_name
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / default_name
+    return Path(out)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,15 +119,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 MODEL_HELP = (
-    "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH, torchscript:PATH or python:FILE.py:FACTORY"
+    "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH, torchscript:PATH, python:FILE.py:FACTORY, or "
+    "embedded:cnn / embedded:vit (the models shipped in the package)"
 )
+WEIGHTS_HELP = "weights file: safetensors, or a state dict (loaded with weights_only=True)"
+HEAD_HELP = "a linear head (from train-probe, or an official Finer-CAM head file)"
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--weights", help="weights file: safetensors, or a state dict (loaded with weights_only=True)")
+    parser.add_argument("--weights", help=WEIGHTS_HELP)
     if head:
-        parser.add_argument("--head", help="a linear head (from train-probe, or an official Finer-CAM head file)")
+        parser.add_argument("--head", help=HEAD_HELP)
     parser.add_argument("--preprocess", help="preprocessing preset (default: the model's own configuration)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
 
@@ -86,27 +146,38 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--num-references", type=_positive_int, default=3)
     explain.add_argument("--gamma", type=_gamma, default=DEFAULT_GAMMA)
     explain.add_argument("--aggregation", default="mean", choices=["mean", "softmax"])
-    explain.add_argument("--out", help="PNG to write (default: <image name>.finercam.png in ./finercam-out)")
+    explain.add_argument(
+        "--out", type=figure_path,
+        help=f"figure to write ({', '.join(FIGURE_SUFFIXES)}; no suffix writes .png), or a folder to put it in "
+        "(default: ./finercam-out/<image name>.finercam.png)",
+    )
 
 
 def _add_layers(commands: argparse._SubParsersAction) -> None:
     layers = commands.add_parser("layers", help="list a model's candidate target layers")
     layers.add_argument("model", help=MODEL_HELP)
-    layers.add_argument("--weights")
-    layers.add_argument("--head")
-    layers.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"), help="input size for the dry run")
+    layers.add_argument("--weights", help=WEIGHTS_HELP)
+    layers.add_argument("--head", help=HEAD_HELP + "; its layers are listed under backbone.")
+    layers.add_argument(
+        "--size", type=bounded_int(1, MAX_DRY_RUN_SIZE), nargs=2, metavar=("H", "W"),
+        help=f"input size of the dry run, each side at most {MAX_DRY_RUN_SIZE} (default: the size the model's "
+        "preprocessing or configuration gives, else 224 x 224)",
+    )
 
 
 def _add_probe(commands: argparse._SubParsersAction) -> None:
     probe = commands.add_parser("train-probe", help="fit a linear head on a frozen backbone over an ImageFolder")
     _add_model_arguments(probe, head=False)
     probe.add_argument("--data", required=True, help="ImageFolder root, or a folder with train/ and val/ (or test/)")
-    probe.add_argument("--out", required=True, help="the head file to write (.safetensors)")
+    probe.add_argument("--out", required=True, type=output_file(".safetensors"),
+                       help="the head file to write (.safetensors)")
     probe.add_argument("--pooling", default="auto", help="auto, mean-patch, cls or pooled")
     probe.add_argument("--val-fraction", type=float, default=0.2, help="held out per class without a val/ folder")
     probe.add_argument("--batch-size", type=_positive_int, default=32)
-    probe.add_argument("--weight-decay", type=float, default=1e-4)
-    probe.add_argument("--cache", default=".finercam-cache", help="feature cache folder")
+    probe.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                       help="L2 penalty on the head's weights, >= 0 (default %(default)s)")
+    probe.add_argument("--cache", type=output_dir, default=".finercam-cache",
+                       help="feature cache folder (default: ./.finercam-cache)")
     probe.add_argument("--seed", type=int, default=0)
 
 
@@ -114,11 +185,12 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth = commands.add_parser(
         "synth", help="write a procedural fine-grained dataset (ImageFolder train/ test/ + annotations.json)"
     )
-    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--out", required=True, type=output_dir, help="output folder (created when missing)")
     synth.add_argument("--train", type=_non_negative_int, default=2000, help="training images (default 2000)")
     synth.add_argument("--test", type=_non_negative_int, default=500, help="test images (default 500)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument("--size", type=bounded_int(32, MAX_SYNTH_SIZE), default=64,
+                       help=f"image side in pixels, 32 to {MAX_SYNTH_SIZE} (default 64)")
     synth.add_argument("--genera", type=_positive_int, default=3, help="number of genera, 1 to 5 (default 3)")
     synth.add_argument("--species", type=_positive_int, default=4, help="species per genus, 1 to 12 (default 4)")
     synth.add_argument("--occlusion", type=float, default=0.5, help="probability of an occluder (default 0.5)")
@@ -143,7 +215,8 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo", help="explain the embedded models on a fresh synthetic test set; write report.html and metrics.json"
     )
-    parser.add_argument("--out", default="finercam-demo", help="output folder (default: ./finercam-demo)")
+    parser.add_argument("--out", type=output_dir, default="finercam-demo",
+                        help="output folder (default: ./finercam-demo)")
     parser.add_argument("--size", type=_positive_int, default=demo.DEFAULT_SIZE,
                         help=f"test images (default {demo.DEFAULT_SIZE})")
     parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED,
@@ -180,10 +253,40 @@ def _add_concepts(commands: argparse._SubParsersAction) -> None:
     add_commands(commands)
 
 
+def interrupted_message(command: str | None) -> str:
+    """The one line printed when Ctrl-C stops ``command`` (``None``: before a command was parsed)."""
+    if command is None:
+        return "finercam: interrupted (Ctrl-C)"
+    if command in RESUMABLE_COMMANDS:
+        return (
+            f"finercam {command}: interrupted (Ctrl-C); the results written so far are kept: rerun the same command to "
+            "resume"
+        )
+    return f"finercam {command}: interrupted (Ctrl-C)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``finercam`` console script; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """Entry point of the ``finercam`` console script; returns the exit status (2 for a user error, 130 after
+    Ctrl-C)."""
+    command: str | None = None  # forked workers ignore Ctrl-C: the parent stops them and reports it here
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        return _dispatch(parser, args)
+    except KeyboardInterrupt:
+        # on a terminal, first clear the line: a progress line redrawn in place, or the "^C" the terminal echoed
+        clear = "\r\x1b[K" if getattr(sys.stderr, "isatty", lambda: False)() else ""
+        print(clear + interrupted_message(command), file=sys.stderr, flush=True)
+        return INTERRUPTED_STATUS
+    except BrokenPipeError:  # the output was piped into a reader that stopped (``| head``): nothing left to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit raises no second error
+        return 1
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command; user errors become one line on stderr."""
     if args.command == "example" and args.eval_size > args.test_size:
         parser.error(f"--eval-size {args.eval_size} is larger than --test-size {args.test_size}")
     if args.command == "version":

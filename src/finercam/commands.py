@@ -4,12 +4,14 @@ output."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from finercam.errors import InvalidArgumentError
-from finercam.images import load_image, train_val_folders
+from finercam.images import ImageFolder, load_image, train_val_folders
 from finercam.models import LoadedBackbone
 from finercam.runtime import resolve_device
 
@@ -20,6 +22,7 @@ def _say(line: str) -> None:
 
 def run_explain(args: argparse.Namespace) -> int:
     """``finercam explain IMAGE --model SPEC``."""
+    from finercam.cli import figure_file
     from finercam.explain_image import display_image, explain_image, parse_target, save_figure
     from finercam.models import load_model
 
@@ -47,32 +50,63 @@ def run_explain(args: argparse.Namespace) -> int:
             _say(f"  {reference}")
     else:
         _say("references: none (the model has a single class): the base CAM of y_c is shown")
-    default_name = f"{Path(args.image).stem}.finercam.png"
-    out = Path(args.out) if args.out else Path("finercam-out") / default_name
-    if out.is_dir():
-        out = out / default_name
+    out = figure_file(args.out, f"{Path(args.image).stem}.finercam.png", Path("finercam-out"))
     display = display_image(args.image, loaded.preprocess)
     written = save_figure(out, display, explanation, args.method, args.gamma)
     _say(f"wrote {written}")
     return 0
 
 
-def run_layers(args: argparse.Namespace) -> int:
-    """``finercam layers MODEL``: the candidate target layers, the automatic choice marked."""
-    from finercam.autolayer import candidate_layers
-    from finercam.models import load_backbone, load_model
+def _layers_model(args: argparse.Namespace) -> tuple[nn.Module, str | None, tuple[int, int] | None]:
+    """The model ``layers`` lists, the layer its loader recommends, and the input size its preprocessing gives.
 
-    try:
+    A classifier when the spec loads as one; otherwise (an image-text model, a checkpoint holding only a backbone)
+    the head-less backbone, whose error is the one reported when that fails too. A head, or an ``embedded:`` model,
+    is a finished classifier: its own error is the true one.
+    """
+    from finercam.models import load_backbone, load_model
+    from finercam.models.spec import parse_spec
+
+    if args.head or parse_spec(args.model).kind == "embedded":
         loaded = load_model(args.model, weights=args.weights, head=args.head)
-        model, recommended = loaded.model, loaded.target_layer
+        return loaded.model, loaded.target_layer, loaded.preprocess.fixed_size
+    try:
+        loaded = load_model(args.model, weights=args.weights)
     except InvalidArgumentError:
-        if args.head:
-            raise
-        model, recommended = load_backbone(args.model, weights=args.weights).features, None  # a head-less backbone
-    size = tuple(args.size) if args.size else None
-    candidates = candidate_layers(model, size)  # type: ignore[arg-type]
+        backbone = load_backbone(args.model, weights=args.weights)
+        return backbone.features, None, backbone.preprocess.fixed_size
+    return loaded.model, loaded.target_layer, loaded.preprocess.fixed_size
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    """``finercam layers MODEL``: the candidate target layers, the automatic choice marked.
+
+    The dry run uses ``--size``, else the size the model's preprocessing gives (e.g. 64 x 64 for ``embedded:cnn``),
+    else the size the model declares, else 224 x 224.
+    """
+    from finercam.autolayer import DEFAULT_IMAGE_SIZE, candidate_layers, declared_image_size
+    from finercam.errors import AutoLayerError, ModelOutputError
+
+    model, recommended, own_size = _layers_model(args)
+    size = tuple(args.size) if args.size else own_size
+    tried = size or declared_image_size(model) or DEFAULT_IMAGE_SIZE
+    where = f"a {tried[0]}x{tried[1]} input" + ("" if args.size else " (the model's default size)")
+    try:
+        candidates = candidate_layers(model, size)  # type: ignore[arg-type]
+    except AutoLayerError:
+        raise AutoLayerError(
+            f"{args.model} has no candidate layer: no transformer block, and no module emits a map larger than 1x1 "
+            f"on {where}. A larger --size H W may show some; 'finercam explain --layer NAME' takes any module"
+        ) from None
+    except ModelOutputError as error:
+        cause = error.__cause__ or error
+        raise ModelOutputError(
+            f"the dry run of {args.model} on {where} failed ({type(cause).__name__}: {cause}); give the input size "
+            "the model expects with --size H W"
+        ) from None
     width = max((len(c.name) for c in candidates), default=10)
-    _say(f"candidate target layers of {args.model} (* = used by target_layer='auto'):")
+    dry_run = f"dry run on a {size[0]}x{size[1]} input; " if size else ""
+    _say(f"candidate target layers of {args.model} ({dry_run}* = used by target_layer='auto'):")
     for candidate in candidates:
         shape = "x".join(str(d) for d in candidate.output_shape) if candidate.output_shape else "?"
         mark = "*" if candidate.recommended else " "
@@ -90,17 +124,44 @@ def _head_metadata(backbone: LoadedBackbone, preset: str | None) -> dict[str, st
     return metadata
 
 
+def _probe_data(args: argparse.Namespace) -> tuple[ImageFolder, ImageFolder]:
+    """The training and validation splits of ``--data``, checked before the backbone is loaded.
+
+    Raises:
+        InvalidArgumentError: ``--data`` is a file, or the training split has fewer than two classes.
+    """
+    data = Path(args.data).expanduser()
+    if data.is_file():
+        raise InvalidArgumentError(
+            f"--data {str(args.data)!r} is a file; train-probe needs a folder: an ImageFolder tree (one sub-folder of "
+            "images per class), or a folder with train/ and val/ (or test/) trees"
+        )
+    train, val = train_val_folders(data, val_fraction=args.val_fraction, seed=args.seed)
+    present = sorted({label for _, label in train.samples})
+    if len(present) < 2:
+        found = ", ".join(repr(train.classes[label]) for label in present) or "none"
+        raise InvalidArgumentError(
+            f"--data {str(args.data)!r} has training images of {len(present)} class ({found}); a classifier needs "
+            "at least 2 classes, one sub-folder of images each"
+        )
+    return train, val
+
+
+def _percent(value: float) -> str:
+    return "n/a (no images)" if math.isnan(value) else f"{value:.1%}"
+
+
 def run_probe(args: argparse.Namespace) -> int:
     """``finercam train-probe --model SPEC --data DIR --out HEAD``."""
     from finercam.models import load_backbone
     from finercam.probe import class_summary, train_probe
 
+    train, val = _probe_data(args)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     backbone = load_backbone(
         args.model, weights=args.weights, preprocess=args.preprocess, pooling=args.pooling, device=device
     )
-    train, val = train_val_folders(args.data, val_fraction=args.val_fraction, seed=args.seed)
     _say(
         f"train-probe: {args.model} ({backbone.dim}-d features, {device}); {len(train.classes)} classes "
         f"({class_summary(train.classes)}); {len(train.samples)} train / {len(val.samples)} val images"
@@ -112,6 +173,6 @@ def run_probe(args: argparse.Namespace) -> int:
     )
     cached = " (features from the cache)" if all(report.cached) else ""
     _say(f"features: {report.feature_seconds:.1f} s{cached}; head fitted in {report.train_seconds:.1f} s")
-    _say(f"accuracy: train {report.train_accuracy:.1%}, val {report.val_accuracy:.1%}")
+    _say(f"accuracy: train {_percent(report.train_accuracy)}, val {_percent(report.val_accuracy)}")
     _say(f"wrote {report.head_path}  (use it with --model {args.model} --head {report.head_path})")
     return 0

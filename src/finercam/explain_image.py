@@ -86,14 +86,36 @@ def explain_image(
     gamma: float = 0.6,
     aggregation: str = "mean",
 ) -> ImageExplanation:
-    """Explain one preprocessed image ``(3, H, W)`` with Finer-CAM."""
+    """Explain one preprocessed image ``(3, H, W)`` with Finer-CAM.
+
+    Raises:
+        InvalidArgumentError: ``references="weights"`` for a model without a linear classifier (errors are phrased
+            for the command line: ``--references``).
+    """
     chosen_layer = layer or loaded.target_layer or "auto"
+    weights = None
+    if references == "weights":
+        weights = last_linear(loaded.model)
+        if weights is None:
+            raise InvalidArgumentError(
+                "--references weights needs a model whose last layer is a linear classifier (torch.nn.Linear), whose "
+                f"weight rows give the class similarities; {loaded.spec} has none (a TorchScript or wrapped model "
+                "hides it). Use --references nearest or --references top"
+            )
     cam = FinerCAM(loaded.model, chosen_layer, method)
-    weights = last_linear(loaded.model) if references == "weights" else None
-    result = cam(
-        pixels[None], targets=target, references=references, num_references=num_references, gamma=gamma,
-        aggregation=aggregation, classifier_weights=weights,
-    )
+    try:
+        result = cam(
+            pixels[None], targets=target, references=references, num_references=num_references, gamma=gamma,
+            aggregation=aggregation, classifier_weights=weights,
+        )
+    except InvalidArgumentError as error:
+        if weights is None or "classifier_weights" not in str(error):
+            raise
+        raise InvalidArgumentError(
+            f"--references weights takes the rows of the last linear layer of {loaded.spec} as the classes, but it "
+            f"has {weights.out_features} rows, not one per class of the model's output: it is not the classifier. "
+            "Use --references nearest or --references top"
+        ) from None
     probabilities = result.probabilities[0]
     names = loaded.class_names
 

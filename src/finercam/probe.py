@@ -85,8 +85,11 @@ def extract_features(
     """Pooled features ``(N, D)`` and labels ``(N,)`` of a split, from the cache when present.
 
     Returns:
-        features, labels, and whether they came from the cache.
+        features, labels, and whether they came from the cache (an empty split, which needs nothing, counts as
+        cached).
     """
+    if not folder.samples:  # an empty split (e.g. no class with two images to hold one out): nothing to extract
+        return torch.empty(0, backbone.dim), torch.empty(0, dtype=torch.long), True
     cache = cache_dir / f"features-{_fingerprint(backbone, folder, weights)}.safetensors"
     if cache.is_file():
         stored = load_file(cache)

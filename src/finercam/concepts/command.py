@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from finercam.argtypes import FIGURE_SUFFIXES
 from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import positive_int as _positive_int
 
@@ -26,6 +27,7 @@ DEFAULT_OUT = Path("finercam-out")
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``concepts`` on the ``finercam`` command line's sub-parsers."""
+    from finercam.cli import figure_path
     from finercam.methods import METHODS
 
     parser = subparsers.add_parser(
@@ -55,8 +57,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keep-aspect", action="store_true",
                         help="no centre crop: the whole image at its aspect ratio (position embeddings interpolated)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    parser.add_argument("--out", help="figure to write (default: ./finercam-out/<image>.concepts.png); the maps go "
-                                      "beside it as <figure stem>.safetensors")
+    parser.add_argument("--out", type=figure_path,
+                        help=f"figure to write ({', '.join(FIGURE_SUFFIXES)}; no suffix writes .png), or a folder to "
+                             "put it in (default: ./finercam-out/<image>.concepts.png); the maps go beside it as "
+                             "<figure stem>.safetensors")
 
 
 def _references(args: argparse.Namespace) -> object:
@@ -80,6 +84,23 @@ def _references(args: argparse.Namespace) -> object:
     return list(args.versus)
 
 
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Refuse --weights and --tokenizer where the model kind does not use them (rather than ignore them)."""
+    from finercam.errors import InvalidArgumentError
+    from finercam.models.spec import parse_spec
+
+    kind = parse_spec(args.model).kind
+    if args.weights is not None and kind != "open_clip":
+        reason = "it ships its own weights" if kind == "embedded" else "it loads its weights from its own folder"
+        raise InvalidArgumentError(
+            f"--weights is only used with open_clip: models; {args.model} takes none ({reason}): leave it out"
+        )
+    if args.tokenizer is not None and kind != "hf":
+        raise InvalidArgumentError(
+            f"--tokenizer is only used with hf: models; {args.model} has its own tokenizer: leave it out"
+        )
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -88,6 +109,7 @@ def run_concepts(args: argparse.Namespace) -> int:
     """``finercam concepts IMAGE --concept C --versus D``; raises finercam errors."""
     from safetensors.torch import save_file
 
+    from finercam.cli import figure_file
     from finercam.concepts.api import explain_concepts
     from finercam.concepts.figure import save_concept_figure, versus_label
     from finercam.concepts.loading import load_clip
@@ -98,6 +120,7 @@ def run_concepts(args: argparse.Namespace) -> int:
     if not args.concept.strip():
         raise InvalidArgumentError("--concept is empty; give a text such as 'red beak'")
     versus = _references(args)
+    _check_model_options(args)
     image = load_image(args.image)
     device = resolve_device(args.device)
     loaded = load_clip(args.model, weights=args.weights, tokenizer=args.tokenizer, keep_aspect=args.keep_aspect,
@@ -116,10 +139,7 @@ def run_concepts(args: argparse.Namespace) -> int:
     _say(f"contrast: {versus_label(explanation)}")
     if float(explanation.contrast_raw_maps.max()) <= 0:
         _say("the contrast map is negative everywhere: the concept adds nothing the references lack")
-    default_name = f"{Path(args.image).stem}.concepts.png"
-    out = Path(args.out) if args.out else DEFAULT_OUT / default_name
-    if out.is_dir():
-        out = out / default_name
+    out = figure_file(args.out, f"{Path(args.image).stem}.concepts.png", DEFAULT_OUT)
     figure = save_concept_figure(out, display, explanation)
     size = tuple(display.shape[-2:])
 

@@ -122,10 +122,15 @@ def load_clip(spec: str = DEFAULT_SPEC, *, weights: str | Path | None = None, to
     """Load a CLIP model with both towers (see the module docstring for the specifications).
 
     Raises:
-        InvalidArgumentError, ModelNotFoundError: a malformed or unknown specification.
+        InvalidArgumentError, ModelNotFoundError: a malformed or unknown specification, or ``weights`` /
+            ``tokenizer`` for a model that does not use them.
         MissingDependencyError: open_clip or transformers is not installed.
     """
     parsed = parse_spec(spec)
+    if weights is not None and parsed.kind != "open_clip":
+        raise InvalidArgumentError(f"{spec!r} takes no weights=; a checkpoint is only loaded into open_clip models")
+    if tokenizer is not None and parsed.kind != "hf":
+        raise InvalidArgumentError(f"{spec!r} takes no tokenizer=; a tokenizer folder is only used by hf: models")
     checkpoint = str(weights) if weights is not None else parsed.weights
     if parsed.kind == "embedded":
         encoders, preprocess = _embedded(parsed.name)

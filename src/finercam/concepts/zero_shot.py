@@ -25,10 +25,13 @@ from torch import Tensor, nn
 from finercam.concepts.encoders import CLIPEncoders, clip_encoders
 from finercam.errors import InvalidArgumentError, InvalidTypeError
 
+_TRAILING_PUNCTUATION = ".,;:!?…"
+
 
 def normalise_prompt(prompt: str) -> str:
-    """The prompt with case and surrounding / repeated whitespace ignored, to compare prompts."""
-    return " ".join(prompt.lower().split())
+    """The prompt with case, surrounding / repeated whitespace and trailing punctuation (``.,;:!?…``) ignored, to
+    compare prompts: ``"White wingbar."`` is ``"white wingbar"`` (a template adds its own full stop)."""
+    return " ".join(prompt.lower().split()).rstrip(_TRAILING_PUNCTUATION + " ")
 
 
 def check_prompts(prompts: Sequence[str], what: str = "prompts") -> tuple[str, ...]:

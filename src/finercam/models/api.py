@@ -115,7 +115,10 @@ def _backbone_parts(spec: ModelSpec, weights: Path | None, preprocess: Preproces
     if spec.kind == "open_clip":
         return open_clip_loader.load_backbone(spec.name, weights)
     if spec.kind == "embedded":
-        raise InvalidArgumentError(f"{spec.text!r} is a finished classifier; explain it without a head")
+        raise InvalidArgumentError(
+            f"{spec.text!r} is a finished classifier, not a feature backbone: it takes no head (--head / head=), "
+            "and train-probe needs another backbone"
+        )
     if spec.kind == "torchscript":
         loaded = file_loaders.load_torchscript(spec.name, weights)
     else:
@@ -181,7 +184,9 @@ def _classifier(
         raise InvalidArgumentError(f"num_classes cannot change a {spec.kind} model; leave it out")
     if spec.kind == "embedded":
         if weights is not None:
-            raise InvalidArgumentError(f"{spec.text!r} ships its own weights; leave out weights=")
+            raise InvalidArgumentError(
+                f"{spec.text!r} ships its own weights; leave out the weights file (--weights / weights=)"
+            )
         return embedded_loader.load_classifier(spec.name)
     if spec.kind == "torchscript":
         return file_loaders.load_torchscript(spec.name, weights)

@@ -139,6 +139,7 @@ def load_classifier(
     _check_name(timm, name)
     state, source = _weights(timm, name, weights)
     kwargs: dict[str, object] = {}
+    given = f"num_classes={num_classes} was given; leave it out to use the checkpoint's" if num_classes else ""
     if state is not None:
         key = _classifier_key(timm, name)
         rows = classifier_rows(state, key)
@@ -160,7 +161,7 @@ def load_classifier(
     if state is not None:
         load_into(
             model, state, source, filter_fn=_filter_fn(model),  # type: ignore[arg-type]
-            hint=f"The model was built with {getattr(model, 'num_classes', '?')} classes; set num_classes to match",
+            classifier=_classifier_key(timm, name)[: -len(".weight")], hint=given,
         )
     names = None
     if state is not None and getattr(model, "num_classes", 0) in (1000, 11821, 21841):  # ImageNet label sets

@@ -85,7 +85,8 @@ def load_classifier(name: str, weights: Path | None, num_classes: int | None) ->
         rows = classifier_rows(state, f"{linear}.weight") if linear else None
         if num_classes is None and rows is not None and rows != model.get_submodule(linear).out_features:
             model = tv.models.get_model(name, weights=None, num_classes=rows)
-        load_into(model, state, f"weights file {str(weights)!r}", hint="set num_classes to the checkpoint's")
+        given = f"num_classes={num_classes} was given; leave it out to use the checkpoint's" if num_classes else ""
+        load_into(model, state, f"weights file {str(weights)!r}", classifier=linear, hint=given)
         head = model.get_submodule(linear) if linear else None
         default = _default_weights(tv, name)
         categories = getattr(default, "meta", {}).get("categories")

@@ -103,6 +103,11 @@ def read_checkpoint(path: str | Path, what: str = "weights file") -> object:
         raise WeightsError(
             f"{what} {str(path)!r} is not a PyTorch checkpoint ({type(error).__name__}: {error})"
         ) from None
+    except Exception:  # text or other bytes break the unpickler in content-dependent ways
+        # (IndexError, KeyError, ...), and torch.load hands *.safetensors names to safetensors (SafetensorError)
+        raise WeightsError(
+            f"{what} {str(path)!r} is not a checkpoint (neither safetensors nor a torch.save file)"
+        ) from None
 
 
 def unwrap_state_dict(checkpoint: object, source: str) -> StateDict:
@@ -174,6 +179,7 @@ def load_into(
     filter_fn: Filter | None = None,
     ignore_unexpected: Callable[[str], bool] | None = None,
     hint: str = "",
+    classifier: str | None = None,
 ) -> None:
     """Load ``state`` into ``model`` strictly, or raise an error naming what does not fit.
 
@@ -184,7 +190,9 @@ def load_into(
         filter_fn: a converter tried when the keys or shapes do not match as they are (timm's
             ``checkpoint_filter_fn``, which maps e.g. official DINOv2 checkpoints to timm names).
         ignore_unexpected: keys in the checkpoint that may be dropped (e.g. a classifier when loading a backbone).
-        hint: appended to shape-mismatch messages (e.g. how to set the number of classes).
+        hint: appended to shape-mismatch messages.
+        classifier: the dotted name of the model's classifier (``fc``, ``head``): when its weight has another
+            number of rows in the checkpoint, the message says how many classes each has (and ``hint`` follows).
 
     Raises:
         WeightsError: shapes differ, or keys are missing or unexpected.
@@ -203,13 +211,15 @@ def load_into(
             model.load_state_dict(candidate, strict=True)
             return
         if report is None:
-            report = (mismatched, missing, unexpected)
+            report = (mismatched, missing, unexpected, candidate)
     assert report is not None
-    mismatched, missing, unexpected = report
+    mismatched, missing, unexpected, reported = report
     if mismatched:
+        classes = _class_count_note(model, reported, classifier) if classifier else ""
+        notes = " ".join(note for note in (classes, hint if classes else "") if note)
         raise WeightsError(
             f"{source} does not fit {type(model).__name__}: {len(mismatched)} tensor(s) have other shapes, first: "
-            + "; ".join(mismatched[:_SHOWN]) + (f". {hint}" if hint else "")
+            + "; ".join(mismatched[:_SHOWN]) + (f". {notes}" if notes else "")
         )
     parts = []
     if missing:
@@ -219,6 +229,21 @@ def load_into(
     raise WeightsError(
         f"{source} does not fit {type(model).__name__}: its keys differ, " + " and ".join(parts)
         + ". Is it a checkpoint of this architecture?"
+    )
+
+
+def _class_count_note(model: nn.Module, state: StateDict, classifier: str) -> str:
+    """``The checkpoint's classifier 'fc' has 7 classes and the architecture 5.`` when the rows of the classifier's
+    weight differ, else ``""`` (a mismatch elsewhere says nothing about the number of classes)."""
+    key = f"{classifier}.weight"
+    expected, given = model.state_dict().get(key), state.get(key)
+    if expected is None or given is None or expected.ndim != 2 or given.ndim != 2:
+        return ""
+    if expected.shape[0] == given.shape[0]:
+        return ""
+    return (
+        f"The checkpoint's classifier {classifier!r} has {given.shape[0]} classes and the architecture "
+        f"{expected.shape[0]}."
     )
 
 

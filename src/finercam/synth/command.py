@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import Tensor
 from finercam.runtime import cpu_threads
 from finercam.synth.dataset import SynthDataset, resolve_config
 from finercam.synth.io import load_dataset, write_dataset
+from finercam.synth.spec import SynthArgumentError
 
 
 def preview_grid(dataset: SynthDataset, per_class: int = 8) -> Tensor:
@@ -24,6 +26,38 @@ def preview_grid(dataset: SynthDataset, per_class: int = 8) -> Tensor:
         row[: len(chosen)] = chosen
         rows.append(torch.cat(list(row), dim=2))
     return torch.cat(rows, dim=1)
+
+
+BYTES_PER_PIXEL = 40
+"""Peak memory per pixel of a split while it is generated and converted (float32 images and their copies, 8-bit
+pixels, part maps): a split is generated in memory before it is written."""
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, when the system says."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(train: int, test: int, size: int, available: int | None = None) -> None:
+    """Refuse a split that cannot fit in memory (``available`` bytes, default: the physical memory) before any work.
+
+    Raises:
+        SynthArgumentError: naming the split, its estimated need and what is available.
+    """
+    available = physical_memory() if available is None else available
+    if not available:
+        return
+    for name, count in (("train", train), ("test", test)):
+        need = count * size * size * BYTES_PER_PIXEL
+        if need > available:
+            raise SynthArgumentError(
+                f"--{name} {count} images of {size} px need about {need / 2**30:.1f} GiB of memory (a split is "
+                f"generated in memory before it is written) but this machine has {available / 2**30:.1f} GiB: write "
+                "fewer images per run (e.g. into several --out folders with different --seed)"
+            )
 
 
 def run_synth(args: argparse.Namespace) -> int:
@@ -39,6 +73,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     if args.scale is not None:
         options["scale"] = tuple(args.scale)
     config = resolve_config(**options)
+    check_memory(args.train, args.test, config.image_size)
     start = time.perf_counter()
     path = write_dataset(args.out, train=args.train, test=args.test, seed=args.seed, config=config,
                          overwrite=args.overwrite)

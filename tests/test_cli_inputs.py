@@ -1,0 +1,408 @@
+"""Bad command-line input is refused with one specific line before any long work; Ctrl-C stops with one line.
+
+Covers ``explain``, ``layers``, ``train-probe``, ``concepts``, ``synth``, ``demo`` and the entry point itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from finercam import cli
+from finercam.cli import main
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``finercam ARGV`` in this process: exit status (2 for an argparse refusal), stdout, stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random-weights warnings of the tiny models
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # argparse refuses a value while parsing, before any work
+            status = int(stop.code or 0)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return zoo.picture(tmp_path_factory.mktemp("images") / "bird.png", width=64, height=64)
+
+
+def _subprocess_env() -> dict[str, str]:
+    """The environment for a child Python that imports this checkout's finercam, single-threaded."""
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), source) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+# --------------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_is_one_line_with_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    from finercam import commands
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "run_explain", interrupted)
+    status, _, errors = _run(["explain", "x.png", "--model", "embedded:cnn"], capsys)
+    assert (status, errors) == (130, "finercam explain: interrupted (Ctrl-C)\n")  # explain resumes nothing
+    assert cli.interrupted_message("evaluate") == (
+        "finercam evaluate: interrupted (Ctrl-C); the results written so far are kept: rerun the same command to "
+        "resume"
+    )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked workers and process groups")
+def test_ctrl_c_on_run_with_forked_workers_prints_one_line(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the whole process group: the parent and every forked worker."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from finercam import cli
+        from finercam.dataset import command, parallel
+
+        def nap(task):
+            print("ready", flush=True)
+            time.sleep(60)
+            return task
+
+        def dispatch(args):
+            for _ in parallel.forked_map(nap, [0, 1], 2):
+                pass
+            return 0
+
+        command.dispatch = dispatch
+        sys.exit(cli.main(["run", "--model", "embedded:cnn", "--data", {str(tmp_path)!r},
+                           "--out", {str(tmp_path / "store")!r}]))
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True, env=_subprocess_env(), text=True)
+    try:
+        assert child.stdout is not None
+        for _ in range(2):  # both workers are running
+            assert child.stdout.readline() == "ready\n", child.stderr.read() if child.stderr else ""
+        os.killpg(child.pid, signal.SIGINT)
+        _, errors = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130
+    assert errors == ("finercam run: interrupted (Ctrl-C); the results written so far are kept: rerun the same "
+                      "command to resume\n")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked workers")
+def test_forked_workers_leave_ctrl_c_to_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finercam.dataset import command, parallel
+
+    def child_ignores_sigint(task: int) -> bool:
+        return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+    seen: list[bool] = []
+
+    def dispatch(args: object) -> int:
+        seen.extend(result for _, result in parallel.forked_map(child_ignores_sigint, [0, 1], 2))
+        return 0
+
+    monkeypatch.setattr(command, "dispatch", dispatch)
+    status, _, errors = _run(["run", "--model", "embedded:cnn", "--data", str(tmp_path), "--out",
+                              str(tmp_path / "store")], capsys)
+    assert status == 0, errors
+    assert seen == [True, True]  # a worker would otherwise print its own KeyboardInterrupt traceback
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the parent's handler is untouched
+
+
+def test_a_closed_output_pipe_is_no_traceback(tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "finercam", "synth", "--out", str(tmp_path / "syn"), "--train", "0", "--test", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_subprocess_env(), text=True,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # as `finercam synth ... | head -1` does once head has its line
+    errors = child.stderr.read()
+    child.wait(timeout=60)
+    assert "Traceback" not in errors and child.returncode == 1, errors
+
+
+# ------------------------------------------------------------------------------------------- checkpoint files
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [("this is text\n", "t.pth"), ("hello world", "h.pth"), ("garbage\n", "g.safetensors")],
+)
+@pytest.mark.parametrize("option", ["--weights", "--head", "layers"])
+def test_text_files_are_not_checkpoints(content: str, name: str, option: str, image: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / name
+    file.write_text(content)
+    if option == "layers":
+        argv = ["layers", "torchvision:resnet18", "--weights", str(file)]
+    else:
+        argv = ["explain", str(image), "--model", "torchvision:resnet18", option, str(file)]
+    status, _, errors = _run(argv, capsys)
+    what = "head file" if option == "--head" else "weights file"
+    assert status == 2
+    assert errors.endswith(f"{what} '{file}' is not a checkpoint (neither safetensors nor a torch.save file)\n")
+
+
+# ------------------------------------------------------------------------------------------------ output paths
+
+
+def test_output_paths_are_checked_while_parsing(image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    a_file, a_folder = tmp_path / "o1.png", tmp_path / "folder"
+    a_file.write_bytes(b"")
+    a_folder.mkdir()
+    cases = [
+        (["explain", str(image), "--model", "embedded:cnn", "--out", "x.txt"],
+         "argument --out: 'x.txt' is not a figure file: give a name ending in one of .png, .jpg"),
+        (["concepts", str(image), "--concept", "white wingbar", "--versus", "bird", "--out", "x.txt"],
+         "argument --out: 'x.txt' is not a figure file"),
+        (["train-probe", "--model", "embedded:cnn", "--data", str(tmp_path), "--out", str(a_folder)],
+         f"argument --out: '{a_folder}' is a folder; give a file name"),
+        (["train-probe", "--model", "embedded:cnn", "--data", str(tmp_path), "--out", "head.pth"],
+         "argument --out: 'head.pth' must end in one of .safetensors"),
+        (["train-probe", "--model", "embedded:cnn", "--data", str(tmp_path), "--out", "h.safetensors",
+          "--cache", str(a_file)], f"argument --cache: '{a_file}' is a file; give a folder"),
+        (["demo", "--out", str(a_file)], f"argument --out: '{a_file}' is a file; give a folder"),
+        (["synth", "--out", str(a_file)], f"argument --out: '{a_file}' is a file; give a folder"),
+    ]
+    for argv, message in cases:
+        status, _, errors = _run(argv, capsys)
+        assert status == 2 and message in errors, (argv, errors)
+
+
+def test_explain_figure_goes_into_a_folder_named_with_a_slash(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    status, printed, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--out", "figures/"], capsys)
+    assert status == 0, errors
+    assert (tmp_path / "figures" / "bird.finercam.png").is_file() and "wrote figures/bird.finercam.png" in printed
+
+
+# ------------------------------------------------------------------------------------------------------ numbers
+
+
+def test_numbers_are_bounded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    probe = ["train-probe", "--model", "embedded:cnn", "--data", str(tmp_path), "--out", "h.safetensors"]
+    cases = [
+        ([*probe, "--weight-decay", "-1"], "argument --weight-decay: must be a finite number >= 0, got -1"),
+        ([*probe, "--weight-decay", "nan"], "argument --weight-decay: must be a finite number, got nan"),
+        (["synth", "--out", str(tmp_path / "s"), "--size", "100000"],
+         "argument --size: must be a whole number from 32 to 1024, got 100000"),
+        (["layers", "embedded:cnn", "--size", "100000", "100000"],
+         "argument --size: must be a whole number from 1 to 4096, got 100000"),
+    ]
+    for argv, message in cases:
+        status, _, errors = _run(argv, capsys)
+        assert status == 2 and message in errors, (argv, errors)
+
+
+def test_synth_refuses_a_split_larger_than_the_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finercam.synth.command import check_memory
+    from finercam.synth.spec import SynthArgumentError
+
+    check_memory(100, 100, 64, available=2**30)
+    with pytest.raises(SynthArgumentError, match=r"--test 1000 images of 64 px need about 0\.2 GiB of memory .* "
+                                                 r"this machine has 0\.1 GiB"):
+        check_memory(10, 1000, 64, available=2**30 // 10)
+    status, _, errors = _run(["synth", "--out", str(tmp_path / "s"), "--train", "100000000"], capsys)
+    assert status == 2 and "--train 100000000 images of 64 px need about" in errors
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------------------- layers
+
+
+def test_layers_reports_the_true_error_of_embedded_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    weights = tmp_path / "any.pth"
+    torch.save({"w": torch.zeros(1)}, weights)
+    status, _, errors = _run(["layers", "embedded:cnn", "--weights", str(weights)], capsys)
+    assert status == 2 and "'embedded:cnn' ships its own weights" in errors and "head" not in errors
+    status, _, errors = _run(["layers", "embedded:clip"], capsys)
+    assert status == 2 and "unknown embedded model 'clip'; available: cnn, vit" in errors
+
+
+def test_layers_dry_runs_at_the_models_own_size(capsys: pytest.CaptureFixture[str]) -> None:
+    status, printed, _ = _run(["layers", "embedded:cnn"], capsys)
+    assert status == 0 and "dry run on a 64x64 input" in printed
+    assert " * stage3  cnn-stage              1x64x16x16" in printed  # not the 56x56 maps of a 224 px input
+    status, printed, _ = _run(["layers", "embedded:vit"], capsys)
+    assert status == 0 and " * blocks.4.norm1  vit-block-norm1        1x65x96" in printed and "?" not in printed
+
+
+def test_layers_size_errors_name_the_option(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, errors = _run(["layers", "embedded:cnn", "--size", "1", "1"], capsys)
+    assert status == 2 and "the dry run of embedded:cnn on a 1x1 input failed (RuntimeError: " in errors
+    assert errors.rstrip().endswith("give the input size the model expects with --size H W")
+    status, _, errors = _run(["layers", "torchvision:resnet18", "--size", "1", "1"], capsys)
+    assert status == 2 and "no module emits a map larger than 1x1 on a 1x1 input. A larger --size H W" in errors
+    assert "image_size=" not in errors and "target_layer=" not in errors
+
+
+# ------------------------------------------------------------------------------------------------- train-probe
+
+
+def _image_folder(root: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """An ImageFolder tree of small random pictures."""
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            zoo.picture(root / name / f"{index}.png", width=32, height=32, seed=index)
+    return root
+
+
+def test_train_probe_refuses_a_single_class_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _image_folder(tmp_path / "one", ("a",), per_class=3)
+    argv = ["train-probe", "--model", "timm:no_such_model", "--data", str(data), "--out",
+            str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "cache")]
+    status, _, errors = _run(argv, capsys)  # the unknown model is never reached: the data is checked first
+    assert status == 2
+    assert f"--data '{data}' has training images of 1 class ('a'); a classifier needs at least 2 classes" in errors
+    assert not (tmp_path / "h.safetensors").exists()
+
+
+def test_train_probe_says_a_list_file_is_not_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png\n")
+    status, _, errors = _run(["train-probe", "--model", "embedded:cnn", "--data", str(listing), "--out",
+                              str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "c")], capsys)
+    assert status == 2 and f"--data '{listing}' is a file; train-probe needs a folder" in errors
+
+
+def test_train_probe_without_validation_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
+    )
+    data = _image_folder(tmp_path / "data", ("a", "b"), per_class=1)  # one image per class: nothing to hold out
+    status, printed, errors = _run(
+        ["train-probe", "--model", f"python:{tmp_path / 'net.py'}:build", "--data", str(data), "--out",
+         str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "cache")], capsys,
+    )
+    assert status == 0, errors
+    assert "2 train / 0 val images" in printed and "val n/a (no images)" in printed
+    assert (tmp_path / "h.safetensors").is_file()
+
+
+def test_train_probe_on_an_embedded_classifier_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _image_folder(tmp_path / "data", ("a", "b"), per_class=2)
+    status, _, errors = _run(["train-probe", "--model", "embedded:cnn", "--data", str(data), "--out",
+                              str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "c")], capsys)
+    assert status == 2 and "'embedded:cnn' is a finished classifier, not a feature backbone" in errors
+
+
+# ---------------------------------------------------------------------------------------------------- concepts
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--weights", "any.pth"], "--weights is only used with open_clip: models; embedded:clip takes none (it ships "
+                                   "its own weights): leave it out"),
+        (["--tokenizer", "syn"], "--tokenizer is only used with hf: models; embedded:clip has its own tokenizer"),
+    ],
+)
+def test_concepts_refuses_options_the_model_does_not_use(
+    extra: list[str], message: str, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "c.png"
+    status, _, errors = _run(["concepts", str(image), "--concept", "white wingbar", "--versus", "bird", *extra,
+                              "--out", str(out)], capsys)
+    assert status == 2 and message in errors and not out.exists()
+
+
+def test_concepts_refuses_the_concept_with_a_full_stop_as_its_reference(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, errors = _run(["concepts", str(image), "--concept", "white wingbar", "--versus", "white wingbar.",
+                              "--out", str(tmp_path / "c.png")], capsys)
+    assert status == 2 and "the reference 'white wingbar.' is the concept itself" in errors
+
+
+# ----------------------------------------------------------------------------------- errors phrased for the CLI
+
+
+def _conv_classifier(folder: Path) -> str:
+    """A TorchScript classifier without an ``nn.Linear`` (its head is a 1x1 convolution)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    path = folder / "conv.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(str(path))
+    return f"torchscript:{path}"
+
+
+def test_references_weights_errors_name_the_options(image: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    spec = _conv_classifier(tmp_path)
+    status, _, errors = _run(["explain", str(image), "--model", spec, "--references", "weights", "--layer", "0",
+                              "--out", str(tmp_path / "x.png")], capsys)
+    assert status == 2
+    assert "--references weights needs a model whose last layer is a linear classifier" in errors
+    assert "Use --references nearest or --references top" in errors and "classifier_weights" not in errors
+    (tmp_path / "mid.py").write_text(
+        "from torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.proj, self.classes = nn.Conv2d(3, 8, 3), nn.Linear(8, 8), nn.Conv2d(8, 5, 1)\n\n"
+        "    def forward(self, x):\n"
+        "        y = self.proj(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)\n"
+        "        return self.classes(y).mean((2, 3))\n\n"
+        "def build():\n"
+        "    return Net()\n"
+    )
+    status, _, errors = _run(["explain", str(image), "--model", f"python:{tmp_path / 'mid.py'}:build", "--layer",
+                              "conv", "--references", "weights", "--out", str(tmp_path / "y.png")], capsys)
+    assert status == 2 and "has 8 rows, not one per class of the model's output: it is not the classifier" in errors
+    assert "classifier_weights" not in errors
+
+
+def test_a_mismatch_outside_the_classifier_gives_no_class_count_hint(
+    image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finercam.compat import import_torchvision
+
+    state = import_torchvision().models.mobilenet_v3_small(weights=None).state_dict()
+    state["features.0.0.weight"] = torch.zeros(16, 3, 1, 1)
+    torch.save(state, tmp_path / "bad.pth")
+    status, _, errors = _run(["explain", str(image), "--model", "torchvision:mobilenet_v3_small", "--weights",
+                              str(tmp_path / "bad.pth")], capsys)
+    assert status == 2 and "features.0.0.weight: checkpoint (16, 3, 1, 1) vs model (16, 3, 3, 3)" in errors
+    assert "num_classes" not in errors and "classes" not in errors
+
+
+# --------------------------------------------------------------------------------------------------------- help
+
+
+def test_help_documents_every_model_kind_and_option(capsys: pytest.CaptureFixture[str]) -> None:
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "embedded:cnn / embedded:vit" in help_of("explain")
+    layers = help_of("layers")
+    assert f"--weights WEIGHTS {cli.WEIGHTS_HELP}" in " ".join(layers.split())
+    assert "--head HEAD a linear head (from train-probe" in layers
