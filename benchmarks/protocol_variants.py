@@ -2,7 +2,9 @@
 
 The demo's test set (its default size and seed), Grad-CAM, 2 px tolerance. For T nearest references and each aggregation
 it prints how often the references are siblings (same genus), then the pointing game against the difference mask
-of the first reference and against the union of the T references' masks, at gamma 0 (base CAM), 0.6, 1 and 2.
+of the first reference and against the union of the T references' masks, at gamma 0 (base CAM), 0.6, 1 and 2; for the
+ViT at its explained layer (the final ``norm``) and at the other layers of ``--vit-layers`` (the last block's output
+and the paper's ``blocks.<last>.norm1``, which feeds only the last attention).
 Run: ``.venv/bin/python benchmarks/protocol_variants.py [--vit FOLDER]``.
 """
 
@@ -28,12 +30,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--vit", help="a ViT trained elsewhere: the --out folder of python -m finercam.embedded.train "
                         "--model vit (e.g. with --patch-size 4); default: the shipped one")
+    parser.add_argument("--vit-layers", nargs="*", default=["blocks.-1", "blocks.-1.norm1"],
+                        help="more ViT layers to score (default: the last block's output and its norm1)")
     args = parser.parse_args()
     models = [load_embedded("cnn"), load_embedded("vit", args.vit)]
     data = _test_set(models, args.size, args.seed)
     species = data.config.species_per_genus
-    for embedded in models:
-        cam = FinerCAM(embedded.model, embedded.target_layer, "gradcam")
+    runs = [(m, m.target_layer) for m in models] + [(models[1], layer) for layer in args.vit_layers]
+    for embedded, layer in runs:
+        cam = FinerCAM(embedded.model, layer, "gradcam")
         for count, aggregation in VARIANTS:
             sweep = cam.sweep(data.images, GAMMAS, references="nearest", num_references=count,
                               aggregation=aggregation)
@@ -50,7 +55,7 @@ def main() -> None:
                 ratios = " ".join(f"g{gamma:g} {rate:.3f} (x{rate / max(rates[0], 1e-9):.2f})"
                                   for gamma, rate in zip(GAMMAS[1:], rates[1:], strict=True))
                 cells.append(f"{label}: base {rates[0]:.3f}, {ratios}")
-            print(f"{embedded.name} T={count} {aggregation} | " + " | ".join(cells), flush=True)
+            print(f"{embedded.name} {layer} T={count} {aggregation} | " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ FRESH_SIZE = 400
 MIN_ACCURACY = 0.95
 TOLERANCE = 0.02
 
-EXPECTED = {"cnn": {"layer": "stage3", "grid": (16, 16)}, "vit": {"grid": (8, 8)}}
+# "layer": the card's (explained) layer; "auto": FinerCAM's automatic choice (for the ViT the paper's last-block norm1,
+# while the card names the final norm, whose Grad-CAM is the exact per-token decomposition of the linear head).
+EXPECTED = {"cnn": {"layer": "stage3", "auto": "stage3", "grid": (16, 16)},
+            "vit": {"layer": "norm", "auto": "blocks.4.norm1", "grid": (8, 8)}}
 # The benchmark the models are trained on: 3 genera of 8 species (three two-valued parts per genus), 24 classes.
 SPECIES_PER_GENUS, CLASSES = 8, 24
 
@@ -65,7 +68,7 @@ def test_loads(embedded: EmbeddedModel) -> None:
     filled = torch.tensor(embedded.mean).view(1, 3, 1, 1).expand(1, 3, 64, 64)
     assert model.normalise(filled).abs().max() < 1e-6
     if embedded.name == "vit":
-        assert embedded.target_layer == f"blocks.{len(model.blocks) - 1}.norm1"
+        assert embedded.target_layer == "norm" and len(model.blocks) == 5
         assert model.patch_embed.patch_size == (8, 8) and model.num_prefix_tokens == 1
 
 
@@ -93,18 +96,32 @@ def test_fresh_seed_accuracy(embedded: EmbeddedModel, fresh: synth.SynthDataset)
     assert accuracy >= MIN_ACCURACY - TOLERANCE, f"{embedded.name}: {accuracy:.3f}"
 
 
-def test_auto_layer_is_the_target_layer(embedded: EmbeddedModel, fresh: synth.SynthDataset) -> None:
-    assert finercam.auto_layer(embedded.model, example=fresh.images[:1]) == embedded.target_layer
-    assert finercam.auto_layer(embedded.model, image_size=(64, 64)) == embedded.target_layer
-    if embedded.name == "cnn":
-        assert embedded.target_layer == EXPECTED["cnn"]["layer"]
+def test_auto_layer(embedded: EmbeddedModel, fresh: synth.SynthDataset) -> None:
+    auto = EXPECTED[embedded.name]["auto"]
+    assert finercam.auto_layer(embedded.model, example=fresh.images[:1]) == auto
+    assert finercam.auto_layer(embedded.model, image_size=(64, 64)) == auto
+    assert embedded.target_layer == EXPECTED[embedded.name]["layer"]
+
+
+def test_vit_final_norm_gradcam_is_the_exact_decomposition_of_its_head(fresh: synth.SynthDataset) -> None:
+    """The ViT's head is linear on the mean of its N final-normed patch tokens z_i, so Grad-CAM at ``norm`` has the
+    channel weights w / N and the raw map (w_c - gamma * mean_t w_{d_t}) . z_i / N: its sum over the grid is the
+    explained score s = y_c - gamma * mean_t y_{d_t} without the head's biases."""
+    vit = load_embedded("vit")
+    images = fresh.images[:6]
+    result = finercam.FinerCAM(vit.model, vit.target_layer).sweep(images, (0.0, 0.6, 2.0))
+    logits, bias = result.logits, vit.model.head.bias
+    own = (logits - bias).gather(1, result.targets[:, None])[:, 0]
+    references = (logits - bias).gather(1, result.references).mean(1)
+    for gamma, raw in zip(result.gammas, result.layer_raw_maps[0], strict=True):
+        torch.testing.assert_close(raw.sum(dim=(1, 2)), own - gamma * references, atol=1e-4, rtol=1e-4)
 
 
 def test_finercam_runs(embedded: EmbeddedModel, fresh: synth.SynthDataset) -> None:
     images = fresh.images[:4]
     with finercam.FinerCAM(embedded.model) as cam:
         result = cam(images)
-        assert [layer.name for layer in cam.layers] == [embedded.target_layer]
+        assert [layer.name for layer in cam.layers] == [EXPECTED[embedded.name]["auto"]]
     assert result.maps.shape == (4, 64, 64)
     assert torch.isfinite(result.maps).all()
     assert tuple(result.raw_maps.shape[1:]) == EXPECTED[embedded.name]["grid"]

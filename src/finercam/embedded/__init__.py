@@ -37,8 +37,9 @@ class EmbeddedModel:
         model: the classifier in eval mode: images ``(B, 3, H, W)`` in ``[0, 1]`` -> logits ``(B, 12)``. It normalises
             internally with its ``mean`` / ``std`` buffers.
         class_names: the class names in label order (those of :func:`finercam.synth.generate`'s default config).
-        target_layer: dotted name of the paper-style layer: ``"stage3"`` (the CNN's last spatial stage, 16 x 16 at
-            64 x 64) or ``"blocks.<last>.norm1"`` (the ViT's last block's first norm, an 8 x 8 token grid + CLS).
+        target_layer: dotted name of the explained layer: ``"stage3"`` (the CNN's last spatial stage, 16 x 16 at
+            64 x 64) or ``"norm"`` (the ViT's final norm, the input of its linear head on the mean patch token: an
+            8 x 8 token grid + CLS).
         mean, std: the internal normalisation, so "zero in normalised space" is filling with ``mean`` in pixel space.
         image_size: the training image size (64).
         card: the model card (parsed JSON).

@@ -8,7 +8,12 @@ return logits ``(B, num_classes)``.
 * :class:`SmallViT`: a ViT with a convolutional patch embedding of stride 8 (an 8 x 8 token grid for 64 x 64 images),
   one CLS token (``num_prefix_tokens = 1``), pre-norm blocks ``blocks[i]`` with ``norm1`` / ``attn`` / ``norm2`` /
   ``mlp`` like timm, and a linear head on the mean of the patch tokens after the final norm (the paper's setup for
-  its DINOv2 / CLIP backbones). The explained layer is ``blocks.<last>.norm1``, as in the paper.
+  its DINOv2 / CLIP backbones). The shipped ViT is explained at that final ``norm``: for a linear head on the mean of
+  the N tokens z_i, Grad-CAM there is the exact decomposition of the score, ``(w_c - gamma w_d) . z_i / N`` per token.
+  (``FinerCAM(model)`` on its own picks the paper's ``blocks.<last>.norm1``, which feeds only the last attention.)
+
+Both split their forward into ``encode`` (the last spatial maps, or the final-normed tokens) and ``logits_from``, so
+training code can read the features the head sees.
 
 The layout (``patch_embed.patch_size``, ``patch_embed.img_size``, ``num_prefix_tokens``, ``blocks[i].norm1`` next to
 ``blocks[i].attn``) is what :mod:`finercam.autolayer` and :mod:`finercam.grids` read, so ``FinerCAM(model)`` finds the
@@ -81,10 +86,17 @@ class SmallCNN(_Normalised):
         self.stage3 = BasicBlock(w2, w3)
         self.fc = nn.Linear(w3, num_classes)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
+        """The ``stage3`` maps ``(B, C, H/4, W/4)``."""
         x = self.pool(self.stage1(self.stem(self.normalise(images))))
-        x = self.stage3(self.stage2(x))
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.stage3(self.stage2(x))
+
+    def logits_from(self, maps: Tensor) -> Tensor:
+        """The head on :meth:`encode`'s maps: global average pooling, then ``fc``."""
+        return self.fc(maps.mean(dim=(2, 3)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits_from(self.encode(images))
 
 
 class ConvPatchEmbed(nn.Module):
@@ -168,7 +180,8 @@ class SmallViT(_Normalised):
     norm, linear head on the mean of the patch tokens (``pool="mean"``, as the paper's DINOv2 heads) or on the CLS
     token (``pool="cls"``, as DeiT and timm's ViTs).
 
-    Explain ``blocks.<depth - 1>.norm1``: ``1 + (H/8) * (W/8)`` tokens, the patch tokens an 8 x 8 grid at 64 x 64.
+    ``norm`` and every ``blocks.<i>.norm1`` hold ``1 + (H/8) * (W/8)`` tokens, the patch tokens an 8 x 8 grid at
+    64 x 64; the shipped ViT is explained at ``norm``.
     """
 
     num_prefix_tokens = 1
@@ -216,7 +229,8 @@ class SmallViT(_Normalised):
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
+        """The final-normed tokens ``(B, 1 + N, dim)``: CLS first, then the ``N`` patch tokens in row-major order."""
         b, _, height, width = images.shape
         p = self.patch_embed.patch_size[0]
         tokens = self.patch_embed(self.normalise(images))
@@ -224,10 +238,20 @@ class SmallViT(_Normalised):
         x = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        return self.norm(x)
+
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """The head's input ``(B, dim)`` from :meth:`encode`'s tokens: the CLS token or the mean of the patch tokens."""
         if self.pool == "cls":
-            return self.head(x[:, 0])
-        return self.head(x[:, self.num_prefix_tokens :].mean(dim=1))
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def logits_from(self, tokens: Tensor) -> Tensor:
+        """The linear ``head`` on :meth:`pooled` tokens."""
+        return self.head(self.pooled(tokens))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits_from(self.encode(images))
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"SmallCNN": SmallCNN, "SmallViT": SmallViT}

@@ -1,7 +1,9 @@
 """Train an embedded model on :mod:`finercam.synth` birds and write ``<name>.safetensors`` + its card ``<name>.json``.
 
     python -m finercam.embedded.train --model cnn --threads 1   # the shipped weights: about 6 min on one free core
-    python -m finercam.embedded.train --model vit --threads 1   # the shipped weights: about 12 min on one free core
+    python -m finercam.embedded.train --model vit --threads 1   # the shipped weights (after the CNN's): ~6 min
+    python -m finercam.embedded.train --model vit --objective supervised --distill 0 --epochs 18 --out /tmp/vit-sup \
+        --threads 1   # the earlier ViT, trained on the labels alone (its maps do not find the parts)
     python -m finercam.embedded.train --model cnn --out /tmp/models --threads 1
     python -m finercam.embedded.train --model vit --patch-size 4 --out /tmp/vit4 --threads 1   # 16 x 16 tokens, ~40 min
     python -m finercam.embedded.train --model vit --pool cls --out /tmp/vit-cls --threads 1    # a DeiT-style CLS head
@@ -32,10 +34,12 @@ from torch import Tensor, nn
 
 import finercam
 from finercam import synth
-from finercam.embedded import EMBEDDED_MODELS, WEIGHTS_DIR
-from finercam.embedded.architectures import build
+from finercam.embedded import EMBEDDED_MODELS, WEIGHTS_DIR, load_embedded
+from finercam.embedded.architectures import SmallViT, build
+from finercam.embedded.distill import TokenDistillation
 from finercam.errors import InvalidArgumentError
 from finercam.metrics import top1_accuracy
+from finercam.probe import fit_linear_head
 
 TRAIN_DATA_SEED = 0
 TEST_DATA_SEED = 1
@@ -55,15 +59,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "target_layer": "stage3", "species_per_genus": SPECIES_PER_GENUS,
         "train_size": 8000, "test_size": 2000, "epochs": 12, "batch_size": 64,
         "lr": 3e-3, "weight_decay": 5e-4, "warmup": 0.2, "label_smoothing": 0.0, "shift": 0, "clip": 0.0,
+        "objective": "supervised", "distill": 0.0,
     },
     "vit": {
         "architecture": "SmallViT",
         "config": {"dim": 96, "depth": 5, "heads": 4, "mlp_ratio": 2.0, "stem_widths": [32, 64]},
-        "target_layer": "blocks.4.norm1", "species_per_genus": SPECIES_PER_GENUS,
-        "train_size": 8000, "test_size": 2000, "epochs": 18, "batch_size": 64,
+        "target_layer": "norm", "species_per_genus": SPECIES_PER_GENUS,
+        "train_size": 8000, "test_size": 2000, "epochs": 12, "batch_size": 64,
         "lr": 1.5e-3, "weight_decay": 0.05, "warmup": 0.1, "label_smoothing": 0.0, "shift": 4, "clip": 1.0,
+        "objective": "distill-probe", "distill": 1.0, "probe_weight_decay": 1e-4,
     },
 }
+OBJECTIVES = ("supervised", "distill-probe")
+"""``supervised``: cross-entropy on the labels (plus ``distill`` times the token distillation when it is > 0).
+``distill-probe`` (the shipped ViT): the backbone learns only the token distillation of
+:mod:`finercam.embedded.distill` from the embedded CNN; then it is frozen and its head is a linear probe of the mean
+of its final-normed patch tokens, as the paper's heads on frozen DINOv2 / CLIP backbones. Trained on labels alone,
+the ViT's global attention spreads the class evidence over tokens away from the parts (its exact CAM peaked on the
+distinguishing part less often than a random map); the distilled tokens are local as the CNN's features are."""
 
 
 ARCHITECTURE_OVERRIDES = ("patch_size", "stem_padding", "pool")
@@ -118,6 +131,54 @@ def augment(images: Tensor, generator: torch.Generator, shift: int) -> Tensor:
     return images
 
 
+def _distillation(model: nn.Module, weight: float, log: Callable[[str], None]) -> TokenDistillation | None:
+    """The token distillation from the shipped CNN when ``weight`` (lambda) is positive and ``model`` is a ViT."""
+    if not weight:
+        return None
+    if not isinstance(model, SmallViT):
+        raise InvalidArgumentError(f"--distill teaches a ViT's tokens; got {type(model).__name__}")
+    teacher = load_embedded("cnn")
+    log(f"distilling the tokens from the embedded CNN's {teacher.target_layer} (lambda {weight:g}; "
+        f"teacher test accuracy {teacher.card['test_accuracy']:.2%})")
+    return TokenDistillation(teacher.model, model)  # type: ignore[arg-type]
+
+
+def _objective(recipe: dict[str, Any]) -> str:
+    """The recipe's objective, checked: ``supervised`` or ``distill-probe`` (which needs ``distill > 0``)."""
+    objective = recipe["objective"]
+    if objective not in OBJECTIVES:
+        raise InvalidArgumentError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective == "distill-probe" and not recipe["distill"] > 0:
+        raise InvalidArgumentError(f"the distill-probe objective needs --distill > 0; got {recipe['distill']}")
+    return objective
+
+
+def _batch_loss(
+    model: nn.Module, distillation: TokenDistillation | None, images: Tensor, labels: Tensor, recipe: dict[str, Any]
+) -> tuple[Tensor, Tensor | None]:
+    """One batch's loss (cross-entropy when supervised, plus lambda times the token distillation when on) and its
+    logits (``None`` under ``distill-probe``, whose head is fitted afterwards)."""
+    features = model.encode(images)  # type: ignore[operator]
+    loss, logits = images.new_zeros(()), None
+    if recipe["objective"] == "supervised":
+        logits = model.logits_from(features)  # type: ignore[operator]
+        loss = F.cross_entropy(logits, labels, label_smoothing=recipe["label_smoothing"])
+    if distillation is not None:
+        grid = model.patch_embed.grid_size  # type: ignore[union-attr]
+        loss = loss + recipe["distill"] * distillation(images, features, grid)
+    return loss, logits
+
+
+def _fit_probe(model: nn.Module, train_set: synth.SynthDataset, num_classes: int, weight_decay: float) -> None:
+    """Replace ``model.head`` by a linear probe of its frozen pooled features (full-batch L-BFGS, cross-entropy +
+    ``weight_decay`` * ||W||^2, as ``finercam train-probe`` fits heads on frozen backbones)."""
+    with torch.no_grad():
+        pooled = torch.cat([model.pooled(model.encode(train_set.images[i : i + 500]))  # type: ignore[operator]
+                            for i in range(0, len(train_set), 500)])
+    head = fit_linear_head(pooled, train_set.labels, num_classes, weight_decay=weight_decay)
+    model.head.load_state_dict(head.state_dict())  # type: ignore[union-attr]
+
+
 def train(
     name: str, out: Path, seed: int = 0, threads: int = 2, log=print, command: str | None = None,
     **overrides: Any,
@@ -141,14 +202,16 @@ def train(
     torch.manual_seed(seed)
     model = build(recipe["architecture"], config)
     generator = torch.Generator().manual_seed(seed)
-    decay = [p for p in model.parameters() if p.ndim in (2, 4)]  # linear and conv weights
+    supervised = _objective(recipe) == "supervised"
+    distillation = _distillation(model, recipe["distill"], log)
+    trainable = nn.ModuleList([model] if distillation is None else [model, distillation.project])
+    decay = [p for p in trainable.parameters() if p.ndim in (2, 4)]  # linear and conv weights
     n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
-    optimiser, schedule = one_cycle_adamw(model, decay, recipe, epochs * math.ceil(n / batch_size))
+    optimiser, schedule = one_cycle_adamw(trainable, decay, recipe, epochs * math.ceil(n / batch_size))
     params = sum(p.numel() for p in model.parameters())
     log(f"{recipe['architecture']} {config} ({params:,} parameters): {epochs} epochs of {n} images, "
         f"batch {batch_size}, {threads} threads")
     model.train()
-    test_accuracy = 0.0
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         total_loss, correct = 0.0, 0
@@ -156,20 +219,27 @@ def train(
             index = order[i : i + batch_size]
             images = augment(train_set.images[index], generator, recipe["shift"])
             labels = train_set.labels[index]
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=recipe["label_smoothing"])
+            loss, logits = _batch_loss(model, distillation, images, labels, recipe)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if recipe["clip"]:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
+                nn.utils.clip_grad_norm_(trainable.parameters(), recipe["clip"])
             optimiser.step()
             schedule.step()
             total_loss += loss.detach().item() * len(index)
-            correct += int((logits.detach().argmax(1) == labels).sum())
-        test_accuracy = top1_accuracy(model, test_set.images, test_set.labels)
-        log(f"epoch {epoch + 1}/{epochs}: loss {total_loss / n:.3f}, train accuracy (augmented) {correct / n:.1%}, "
-            f"test accuracy {test_accuracy:.2%} ({time.perf_counter() - start:.0f} s)")
+            if logits is not None:
+                correct += int((logits.detach().argmax(1) == labels).sum())
+        seconds = time.perf_counter() - start
+        if supervised:
+            test_accuracy = top1_accuracy(model, test_set.images, test_set.labels)
+            log(f"epoch {epoch + 1}/{epochs}: loss {total_loss / n:.3f}, train accuracy (augmented) "
+                f"{correct / n:.1%}, test accuracy {test_accuracy:.2%} ({seconds:.0f} s)")
+        else:
+            log(f"epoch {epoch + 1}/{epochs}: distillation loss {total_loss / n:.4f} ({seconds:.0f} s)")
     model.eval()
+    if not supervised:
+        _fit_probe(model, train_set, data_config.num_classes, recipe["probe_weight_decay"])
+        test_accuracy = top1_accuracy(model, test_set.images, test_set.labels)
     train_accuracy = top1_accuracy(model, train_set.images, train_set.labels)
     wall = time.perf_counter() - start
     log(f"final: train accuracy {train_accuracy:.2%}, test accuracy {test_accuracy:.2%}, wall time {wall:.0f} s")
@@ -204,6 +274,15 @@ def train(
             "optimizer": "AdamW", "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
             "schedule": f"one-cycle, cosine warmup ({recipe['warmup']:.0%} of steps) then cosine decay",
             "label_smoothing": recipe["label_smoothing"], "grad_clip": recipe["clip"],
+            "token_distillation": (
+                {"teacher": "embedded cnn (stage3, average-pooled onto the token grid)", "lambda": recipe["distill"],
+                 "loss": "normalised squared error of a linear projection of the final-normed patch tokens"}
+                if recipe["distill"] else None
+            ),
+            "objective": recipe["objective"],
+            "head": "trained with the backbone" if supervised else (
+                "linear probe of the frozen mean patch tokens (L-BFGS, cross-entropy + "
+                f"{recipe['probe_weight_decay']:g} ||W||^2)"),
             "augmentation": "random horizontal flip" + (f", random shift up to {recipe['shift']} px (reflect)"
                                                        if recipe["shift"] else ""),
         },
@@ -250,12 +329,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="ViT only: the padding of the patch embedding's convolutions (default zeros)")
     parser.add_argument("--pool", choices=("mean", "cls"),
                         help="ViT only: the head reads the mean of the patch tokens (default) or the CLS token")
+    parser.add_argument("--distill", type=float,
+                        help="ViT only: weight lambda of the token distillation from the embedded CNN (0: none)")
+    parser.add_argument("--objective", choices=OBJECTIVES,
+                        help="supervised (cross-entropy) or distill-probe (token distillation from the embedded CNN, "
+                        "then a linear probe of the frozen tokens)")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
           label_smoothing=args.label_smoothing, species_per_genus=args.species_per_genus, patch_size=args.patch_size,
-          stem_padding=args.stem_padding, pool=args.pool)
+          stem_padding=args.stem_padding, pool=args.pool, distill=args.distill, objective=args.objective)
     return 0
 
 
