@@ -91,5 +91,7 @@ def test_objective_errors(tmp_path) -> None:
     common = ["--out", str(tmp_path), "--epochs", "1", "--train-size", "8", "--test-size", "8", "--threads", "1"]
     with pytest.raises(InvalidArgumentError, match="distill-probe objective needs --distill > 0; got 0"):
         main(["--model", "vit", "--distill", "0", *common])
+    with pytest.raises(InvalidArgumentError, match=r"a weight >= 0; got -1\.0"):
+        main(["--model", "vit", "--objective", "supervised", "--distill", "-1", *common])
     with pytest.raises(InvalidArgumentError, match="teaches a ViT's tokens; got SmallCNN"):
         main(["--model", "cnn", "--distill", "1", *common])

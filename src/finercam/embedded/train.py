@@ -1,7 +1,7 @@
 """Train an embedded model on :mod:`finercam.synth` birds and write ``<name>.safetensors`` + its card ``<name>.json``.
 
     python -m finercam.embedded.train --model cnn --threads 1   # the shipped weights: about 6 min on one free core
-    python -m finercam.embedded.train --model vit --threads 1   # the shipped weights (after the CNN's): ~6 min
+    python -m finercam.embedded.train --model vit --threads 1   # the shipped weights (after the CNN's): ~9 min
     python -m finercam.embedded.train --model vit --objective supervised --distill 0 --epochs 18 --out /tmp/vit-sup \
         --threads 1   # the earlier ViT, trained on the labels alone (its maps do not find the parts)
     python -m finercam.embedded.train --model cnn --out /tmp/models --threads 1
@@ -148,6 +148,8 @@ def _objective(recipe: dict[str, Any]) -> str:
     objective = recipe["objective"]
     if objective not in OBJECTIVES:
         raise InvalidArgumentError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if not recipe["distill"] >= 0:
+        raise InvalidArgumentError(f"--distill is a weight >= 0; got {recipe['distill']}")
     if objective == "distill-probe" and not recipe["distill"] > 0:
         raise InvalidArgumentError(f"the distill-probe objective needs --distill > 0; got {recipe['distill']}")
     return objective
@@ -212,6 +214,7 @@ def train(
     log(f"{recipe['architecture']} {config} ({params:,} parameters): {epochs} epochs of {n} images, "
         f"batch {batch_size}, {threads} threads")
     model.train()
+    test_accuracy = 0.0
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         total_loss, correct = 0.0, 0
