@@ -6,8 +6,8 @@
         --threads 1   # the earlier ViT, trained on the labels alone (its maps do not find the parts)
     python -m finercam.embedded.train --model cnn --out /tmp/models --threads 1
     python -m finercam.embedded.train --model vit --patch-size 4 --out /tmp/vit4 --threads 1  # 16 x 16 tokens
-    python -m finercam.embedded.train --model vit --objective supervised --pool cls --out /tmp/vit-cls --threads 1
-        # a DeiT-style CLS head (under distill-probe the CLS token is never taught anything)
+    python -m finercam.embedded.train --model vit --objective supervised --distill 0 --pool cls --out /tmp/vit-cls \
+        --threads 1   # a DeiT-style CLS head, on the labels (under distill-probe the CLS token is taught nothing)
 
 A model written elsewhere loads with ``load_embedded(name, folder)``.
 
