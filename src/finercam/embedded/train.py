@@ -334,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", choices=("mean", "cls"),
                         help="ViT only: the head reads the mean of the patch tokens (default) or the CLS token")
     parser.add_argument("--distill", type=float,
-                        help="ViT only: weight lambda of the token distillation from the embedded CNN (0: none)")
+                        help="ViT only: weight lambda of the token distillation from the embedded CNN (0: none; "
+                        "the ViT's recipe: 1)")
     parser.add_argument("--objective", choices=OBJECTIVES,
                         help="supervised (cross-entropy) or distill-probe (token distillation from the embedded CNN, "
-                        "then a linear probe of the frozen tokens)")
+                        "then a linear probe of the frozen tokens; the ViT's recipe)")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
