@@ -3,13 +3,16 @@
 A ViT trained only on image labels mixes every token with every other through global attention, so the class evidence
 in its last tokens ends up away from the parts that carry it (the exact CAM of the shipped supervised ViT's head
 peaked on the distinguishing part less often than a random map). The paper's ViT, DINOv2, has local patch tokens from
-self-supervised patch-level objectives at a scale no CPU can train. A cheap substitute with the same effect: make
-each final patch token predict the teacher's feature vector at the same place,
+self-supervised patch-level objectives at a scale no CPU can train. A cheap substitute: make each final patch token
+predict the teacher's feature vector at the same place,
 
-    L = CE(head(mean_i z_i), y) + lambda * ||P z_i - f(x)_i||^2 / ||f(x)_i||^2,
+    L_distill = sum_{b,i} ||P z_{b,i} - f(x_b)_i||^2 / sum_{b,i} ||f(x_b)_i||^2     (over a batch),
 
 where ``z_i`` are the student's final-normed patch tokens, ``f(x)_i`` the teacher's last spatial maps average-pooled
 onto the student's token grid, and ``P`` a linear projection used only in training (not part of the shipped model).
+The shipped ViT learns ``L_distill`` alone, then gets a linear probe of its frozen mean patch token as its head
+(:mod:`finercam.embedded.train`, objective ``distill-probe``); added to the cross-entropy instead, it did not make
+the maps local.
 """
 
 from __future__ import annotations
@@ -35,10 +38,6 @@ class TokenDistillation(nn.Module):
         self.prefix = student.num_prefix_tokens
         channels = teacher.fc.in_features
         self.project = nn.Linear(student.head.in_features, channels)
-
-    def trainable(self) -> list[nn.Parameter]:
-        """The parameters trained next to the student's: the projection ``P``."""
-        return list(self.project.parameters())
 
     def forward(self, images: Tensor, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """The normalised squared error between ``P z_i`` and the teacher's pooled features at each of the
