@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gammas", type=float, nargs="+", default=list(DEFAULT_GAMMAS))
     parser.add_argument("--tolerance", type=int, default=TOLERANCE, help="pointing tolerance in pixels")
     parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--layer", default="auto",
+                        help="CAM layer inside the image tower, e.g. norm (default: found automatically)")
     parser.add_argument("--weights", type=Path, help="folder with clip.safetensors + clip.json (default: shipped)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed in seeds:
         parser.error(f"seed {args.seed} was used to train or evaluate the model ({sorted(seeds)}); pick another")
     encoders = clip_encoders(clip)
+    layer = args.layer if args.layer == "auto" else f"image_encoder.{args.layer}"
     data = synth.generate(args.size, seed=args.seed, config=clip.synth_config)  # the birds it was trained on
     gammas = [0.0, *args.gammas]
     versus_kinds = ("genus", "bird")
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [concept, reference]
             classifier = ZeroShotClassifier(encoders.image_encoder, encode_prompts(encoders, prompts), prompts,
                                             encoders.logit_scale)
-            sweep = FinerCAM(classifier, "auto", args.method).sweep(
+            sweep = FinerCAM(classifier, layer, args.method).sweep(
                 images, gammas=gammas, targets=0, references=[[1]] * len(indices)
             )
             for g, gamma in enumerate(gammas):
@@ -98,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{kind}:{key}"] = round(float(hit.float().mean()), 4)
         per_concept.append(row)
 
-    print(f"embedded CLIP, {args.method}, {args.size} fresh images (seed {args.seed}), pointing tolerance "
-          f"{args.tolerance} px; {sum(r['images'] for r in per_concept)} (image, part) queries "  # type: ignore[misc]
+    print(f"embedded CLIP, {args.method} at {args.layer}, {args.size} fresh images (seed {args.seed}), pointing "
+          f"tolerance {args.tolerance} px; {sum(r['images'] for r in per_concept)} (image, part) queries "  # type: ignore[misc]
           f"({time.perf_counter() - start:.0f} s)")
     print(f"{'concept':<16} {'genus':<8} {'n':>4} | " + " | ".join(
         f"vs genus {('plain' if g == 0 else f'g={g:g}'):>5}" for g in gammas))
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
               f"need a hit rate above 100%")
     if args.json:
         args.json.write_text(json.dumps({
-            "seed": args.seed, "size": args.size, "method": args.method, "tolerance": args.tolerance,
+            "seed": args.seed, "size": args.size, "method": args.method, "layer": args.layer,
+            "tolerance": args.tolerance,
             "model_card": {k: clip.card.get(k) for k in ("training_command", "zero_shot_accuracy")},
             "summary": summary, "per_concept": per_concept,
         }, indent=2) + "\n")

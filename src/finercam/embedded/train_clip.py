@@ -14,7 +14,8 @@ caption *true* of the image, and ``N_i`` of negatives; each positive is contrast
           + \text{the same over columns} \Big),
 
 which is CLIP's loss when every row has one positive, and asks every true caption (not only the best one) to beat
-every false one.
+every false one. ``--loss clip`` trains with CLIP's own loss instead (:func:`clip_info_nce`: the paired caption is the
+only positive, every other caption of the batch a negative, even one that is true of the image).
 
 Everything is seeded: training images ``synth.generate(train_size, seed=TRAIN_DATA_SEED)``, held-out images
 ``synth.generate(test_size, seed=TEST_DATA_SEED)``; ``--seed`` seeds the initialisation, the shuffling, the captions
@@ -50,6 +51,7 @@ from finercam.embedded.train import (
     training_data,
     write_card,
 )
+from finercam.errors import InvalidArgumentError
 from finercam.synth.spec import species_of
 
 SPECIES_PER_GENUS = 8
@@ -68,7 +70,7 @@ RECIPE: dict[str, Any] = {
     "text": {"width": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0, "context_length": 24},
     "species_per_genus": SPECIES_PER_GENUS,
     "train_size": 8000, "test_size": 2000, "epochs": 12, "batch_size": 128,
-    "lr": 3e-3, "weight_decay": 5e-4, "warmup": 0.2, "bare_captions": captions.BARE,
+    "lr": 3e-3, "weight_decay": 5e-4, "warmup": 0.2, "bare_captions": captions.BARE, "loss": "multi-positive",
 }
 
 
@@ -86,6 +88,25 @@ def multi_positive_info_nce(logits: Tensor, positive: Tensor) -> Tensor:
     image_to_text = (rows * weights).sum(1) / weights.sum(1)
     text_to_image = (columns * weights).sum(0) / weights.sum(0)
     return 0.5 * (image_to_text.mean() + text_to_image.mean())
+
+
+def clip_info_nce(logits: Tensor, positive: Tensor) -> Tensor:
+    """CLIP's symmetric InfoNCE loss: caption ``i`` is the one positive of image ``i`` (``positive`` is ignored)."""
+    pairs = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, pairs) + F.cross_entropy(logits.T, pairs))
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "multi-positive": multi_positive_info_nce,
+    "clip": clip_info_nce,
+}
+"""The contrastive losses ``--loss`` chooses from (the recipe's: ``multi-positive``)."""
+LOSS_CARDS = {
+    "multi-positive": "symmetric InfoNCE; every caption true of an image is a positive, each contrasted with the "
+                      "negatives",
+    "clip": "CLIP's symmetric InfoNCE: the paired caption is the only positive, every other caption a negative",
+}
+"""How the card describes each loss."""
 
 
 def flip(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -130,6 +151,9 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     """Train the embedded CLIP (the recipe's fields overridden by ``overrides``); write it to ``out``; return the
     card."""
     recipe = {**RECIPE, **{k: v for k, v in overrides.items() if v is not None}}
+    if recipe["loss"] not in LOSSES:
+        raise InvalidArgumentError(f"unknown loss {recipe['loss']!r}; choose one of {sorted(LOSSES)}")
+    contrastive_loss = LOSSES[recipe["loss"]]
     torch.set_num_threads(threads)
     start = time.perf_counter()
     config, train_set, test_set, mean, std, data_time = training_data(recipe, log)
@@ -167,7 +191,7 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
             requirements = torch.tensor([caption.requirements for caption in drawn], dtype=torch.long)
             positive = captions.positives(requirements, table[labels])
             logits = model(flip(train_set.images[index], generator), tokens)
-            loss = multi_positive_info_nce(logits, positive)
+            loss = contrastive_loss(logits, positive)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -215,8 +239,7 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
         },
         "training": {
             "seed": seed, "threads": threads, "epochs": epochs, "batch_size": batch_size,
-            "loss": "symmetric InfoNCE; every caption true of an image is a positive, each contrasted with the "
-                    "negatives",
+            "loss": LOSS_CARDS[recipe["loss"]],
             "optimizer": "AdamW", "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
             "schedule": f"one-cycle, cosine warmup ({recipe['warmup']:.0%} of steps) then cosine decay",
             "augmentation": "random horizontal flip",
@@ -245,13 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, help="override the recipe's number of held-out images")
     parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
     parser.add_argument("--species-per-genus", type=int, help="override the recipe's species per genus")
+    parser.add_argument("--loss", choices=sorted(LOSSES),
+                        help="contrastive loss (default: the recipe's, multi-positive; clip: CLIP's own)")
     parser.add_argument("--bare-captions", type=float,
                         help="share of attribute captions without a subject (default: the recipe's)")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.out, seed=args.seed, threads=args.threads, command=command.strip(), visual=args.visual,
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
-          bare_captions=args.bare_captions, species_per_genus=args.species_per_genus)
+          bare_captions=args.bare_captions, species_per_genus=args.species_per_genus, loss=args.loss)
     return 0
 
 
