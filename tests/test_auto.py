@@ -3,6 +3,7 @@ of an explicit layer with a hand-written reshape; token grids follow the input s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -399,3 +400,16 @@ def test_bad_auto_arguments_get_clear_errors(timm_vit: nn.Module) -> None:
     with pytest.raises(GridInferenceError, match=r"no patch grid fits 14 tokens for a 32x32 input \(patch size"):
         FinerCAM(timm_vit)(torch.randn(1, 3, 32, 32))
     handle.remove()
+
+
+def test_the_models_own_error_on_the_real_images_names_their_shape() -> None:
+    from finercam.embedded import load_embedded
+
+    model = load_embedded("cnn").model
+    flags = [p.requires_grad for p in model.parameters()]
+    for images in (torch.rand(1, 4, 64, 64), torch.rand(1, 3, 1, 1)):
+        shape = re.escape(str(tuple(images.shape)))
+        with pytest.raises(ModelOutputError, match=rf"forward pass failed on images of shape {shape}"):
+            FinerCAM(model)(images)  # target_layer="auto": the dry run is on these very images
+    assert not model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(not m._forward_hooks and p.grad is None for m in model.modules() for p in m.parameters(False))

@@ -406,3 +406,31 @@ def test_help_documents_every_model_kind_and_option(capsys: pytest.CaptureFixtur
     layers = help_of("layers")
     assert f"--weights WEIGHTS {cli.WEIGHTS_HELP}" in " ".join(layers.split())
     assert "--head HEAD a linear head (from train-probe" in layers
+
+
+def test_the_figure_never_overwrites_the_input_image(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    picture = zoo.picture(tmp_path / "b3.png", width=64, height=64)
+    before = picture.read_bytes()
+    for argv in (["explain", "b3.png", "--model", "embedded:cnn", "--out", "b3"],
+                 ["explain", "b3.png", "--model", "embedded:cnn", "--out", str(picture)],
+                 ["concepts", "b3.png", "--concept", "white wingbar", "--versus", "bird", "--out", "./b3.png"]):
+        status, _, errors = _run(argv, capsys)
+        assert status == 2 and "would write the figure over the input image 'b3.png'" in errors, (argv, errors)
+    assert picture.read_bytes() == before
+
+
+def test_a_model_that_refuses_the_input_size_is_one_line(image: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    factory = tmp_path / "fixed.py"
+    factory.write_text(textwrap.dedent("""
+        from torch import nn
+        def cnn32():  # takes 32 x 32 inputs only; the python: preprocessing gives 224 x 224
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 4))
+    """))
+    status, _, errors = _run(["explain", str(image), "--model", f"python:{factory}:cnn32",
+                              "--out", str(tmp_path / "x.png")], capsys)
+    assert status == 2, errors
+    assert errors.startswith("finercam explain: the model's forward pass failed on images of shape (1, 3, 224, 224)")
+    assert "Traceback" not in errors and errors.count("\n") == 1

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam.utils.model_targets import FinerWeightedTarget
+from torch import nn
 
 from finercam.errors import InvalidArgumentError, InvalidTypeError
 from finercam.objectives import (
@@ -179,3 +180,14 @@ def test_softmax_aggregation_equals_grad_cam_finer_weighted_target_with_gradient
     (ours_grad,) = torch.autograd.grad(ours.sum(), logits)
     (oracle_grad,) = torch.autograd.grad(oracle.sum(), logits)
     torch.testing.assert_close(ours_grad, oracle_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_classifier_module_without_weight_points_at_its_linear_layer() -> None:
+    from finercam.objectives import classifier_matrix
+
+    head = nn.Sequential(nn.Dropout(), nn.Linear(4, 5))
+    with pytest.raises(InvalidTypeError, match=r"a Sequential, which has no \.weight; .*<this module>\[1\]"):
+        classifier_matrix(head, 5)
+    with pytest.raises(InvalidTypeError, match=r"a ReLU, which has no \.weight; pass the model's final nn\.Linear"):
+        classifier_matrix(nn.ReLU(), 5)
+    assert classifier_matrix(head[1], 5) is head[1].weight

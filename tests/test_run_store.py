@@ -308,3 +308,22 @@ def test_gallery_cards_carry_each_class_role_for_the_search(tree: Path, tmp_path
             assert card[f"data-{key}"] == " | ".join(names).lower()
         assert set(card["data-classes"].split(" | ")) == {n.lower() for names in expected.values() for n in names}
     assert any(card["data-true"] != card["data-classes"] for card in parser.cards)  # the roles differ
+
+
+def test_views_refuse_a_gamma_they_cannot_render_once_before_any_image(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run(tree, tmp_path / "s", method="layercam", gammas=(0.6, 1.0))
+    for command in (["visualize", str(tmp_path / "s"), "--out", str(tmp_path / "v")],
+                    ["export", str(tmp_path / "s"), "--out", str(tmp_path / "e")],
+                    ["report", str(tmp_path / "s"), "--out", str(tmp_path / "r.html")]):
+        assert main([*command, "--gamma", "0.3"]) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "gamma 0.3 is not in the store (gammas [0.6, 1.0])" in err, err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "e").exists() and not (tmp_path / "r.html").exists()
+    store = load_store(tmp_path / "s")
+    with pytest.raises(StoreError, match=r"gamma must be a finite number >= 0; got nan"):
+        render_map(store, 0, float("nan"))
+    for row in (-1, COUNT):
+        with pytest.raises(StoreError, match=rf"row {row} is not in the store: rows go from 0 to {COUNT - 1}"):
+            render_map(store, row, 0.6)

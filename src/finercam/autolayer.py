@@ -168,11 +168,12 @@ def _run(model: nn.Module, example: Tensor, synthesized: bool) -> list[ModuleRec
     try:
         return dry_run(model, example)
     except Exception as error:  # the model's own error, re-raised with what finercam tried to do
+        cause = error.__cause__ if isinstance(error, ModelOutputError) and error.__cause__ is not None else error
         raise ModelOutputError(
             f"target_layer='auto': a dry run of {type(model).__name__} on an input of shape {tuple(example.shape)} "
-            f"failed ({type(error).__name__}: {error}). Pass image_size= (the size the model expects) or "
+            f"failed ({type(cause).__name__}: {cause}). Pass image_size= (the size the model expects) or "
             "target_layer= explicitly."
-        ) from error
+        ) from cause
 
 
 def _is_trivial(module: nn.Module) -> bool:

@@ -261,6 +261,9 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
     The model is left exactly as found: its train/eval flags and the grad mode are restored and every hook is
     removed, also when the forward raises. Outputs are kept alive only during the run (to tell tensors apart).
 
+    Raises:
+        ModelOutputError: the model's own forward failed on ``example`` (the message names its shape).
+
     Returns:
         The records of the modules that ran, sorted by ``order``.
     """
@@ -289,7 +292,7 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
     handles = [module.register_forward_hook(hook) for module in model.modules()]
     try:
         with preserved_model(model), torch.inference_mode(False), torch.no_grad():
-            model(example.clone() if example.is_inference() else example)
+            _forward(model, example.clone() if example.is_inference() else example)
     finally:
         for handle in handles:
             handle.remove()

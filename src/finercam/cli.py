@@ -4,7 +4,8 @@
 model; ``layers`` lists a model's candidate target layers; ``train-probe`` fits a linear head on a frozen backbone;
 ``synth`` writes the synthetic benchmark; ``demo`` runs the main job; ``evaluate`` scores base CAMs and Finer-CAM on a
 dataset; ``concepts`` localises a text concept against reference concepts with CLIP; ``run`` explains a whole dataset
-into a result store, which ``visualize``, ``report`` and ``export`` read; ``version`` prints versions.
+into a result store, which ``visualize``, ``report`` and ``export`` read; ``web`` serves the demo page in a browser;
+``version`` prints versions.
 User errors are printed as one line (exit status 2), never as a traceback; Ctrl-C stops a command with one line (exit
 status 130)."""
 
@@ -70,14 +71,28 @@ def figure_path(text: str) -> str:
     return str(output_file(*FIGURE_SUFFIXES)(str(path)))
 
 
-def figure_file(out: str | None, default_name: str, default_folder: Path) -> Path:
+def figure_file(out: str | None, default_name: str, default_folder: Path, *, inputs: Sequence[str | Path] = ()
+                ) -> Path:
     """Where a figure goes: ``out`` as :func:`figure_path` returns it (a folder gets ``default_name``), or
-    ``default_folder / default_name`` when not given."""
+    ``default_folder / default_name`` when not given.
+
+    Raises:
+        InvalidArgumentError: the figure would overwrite one of ``inputs`` (the image being explained).
+    """
+    from finercam.errors import InvalidArgumentError
+
     if out is None:
-        return default_folder / default_name
-    if out.endswith(("/", os.sep)) or Path(out).is_dir():
-        return Path(out) / default_name
-    return Path(out)
+        path = default_folder / default_name
+    elif out.endswith(("/", os.sep)) or Path(out).is_dir():
+        path = Path(out) / default_name
+    else:
+        path = Path(out)
+    for source in inputs:
+        if path.resolve() == Path(source).resolve():
+            raise InvalidArgumentError(
+                f"--out {out!r} would write the figure over the input image {str(source)!r}; give another name"
+            )
+    return path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_concepts(commands)
     _add_dataset(commands)
+    _add_web(commands)
     commands.add_parser("version", help="print the versions of finercam and torch")
     return parser
 
@@ -247,6 +263,12 @@ def _add_dataset(commands: argparse._SubParsersAction) -> None:
     add_commands(commands)
 
 
+def _add_web(commands: argparse._SubParsersAction) -> None:
+    from finercam.web.command import add_commands
+
+    add_commands(commands)
+
+
 def _add_concepts(commands: argparse._SubParsersAction) -> None:
     from finercam.concepts.command import add_commands
 
@@ -315,6 +337,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             from finercam.concepts.command import dispatch
 
             return dispatch(args)
+        if args.command == "web":
+            from finercam.web.command import dispatch as web
+
+            return web(args)
         if args.command == "evaluate":
             from finercam.evaluation.command import run_evaluate
 

@@ -26,6 +26,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from finercam.explain_image import display_image, explain_image, parse_target, save_figure
     from finercam.models import load_model
 
+    out = figure_file(args.out, f"{Path(args.image).stem}.finercam.png", Path("finercam-out"), inputs=[args.image])
     device = resolve_device(args.device)
     loaded = load_model(args.model, weights=args.weights, head=args.head, preprocess=args.preprocess, device=device)
     pixels = loaded.preprocess(load_image(args.image)).to(device)
@@ -50,7 +51,6 @@ def run_explain(args: argparse.Namespace) -> int:
             _say(f"  {reference}")
     else:
         _say("references: none (the model has a single class): the base CAM of y_c is shown")
-    out = figure_file(args.out, f"{Path(args.image).stem}.finercam.png", Path("finercam-out"))
     display = display_image(args.image, loaded.preprocess)
     written = save_figure(out, display, explanation, args.method, args.gamma)
     _say(f"wrote {written}")

@@ -3,10 +3,12 @@ probabilities, and a figure with the image, the base CAM and the Finer-CAM side 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from finercam.errors import InvalidArgumentError
@@ -14,7 +16,7 @@ from finercam.explain import FinerCAM
 from finercam.images import load_image
 from finercam.methods import get_method
 from finercam.models import LoadedModel, Preprocess
-from finercam.result import CAMResult
+from finercam.result import CAMResult, SweepResult
 
 DISPLAY_MAX_SIZE = 1000
 
@@ -34,13 +36,20 @@ class ClassScore:
 
 @dataclass(frozen=True)
 class ImageExplanation:
-    """The explanation of one image: what was predicted, explained and contrasted, and the maps."""
+    """The explanation of one image: what was predicted, explained and contrasted, and the maps.
+
+    Attributes:
+        result: the explanation at the chosen gamma.
+        sweep: the same target and references at the chosen gamma and every other one asked for (``sweep.gammas[0]``
+            is the chosen one), all from the same forward pass.
+    """
 
     prediction: ClassScore
     target: ClassScore
     references: tuple[ClassScore, ...]
     result: CAMResult
     layer: str
+    sweep: SweepResult
 
 
 def class_name(names: tuple[str, ...] | None, index: int) -> str:
@@ -48,8 +57,8 @@ def class_name(names: tuple[str, ...] | None, index: int) -> str:
     return names[index] if names is not None and index < len(names) else f"class {index}"
 
 
-def parse_target(target: str | None, names: tuple[str, ...] | None) -> int | None:
-    """A target given on the command line as a class index or a class name."""
+def parse_target(target: str | None, names: tuple[str, ...] | None, what: str = "--target") -> int | None:
+    """A target given on the command line (``what`` names the option in errors) as a class index or a class name."""
     if target is None:
         return None
     by_name = names.index(target) if names is not None and target in names else None
@@ -57,7 +66,7 @@ def parse_target(target: str | None, names: tuple[str, ...] | None) -> int | Non
     by_index = int(target) if target.lstrip("-").isdigit() and str(int(target)) == target else None
     if by_name is not None and by_index is not None and by_name != by_index:
         raise InvalidArgumentError(
-            f"--target {target!r} is both the name of class {by_name} and the index {by_index}; "
+            f"{what} {target!r} is both the name of class {by_name} and the index {by_index}; "
             f"give the other class's name, or the index {by_name} for the class named {target!r}"
         )
     if by_name is not None:
@@ -65,7 +74,7 @@ def parse_target(target: str | None, names: tuple[str, ...] | None) -> int | Non
     if by_index is not None:
         return by_index
     known = f"; known names include {list(names[:5])}" if names else " (this model has no class names)"
-    raise InvalidArgumentError(f"--target {target!r} is neither a class index nor a class name{known}")
+    raise InvalidArgumentError(f"{what} {target!r} is neither a class index nor a class name{known}")
 
 
 def last_linear(model: nn.Module) -> nn.Linear | None:
@@ -85,8 +94,9 @@ def explain_image(
     num_references: int = 3,
     gamma: float = 0.6,
     aggregation: str = "mean",
+    other_gammas: Sequence[float] = (),
 ) -> ImageExplanation:
-    """Explain one preprocessed image ``(3, H, W)`` with Finer-CAM.
+    """Explain one preprocessed image ``(3, H, W)`` with Finer-CAM, at ``gamma`` and at ``other_gammas`` too.
 
     Raises:
         InvalidArgumentError: ``references="weights"`` for a model without a linear classifier (errors are phrased
@@ -104,9 +114,9 @@ def explain_image(
             )
     cam = FinerCAM(loaded.model, chosen_layer, method)
     try:
-        result = cam(
-            pixels[None], targets=target, references=references, num_references=num_references, gamma=gamma,
-            aggregation=aggregation, classifier_weights=weights,
+        sweep = cam.sweep(
+            pixels[None], gammas=(gamma, *other_gammas), targets=target, references=references,
+            num_references=num_references, aggregation=aggregation, classifier_weights=weights,
         )
     except InvalidArgumentError as error:
         if weights is None or "classifier_weights" not in str(error):
@@ -116,6 +126,7 @@ def explain_image(
             f"has {weights.out_features} rows, not one per class of the model's output: it is not the classifier. "
             "Use --references nearest or --references top"
         ) from None
+    result = sweep.at(0)
     probabilities = result.probabilities[0]
     names = loaded.class_names
 
@@ -128,6 +139,7 @@ def explain_image(
         references=tuple(score(int(d)) for d in result.references[0] if d >= 0),
         result=result,
         layer=", ".join(cam_layer.name for cam_layer in cam.layers),
+        sweep=sweep,
     )
 
 
@@ -151,13 +163,14 @@ def save_figure(path: Path, display: Tensor, explanation: ImageExplanation, meth
     return viz.save_comparison(path, display[None].cpu(), columns, panel_inches=3.2)
 
 
-def display_image(image_path: str | Path, preprocess: Preprocess) -> Tensor:
-    """The image to draw the maps on, ``(3, H, W)`` in ``[0, 1]``.
+def display_image(image: str | Path | Image.Image, preprocess: Preprocess) -> Tensor:
+    """The image (a file, or an RGB image already open) to draw the maps on, ``(3, H, W)`` in ``[0, 1]``.
 
     Without a centre crop the whole image reaches the model, so the maps go back onto the original image (as the
     official pipeline does); with a crop, the model's view is shown: the same geometry without normalisation.
     """
-    image = load_image(image_path)
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
     geometry = replace(preprocess, mean=None, std=None)
     if preprocess.crop is None:
         geometry = Preprocess(name="display", max_size=DISPLAY_MAX_SIZE)

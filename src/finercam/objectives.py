@@ -148,7 +148,14 @@ def classifier_matrix(classifier: ClassifierWeights | None, num_classes: int) ->
     """The ``(C, D)`` weight matrix of a linear head given as a tensor or a module with a 2-D ``.weight``."""
     if classifier is None:
         return None
-    weight = classifier.weight if isinstance(classifier, nn.Module) else classifier
+    weight = getattr(classifier, "weight", None) if isinstance(classifier, nn.Module) else classifier
+    if isinstance(classifier, nn.Module) and not isinstance(weight, Tensor):
+        linears = [name for name, module in classifier.named_modules() if isinstance(module, nn.Linear)]
+        hint = "; pass the model's final nn.Linear (e.g. model.fc, model.classifier[-1], model.heads.head)"
+        if linears:
+            access = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in linears[-1].split("."))
+            hint = f"; pass its linear layer, e.g. classifier_weights=<this module>{access}"
+        raise InvalidTypeError(f"classifier_weights is a {type(classifier).__name__}, which has no .weight{hint}")
     if not isinstance(weight, Tensor) or weight.ndim != 2:
         raise InvalidTypeError(
             "classifier_weights must be a (C, D) tensor or a linear module with a 2-D .weight; got "

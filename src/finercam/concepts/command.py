@@ -121,6 +121,9 @@ def run_concepts(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--concept is empty; give a text such as 'red beak'")
     versus = _references(args)
     _check_model_options(args)
+    out = figure_file(args.out, f"{Path(args.image).stem}.concepts.png", DEFAULT_OUT, inputs=[args.image])
+    if out.with_suffix(".safetensors").resolve() == Path(args.image).resolve():
+        raise InvalidArgumentError(f"--out {args.out!r} would write the maps over the input {args.image!r}")
     image = load_image(args.image)
     device = resolve_device(args.device)
     loaded = load_clip(args.model, weights=args.weights, tokenizer=args.tokenizer, keep_aspect=args.keep_aspect,
@@ -139,7 +142,6 @@ def run_concepts(args: argparse.Namespace) -> int:
     _say(f"contrast: {versus_label(explanation)}")
     if float(explanation.contrast_raw_maps.max()) <= 0:
         _say("the contrast map is negative everywhere: the concept adds nothing the references lack")
-    out = figure_file(args.out, f"{Path(args.image).stem}.concepts.png", DEFAULT_OUT)
     figure = save_concept_figure(out, display, explanation)
     size = tuple(display.shape[-2:])
 

@@ -208,10 +208,13 @@ def run_run(args: argparse.Namespace) -> int:
 
 def _store(args: argparse.Namespace) -> ResultStore:
     """The store(s) of a view; says when the store is incomplete, and stops when it holds no chunk yet."""
+    from finercam.dataset.render import check_gamma
     from finercam.dataset.store import StoreError
     from finercam.dataset.store_reader import load_store
 
     store = load_store(args.store if len(args.store) > 1 else args.store[0])
+    if getattr(args, "gamma", None) is not None:
+        check_gamma(store, args.gamma)  # once, before any image: not one error per image
     shown = ", ".join(repr(str(root)) for root in store.roots)
     if not store.chunks:
         raise StoreError(

@@ -14,6 +14,10 @@ gammas can be shown. Displayable maps follow :mod:`finercam.postprocess`: ReLU, 
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 from torch import Tensor
 
 from finercam.dataset.store import StoreError
@@ -43,18 +47,16 @@ def _point(store: ResultStore, row: int, gamma: float) -> Tensor:
     return store.baseline_raw_map(row)  # gamma == 0 with mean aggregation
 
 
-def finer_raw_map(store: ResultStore, row: int, gamma: float) -> Tensor:
-    r"""The signed ``(h, w)`` raw map of ``s = y_c - \gamma\,\mathrm{agg}_t\, y_{d_t}`` for one row.
+def check_gamma(store: ResultStore, gamma: object) -> float:
+    """``gamma`` as a float, when the store can give its maps (:func:`can_render`); views call this before any work.
 
     Raises:
-        StoreError: ``gamma`` is not stored and the method is not linear in the gradient (or only one point is
-            stored), so it would need the model.
+        StoreError: ``gamma`` is not a number >= 0, or it is not stored and the method is not linear in the gradient
+            (or only one point is stored), so it would need the model.
     """
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma) or gamma < 0:
+        raise StoreError(f"gamma must be a finite number >= 0; got {gamma!r}")
     gamma = float(gamma)
-    if gamma < 0:
-        raise StoreError(f"gamma must be >= 0; got {gamma}")
-    if gamma in store.gammas or (gamma == 0.0 and store.config.get("aggregation") == "mean"):
-        return _point(store, row, gamma)
     if not can_render(store, gamma):
         why = (
             f"{store.method} is not linear in the gradient" if not store.config.get("linear_in_gradient")
@@ -64,6 +66,30 @@ def finer_raw_map(store: ResultStore, row: int, gamma: float) -> Tensor:
             f"gamma {gamma:g} is not in the store (gammas {list(store.gammas)}) and {why}: re-run with --gammas "
             f"including {gamma:g}"
         )
+    return gamma
+
+
+def _check_row(store: ResultStore, row: object) -> None:
+    """A row must be a whole number (an ``int``, a NumPy or 0-d torch integer) of the store's range."""
+    try:
+        index = None if isinstance(row, bool) else operator.index(row)  # type: ignore[arg-type]
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < len(store.input_sizes):
+        raise StoreError(f"row {row!r} is not in the store: rows go from 0 to {len(store.input_sizes) - 1}")
+
+
+def finer_raw_map(store: ResultStore, row: int, gamma: float) -> Tensor:
+    r"""The signed ``(h, w)`` raw map of ``s = y_c - \gamma\,\mathrm{agg}_t\, y_{d_t}`` for one row.
+
+    Raises:
+        StoreError: ``gamma`` is not stored and the method is not linear in the gradient (or only one point is
+            stored), so it would need the model.
+    """
+    gamma = check_gamma(store, gamma)
+    _check_row(store, row)
+    if gamma in store.gammas or (gamma == 0.0 and store.config.get("aggregation") == "mean"):
+        return _point(store, row, gamma)
     points = anchor_points(store)
     low, high = points[0], points[-1]
     first, last = _point(store, row, low), _point(store, row, high)
@@ -72,12 +98,14 @@ def finer_raw_map(store: ResultStore, row: int, gamma: float) -> Tensor:
 
 def render_map(store: ResultStore, row: int, gamma: float, size: tuple[int, int] | None = None) -> Tensor:
     """The displayable ``(H, W)`` Finer-CAM map in ``[0, 1]`` at ``size`` (default: the model's input size)."""
+    _check_row(store, row)
     target = size if size is not None else tuple(store.input_sizes[row].tolist())
     return normalize_maps(finer_raw_map(store, row, gamma), target)  # type: ignore[arg-type]
 
 
 def render_baseline(store: ResultStore, row: int, size: tuple[int, int] | None = None) -> Tensor:
     """The displayable ``(H, W)`` base CAM (explaining ``y_c`` alone) in ``[0, 1]``."""
+    _check_row(store, row)
     target = size if size is not None else tuple(store.input_sizes[row].tolist())
     return normalize_maps(store.baseline_raw_map(row), target)  # type: ignore[arg-type]
 

@@ -1,0 +1,95 @@
+"""``finercam web``: serve the demo page on this machine (default http://127.0.0.1:7860), offline.
+
+With no ``--model`` it offers the embedded CNN and ViT and, in a concepts tab, the embedded CLIP, with synthetic
+birds as examples. ``--model SPEC`` (with ``--weights``, ``--head``, ``--preprocess`` as for ``finercam explain``)
+offers that model instead; ``--clip SPEC`` another CLIP, ``--no-concepts`` none. Every model is loaded before the
+page is served, so a bad spec or file is reported at once, as one line.
+
+Wired into :mod:`finercam.cli` by ``add_commands(commands)`` and ``dispatch(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from typing import Any
+
+COMMAND = "web"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+EXAMPLES = 6
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text}")
+    return value
+
+
+_port.__name__ = "int"  # argparse names the type when int() refuses the text
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``web`` on the ``finercam`` command line's sub-parsers."""
+    from finercam.cli import HEAD_HELP, MODEL_HELP, WEIGHTS_HELP
+
+    parser = subparsers.add_parser(
+        COMMAND, help="serve the web demo: explain uploaded images and localize text concepts in a browser",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--model", help=MODEL_HELP + " (default: embedded:cnn and embedded:vit)")
+    parser.add_argument("--weights", help=WEIGHTS_HELP + " (with --model)")
+    parser.add_argument("--head", help=HEAD_HELP + " (with --model)")
+    parser.add_argument("--preprocess", help="preprocessing preset (with --model; default: the model's own)")
+    concepts = parser.add_mutually_exclusive_group()
+    concepts.add_argument("--clip", default="embedded:clip",
+                          help="CLIP model of the concepts tab: embedded:clip (default), open_clip:ARCH@CHECKPOINT or "
+                               "hf:DIR")
+    concepts.add_argument("--no-concepts", action="store_true", help="no concepts tab")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to serve on (default {DEFAULT_HOST}: this machine only; 0.0.0.0: every "
+                             "interface)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+
+
+def serve(app: Any, host: str, port: int) -> None:
+    """Serve ``app`` until Ctrl-C (tests replace this)."""
+    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, show_error=True, quiet=True)
+
+
+def run_web(args: argparse.Namespace) -> int:
+    """``finercam web``; raises finercam errors (printed as one line by :mod:`finercam.cli`)."""
+    from finercam.errors import InvalidArgumentError
+    from finercam.runtime import resolve_device
+    from finercam.web import DEFAULT_MODELS, clip_shelf, example_birds, model_shelf
+    from finercam.web.app import build_app
+
+    if args.model is None:
+        given = [flag for flag, value in (("--weights", args.weights), ("--head", args.head),
+                                           ("--preprocess", args.preprocess)) if value is not None]
+        if given:
+            raise InvalidArgumentError(f"{given[0]} needs --model: it applies to the model given there")
+    device = str(resolve_device(args.device))
+    models = model_shelf([args.model] if args.model else DEFAULT_MODELS, weights=args.weights, head=args.head,
+                         preprocess=args.preprocess, device=device)
+    clips = None if args.no_concepts else clip_shelf([args.clip], device=device)
+    for label in models.labels:  # load everything now: a bad spec is one line here, not an error on the page
+        print(f"loading {label} ...", flush=True)
+        models.get(label)
+    if clips is not None:
+        print(f"loading {args.clip} ...", flush=True)
+        clips.get(args.clip)
+    with tempfile.TemporaryDirectory(prefix="finercam-web-") as folder:
+        examples = example_birds(folder, EXAMPLES)
+        app = build_app(models, clips, examples)
+        shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
+        print(f"finercam web: serving on http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
+        serve(app, args.host, args.port)
+    return 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the ``web`` command from parsed arguments; returns the exit status."""
+    return run_web(args)

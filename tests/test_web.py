@@ -1,0 +1,250 @@
+"""The web demo: its panels are the explanations' maps (checked against ``explain_image`` and ``explain_concepts``),
+models are loaded once and lent one request at a time, the page serves both tabs over HTTP with finercam errors shown
+as messages, and ``finercam web`` checks its options and loads every model before serving."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finercam import synth
+from finercam.cli import main
+from finercam.concepts.api import explain_concepts
+from finercam.concepts.loading import load_clip
+from finercam.errors import InvalidArgumentError, MissingDependencyError
+from finercam.explain_image import display_image, explain_image
+from finercam.models import LoadedModel, load_model
+from finercam.synth.spec import species_of
+from finercam.web import GAMMA_STRIP, PREDICTED, ModelShelf, build_app, clip_shelf, model_shelf
+from finercam.web import command as web_command
+from finercam.web.views import concept_view, example_birds, explain_view, over, parse_prompts, to_uint8
+
+
+@pytest.fixture(scope="module")
+def cnn() -> LoadedModel:
+    return load_model("embedded:cnn")
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    return example_birds(tmp_path_factory.mktemp("birds"), 4)
+
+
+def _state(model: torch.nn.Module) -> tuple[object, ...]:
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+    return (model.training, hooks, tuple(p.requires_grad for p in model.parameters()),
+            any(p.grad is not None for p in model.parameters()))
+
+
+def test_explain_view_panels_are_the_explanations_maps(cnn: LoadedModel, examples: list[Any]) -> None:
+    image = Image.open(examples[1].path)
+    view = explain_view(cnn, image, gamma=0.6, num_references=2)
+    expected = explain_image(cnn, cnn.preprocess(image.convert("RGB")), gamma=0.6, num_references=2)
+    display = display_image(image.convert("RGB"), cnn.preprocess)
+    assert view.explanation.target == expected.target and view.explanation.references == expected.references
+    assert np.array_equal(view.panels[0].image, to_uint8(display))
+    assert np.array_equal(view.panels[1].image, over(display, expected.result.baseline_maps[0]))
+    assert np.array_equal(view.panels[2].image, over(display, expected.result.maps[0]))
+    assert not np.array_equal(view.panels[1].image, view.panels[2].image)
+    # The strip: gamma 0 is the base CAM and the chosen gamma the Finer-CAM panel, from the same forward pass.
+    assert [panel.caption.split(" ")[0] for panel in view.strip] == [f"γ={g:g}" for g in GAMMA_STRIP]
+    assert np.array_equal(view.strip[GAMMA_STRIP.index(0.0)].image, view.panels[1].image)
+    assert np.array_equal(view.strip[GAMMA_STRIP.index(0.6)].image, view.panels[2].image)
+    # Panels are enlarged for the screen by a whole factor: 64 px images become 256 px.
+    assert view.panels[0].image.shape == (256, 256, 3) and view.panels[0].image.dtype == np.uint8
+    probabilities = expected.result.probabilities[0]
+    top = probabilities.topk(5)
+    assert list(view.probabilities) == [cnn.class_names[int(i)] for i in top.indices]
+    assert list(view.probabilities.values()) == pytest.approx(top.values.tolist())
+    assert expected.prediction.name in view.summary
+    assert all(reference.name in view.summary for reference in expected.references)
+
+
+def test_explain_view_targets_by_name_or_index(cnn: LoadedModel, examples: list[Any]) -> None:
+    image = Image.open(examples[0].path)
+    names = cnn.class_names
+    assert names is not None
+    assert explain_view(cnn, image, target=names[7]).explanation.target.index == 7
+    assert explain_view(cnn, image, target="7").explanation.target.index == 7
+    predicted = explain_view(cnn, image).explanation.prediction
+    assert explain_view(cnn, image, target=PREDICTED).explanation.target == predicted
+    with pytest.raises(InvalidArgumentError, match=r"^the class 'osprey' is neither a class index nor a class name"):
+        explain_view(cnn, image, target="osprey")
+
+
+def test_explain_view_leaves_the_model_as_found(cnn: LoadedModel, examples: list[Any]) -> None:
+    before = _state(cnn.model)
+    explain_view(cnn, Image.open(examples[0].path), method="layercam")
+    assert _state(cnn.model) == before
+    with pytest.raises(InvalidArgumentError):
+        explain_view(cnn, Image.open(examples[0].path), target="99")
+    assert _state(cnn.model) == before
+
+
+def test_bad_images_are_named(cnn: LoadedModel) -> None:
+    with pytest.raises(InvalidArgumentError, match="no image: upload one, or pick an example"):
+        explain_view(cnn, None)
+    with pytest.raises(InvalidArgumentError, match=r"uint8 image array; got shape \(4, 4, 3\), dtype float32"):
+        explain_view(cnn, np.zeros((4, 4, 3), dtype=np.float32))
+    grey = explain_view(cnn, np.full((40, 30), 128, dtype=np.uint8))  # a grey array is taken as an RGB image
+    assert grey.panels[0].image.shape[2] == 3
+
+
+def test_concept_view_is_explain_concepts(examples: list[Any]) -> None:
+    clip = load_clip("embedded:clip")
+    example = examples[2]
+    image = Image.open(example.path).convert("RGB")
+    view = concept_view(clip, image, example.concept, f"{example.genus}, bird", gamma=1.0)
+    expected = explain_concepts(clip.encoders, clip.preprocess(image), example.concept, [example.genus, "bird"],
+                                gamma=1.0)
+    display = clip.display(image)
+    assert np.array_equal(view.panels[1].image, over(display, expected.concept_maps[0]))
+    assert np.array_equal(view.panels[2].image, over(display, expected.contrast_maps[0]))
+    cosines = expected.similarities[0].tolist()
+    assert f"cosine {cosines[0]:.3f}" in view.summary and f"'bird': cosine {cosines[2]:.3f}" in view.summary
+    with pytest.raises(InvalidArgumentError, match="the concept is empty"):
+        concept_view(clip, image, "  ", "bird")
+    with pytest.raises(InvalidArgumentError, match="the reference box is empty"):
+        concept_view(clip, image, "red beak", " , ;")
+
+
+def test_prompts_split_on_commas_semicolons_and_lines() -> None:
+    assert parse_prompts("finch, bird;\n blue jay ,") == ["finch", "bird", "blue jay"]
+
+
+def test_example_birds_take_the_genera_in_turn_and_name_a_coloured_part(tmp_path: Path) -> None:
+    birds = example_birds(tmp_path, 6)
+    config = synth.SynthConfig(image_size=64, species_per_genus=8)
+    by_name = {species.name: species for species in species_of(config)}
+    genera = [by_name[bird.species].genus_index for bird in birds]
+    assert genera == [0, 1, 2, 0, 1, 2]
+    for bird in birds:
+        species = by_name[bird.species]
+        value, part = bird.concept.split(" ")
+        assert species.values[part] == value != "plain" and bird.genus == species.genus
+        assert Image.open(bird.path).size == (64, 64)
+
+
+def test_the_shelf_loads_each_model_once_and_lends_it_to_one_caller_at_a_time() -> None:
+    loads: list[str] = []
+    inside = []
+    overlap = threading.Event()
+
+    def loader() -> str:
+        loads.append("m")
+        return "model"
+
+    shelf: ModelShelf[str] = ModelShelf({"m": loader})
+
+    def borrow() -> None:
+        with shelf.use("m"):
+            inside.append(1)
+            if len(inside) > 1:
+                overlap.set()
+            time.sleep(0.02)
+            inside.pop()
+
+    threads = [threading.Thread(target=borrow) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == ["m"] and shelf.get("m") == "model" and not overlap.is_set()
+    with pytest.raises(InvalidArgumentError, match=r"unknown model 'x'; this demo offers \['m'\]"):
+        shelf.get("x")
+    with pytest.raises(InvalidArgumentError, match="at least one model"):
+        ModelShelf({})
+
+
+def test_without_gradio_the_page_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "gradio", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'finercam\[web\]'"):
+        build_app(ModelShelf({"m": lambda: None}))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_page_serves_both_tabs_and_shows_errors_as_messages(examples: list[Any], cnn: LoadedModel) -> None:
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    app = build_app(model_shelf(["embedded:cnn"]), clip_shelf(), examples)
+    port = _free_port()
+    app.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port, quiet=True,
+                                                  prevent_thread_lock=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and "finercam" in page.read().decode()
+        client = Client(url, verbose=False)
+        bird = examples[0]
+        panels, label, summary, strip = client.predict(
+            handle_file(str(bird.path)), "embedded:cnn", PREDICTED, "gradcam", 0.6, 3, "nearest", "mean",
+            api_name="/explain",
+        )
+        expected = explain_view(cnn, Image.open(bird.path))
+        assert label["label"] == expected.explanation.prediction.name
+        assert summary == expected.summary
+        assert len(panels) == 3 and len(strip) == len(GAMMA_STRIP)
+        served = np.asarray(Image.open(panels[2]["image"]).convert("RGB"))
+        assert np.array_equal(served, expected.panels[2].image)  # PNG: the very pixels computed
+        concept_panels, concept_summary = client.predict(
+            handle_file(str(bird.path)), "embedded:clip", bird.concept, bird.genus, 0.6, "gradcam",
+            api_name="/concepts",
+        )
+        assert len(concept_panels) == 3 and repr(bird.concept) in concept_summary
+        with pytest.raises(Exception, match="the class 'osprey' is neither a class index nor a class name"):
+            client.predict(handle_file(str(bird.path)), "embedded:cnn", "osprey", "gradcam", 0.6, 3, "nearest",
+                           "mean", api_name="/explain")
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--weights", "w.safetensors"], "--weights needs --model"),
+    (["--model", "nosuch:thing"], "unknown model kind 'nosuch'"),
+    (["--model", "embedded:cnn", "--clip", "embedded:nosuch"], "nosuch"),
+])
+def test_the_command_refuses_bad_options_in_one_line(argv: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_command, "serve", lambda *_: pytest.fail("served despite a bad option"))
+    assert main(["web", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("finercam web: ") and message in err and "\n" not in err
+
+
+def test_the_command_rejects_a_bad_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["web", "--port", "70000"])
+    assert "must be a port number from 1 to 65535, got 70000" in capsys.readouterr().err
+
+
+def test_the_command_loads_every_model_then_serves(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    served: dict[str, Any] = {}
+
+    def serve(app: Any, host: str, port: int) -> None:
+        served.update(app=app, host=host, port=port, config=app.get_config_file())
+
+    monkeypatch.setattr(web_command, "serve", serve)
+    assert main(["web", "--no-concepts", "--port", "7999"]) == 0
+    out = capsys.readouterr().out
+    assert "loading embedded:cnn" in out and "loading embedded:vit" in out and "embedded:clip" not in out
+    assert "serving on http://localhost:7999" in out
+    assert served["host"] == "127.0.0.1" and served["port"] == 7999
+    labels = [c.get("props", {}).get("label") for c in served["config"]["components"]]
+    assert "Concepts (CLIP)" not in labels and "model" in labels and "class to explain (a name or an index)" in labels
