@@ -167,6 +167,29 @@ def test_cub_files_become_regions(tmp_path: Path) -> None:
     assert corners.min(0).values.tolist() == [10, 5] and corners.max(0).values.tolist() == [29, 19]
 
 
+def test_a_copy_of_a_cub_split_is_matched_by_class_folder_and_file(tmp_path: Path) -> None:
+    """As the README's command: --data is a copy of the test split, --annotations the CUB folder."""
+    import shutil
+
+    from finercam.evaluation.annotations import ImageItem, check_coverage
+
+    root, images = _cub(tmp_path)
+    split = tmp_path / "cub" / "test"
+    shutil.copytree(images / "002.Auklet", split / "002.Auklet")
+    (split / "003.Other").mkdir()
+    Image.new("RGB", (100, 80)).save(split / "003.Other" / "b.jpg")  # same file name, another class: no region
+    regions = load_regions(root)
+    copies = [split / "002.Auklet" / "b.jpg", split / "003.Other" / "b.jpg"]
+    assert regions.annotated(copies) == [True, False]
+    items = [ImageItem(path, 100, 80) for path in copies]
+    none = torch.zeros(2, dtype=torch.long)
+    masks, valid = regions.masks(items, Preprocess("none"), (80, 100), none, none, None)
+    original, _ = regions.masks([ImageItem(images / "002.Auklet" / "b.jpg", 100, 80)],
+                                Preprocess("none"), (80, 100), none[:1], none[:1], None)
+    assert valid.tolist() == [True, False] and torch.equal(masks[0], original[0])
+    assert "1 of 2 images have no annotation" in check_coverage(regions, copies, root)
+
+
 def test_regions_reject_bad_files(tmp_path: Path) -> None:
     from finercam.errors import InvalidArgumentError
 

@@ -154,14 +154,18 @@ class BoxKeypointRegions:
     """
 
     def __init__(self, root: Path, entries: dict[str, dict], kind: str, keypoint_radius: float | None,
-                 description: str, source: str = "the annotations") -> None:
+                 description: str, source: str = "the annotations", tail: int | None = None) -> None:
         self.root, self.entries, self.kind, self.radius = root, entries, kind, keypoint_radius
-        self.description, self.source = description, source
+        self.description, self.source, self.tail = description, source, tail
         self._checked: dict[Path, bool] = {}
 
     def _entry(self, path: Path) -> tuple[str | None, dict | None]:
-        """The image's key and its entry when it has a region of this kind."""
+        """The image's key and its entry when it has a region of this kind. The key is the path relative to
+        :attr:`root`; with ``tail``, an image elsewhere (a copy of a split) is matched by its last ``tail`` path
+        parts (CUB: ``<class folder>/<file>``, unique in the dataset)."""
         key = _relative(path, self.root)
+        if (key is None or key not in self.entries) and self.tail:
+            key = "/".join(path.parts[-self.tail:])
         entry = self.entries.get(key) if key is not None else None
         return key, entry if entry and entry.get(_FIELD_OF[self.kind]) else None
 
@@ -217,8 +221,9 @@ class BoxKeypointRegions:
 
 
 def cub_regions(root: Path, kind: str, keypoint_radius: float | None) -> BoxKeypointRegions:
-    """The CUB-200-2011 bounding boxes or part keypoints; image paths are relative to ``root/images``. Every line is
-    checked (known image id, finite numbers, boxes of positive size) when read."""
+    """The CUB-200-2011 bounding boxes or part keypoints; image paths are relative to ``root/images``, and an image
+    outside it (a copy of the test split, say) is matched by ``<class folder>/<file name>``. Every line is checked
+    (known image id, finite numbers, boxes of positive size) when read."""
     paths = read_cub_images(root)
     if kind == "box":
         table, field = root / "bounding_boxes.txt", "boxes"
@@ -229,7 +234,7 @@ def cub_regions(root: Path, kind: str, keypoint_radius: float | None) -> BoxKeyp
     entries: dict[str, dict] = {path: {field: values[path]} if path in values else {} for path in paths.values()}
     what = "bounding box" if kind == "box" else "visible part keypoints (disks)"
     return BoxKeypointRegions(root / "images", entries, kind, keypoint_radius, f"CUB-200-2011 {what}",
-                              repr(str(table)))
+                              repr(str(table)), tail=2)
 
 
 def check_coverage(regions: Regions, paths: Sequence[Path], annotations: str | Path) -> str:
