@@ -262,3 +262,15 @@ def test_weight_references_need_a_linear_head(synthetic: Path, tmp_path: Path,
     assert "--references weights needs a model whose last layer is a linear classifier" in error
     assert "use --references nearest or top" in error and "classifier_weights=" not in error
     assert _evaluate(synthetic / "test", tmp_path / "cnn", "--references", "weights", "--metrics", "rd") == 0
+
+
+def test_the_results_folder_stays_outside_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "a" / "x.png")
+    for out, message in ((data / "eval", "is inside --data"), (data, "is inside --data"),
+                         (tmp_path, "is inside --out")):
+        assert main(["evaluate", "--model", "embedded:cnn", "--data", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "the evaluation" in err, err
+    assert not (data / "eval").exists()

@@ -138,3 +138,22 @@ def train_val_folders(root: str | Path, val_fraction: float = 0.2, seed: int = 0
         ImageFolder(root, everything.classes, tuple(sorted(train_samples))),
         ImageFolder(root, everything.classes, tuple(sorted(val_samples))),
     )
+
+
+def check_apart(data: str | Path, out: str | Path, what: str = "store") -> None:
+    """Refuse an output folder ``out`` inside the ImageFolder tree ``data`` it is made from (its files would become
+    images and classes of the dataset on the next run), the tree itself, or a tree inside it; ``what`` names the
+    output in errors."""
+    data_path, out_path = Path(data).resolve(), Path(out).resolve()
+    if not data_path.is_dir():
+        return
+    if out_path == data_path or data_path in out_path.parents:
+        raise InvalidArgumentError(
+            f"--out {str(out)!r} is inside --data {str(data)!r}: the {what}'s files would be read as images and class "
+            "folders of the dataset. Give an --out folder outside the dataset"
+        )
+    if out_path in data_path.parents:
+        raise InvalidArgumentError(
+            f"--data {str(data)!r} is inside --out {str(out)!r}: the {what} would be written among the dataset's "
+            "folders. Give an --out folder of its own, outside the dataset"
+        )

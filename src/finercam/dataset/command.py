@@ -168,7 +168,8 @@ def run_run(args: argparse.Namespace) -> int:
     """
     from finercam.dataset.fingerprint import FINGERPRINTS, model_fingerprints
     from finercam.dataset.pipeline import run_dataset
-    from finercam.dataset.sources import check_apart, check_data, open_source, read_class_names
+    from finercam.dataset.sources import check_data, open_source, read_class_names
+    from finercam.images import check_apart
     from finercam.runtime import cpu_threads
 
     check_data(args.data)

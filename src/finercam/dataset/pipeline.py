@@ -54,7 +54,7 @@ from finercam.dataset.settings import (
     resolve_processes,
     target_mode,
 )
-from finercam.dataset.sources import DataSource, check_apart
+from finercam.dataset.sources import DataSource
 from finercam.dataset.store import (
     RESOLVED,
     StoreWriter,
@@ -64,6 +64,7 @@ from finercam.dataset.store import (
 )
 from finercam.errors import InvalidArgumentError
 from finercam.explain import FinerCAM
+from finercam.images import check_apart
 from finercam.layers import infer_device_dtype
 from finercam.models.preprocess import Preprocess
 from finercam.objectives import ClassifierWeights

@@ -289,24 +289,6 @@ def check_data(data: str | Path) -> None:
     raise InvalidArgumentError(f"--data {str(data)!r} is neither an ImageFolder folder nor a list file")
 
 
-def check_apart(data: str | Path, out: str | Path) -> None:
-    """Refuse a store folder ``out`` inside the ImageFolder tree ``data`` it explains (its files would become images
-    and classes of the dataset), the tree itself, or a tree inside the store."""
-    data_path, out_path = Path(data).resolve(), Path(out).resolve()
-    if not data_path.is_dir():
-        return
-    if out_path == data_path or data_path in out_path.parents:
-        raise InvalidArgumentError(
-            f"--out {str(out)!r} is inside --data {str(data)!r}: the store's files would be read as images and class "
-            "folders of the dataset. Give an --out folder outside the dataset"
-        )
-    if out_path in data_path.parents:
-        raise InvalidArgumentError(
-            f"--data {str(data)!r} is inside --out {str(out)!r}: the store would be written among the dataset's "
-            "folders. Give an --out folder of its own, outside the dataset"
-        )
-
-
 def open_source(data: str | Path, class_names: Sequence[str] | None = None) -> DataSource:
     """An ImageFolder tree (a folder) or a list file (a UTF-8 text file, one image path per line)."""
     data = Path(data)

@@ -13,6 +13,7 @@ from torch import nn
 
 from finercam.errors import InvalidArgumentError
 from finercam.evaluation.scoring import LOCALIZATION, METRIC_GROUPS
+from finercam.images import check_apart
 
 
 def metric_groups(requested: Sequence[str] | None, annotations: str | None) -> tuple[str, ...]:
@@ -32,8 +33,8 @@ def metric_groups(requested: Sequence[str] | None, annotations: str | None) -> t
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """The checks that need several options or the file system: ``--data`` is a folder, ``--blur-sigma`` goes with
-    ``--fill blur``."""
+    """The checks that need several options or the file system: ``--data`` is a folder, ``--out`` is outside it,
+    ``--blur-sigma`` goes with ``--fill blur``."""
     data = Path(args.data)
     if data.is_file():
         raise InvalidArgumentError(
@@ -43,6 +44,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not data.is_dir():
         raise InvalidArgumentError(f"--data {str(data)!r} does not exist; give an ImageFolder folder (one sub-folder "
                                    "of images per class)")
+    check_apart(data, args.out, "evaluation")
     if args.blur_sigma is not None and args.fill != "blur":
         raise InvalidArgumentError(f"--blur-sigma applies to --fill blur only, but --fill is {args.fill!r}")
 
