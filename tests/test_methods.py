@@ -156,3 +156,14 @@ def test_larger_gamma_moves_the_map_towards_what_separates_the_classes(linear_he
     assert base.argmax() == 0  # the base CAM points at the shared evidence
     assert finer.argmax() == 15  # Finer-CAM points at the difference
     assert finer[0, 0] == 0.0  # the shared evidence cancels exactly at gamma = 1
+
+
+def test_figure_titles_are_wrapped_to_their_panel() -> None:
+    from finercam.viz import wrap_title
+
+    title = "Finer-CAM γ=0.6\nvs 13-warbler-white_eyering-plain_throat-white_tailtip (0.03), 02-finch-beak (0.01)"
+    wrapped = wrap_title(title, 30)
+    assert all(len(line) <= 30 for line in wrapped.split("\n"))
+    assert wrapped.split("\n")[0] == "Finer-CAM γ=0.6"
+    assert wrapped.replace("\n", "").replace(" ", "") == title.replace("\n", "").replace(" ", "")
+    assert wrap_title("short\n\nlines", 30) == "short\n\nlines"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,18 @@ class Column:
     mark_peak: bool = True
 
 
+TITLE_FONT_SIZE = 8
+
+
+def wrap_title(text: str, width: int) -> str:
+    """Every line of ``text`` broken to at most ``width`` characters (at spaces and hyphens; a longer word is cut),
+    so that long class names stay over their own panel."""
+    return "\n".join(
+        textwrap.fill(line, width, break_on_hyphens=True, break_long_words=True) if line else line
+        for line in text.split("\n")
+    )
+
+
 def save_comparison(
     path: str | Path,
     images: Tensor,
@@ -160,9 +173,15 @@ def save_comparison(
     """
     plt = pyplot()
     rows, cols = images.shape[0], len(columns)
-    figure, axes = plt.subplots(
-        rows, cols, figsize=(panel_inches * cols, (panel_inches + 0.45) * rows + 0.6), squeeze=False
-    )
+    width = max(12, int(panel_inches * 72 / (TITLE_FONT_SIZE * 0.6)))  # characters that fit over a panel
+    titles = [
+        [wrap_title((f"{column.title}\n" if row == 0 else "")
+                    + (column.captions[row] if column.captions is not None else ""), width) for column in columns]
+        for row in range(rows)
+    ]
+    lines = [max(title.count("\n") + 1 for title in row_titles) for row_titles in titles]
+    height = sum(panel_inches + 0.25 + 0.15 * count for count in lines) + 0.4
+    figure, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, height), squeeze=False)
     try:
         for column_index, column in enumerate(columns):
             for row in range(rows):
@@ -181,9 +200,7 @@ def save_comparison(
                     peak = int(torch.argmax(column.maps[row]))
                     y, x = divmod(peak, column.maps.shape[-1])
                     axis.plot(x, y, marker="x", color="white", markersize=7, markeredgewidth=2)
-                caption = column.captions[row] if column.captions is not None else ""
-                header = f"{column.title}\n" if row == 0 else ""
-                axis.set_title(header + caption, fontsize=8, fontweight="normal")
+                axis.set_title(titles[row][column_index], fontsize=TITLE_FONT_SIZE, fontweight="normal")
                 axis.set_xticks([])
                 axis.set_yticks([])
                 if column_index == 0 and row_labels is not None:
@@ -195,7 +212,7 @@ def save_comparison(
         if not output.suffix:
             output = output.with_suffix(".png")
         output.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(output, dpi=dpi)
+        figure.savefig(output, dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # no title cut, no blank margin
     finally:
         plt.close(figure)
     return output
