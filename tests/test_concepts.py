@@ -381,3 +381,12 @@ def test_prompts_compare_without_trailing_punctuation() -> None:
     assert normalise_prompt("bird (male)") == "bird (male)"  # only sentence punctuation at the end goes
     classifier = ZeroShotClassifier(nn.Linear(3, 2), torch.randn(2, 2), ["red wing", "bird"])
     assert classifier.index("Red wing.") == 0
+
+
+def test_one_candidate_given_as_a_string_is_one_prompt() -> None:
+    from finercam.concepts import Nearest, Siblings
+
+    assert Nearest("bird", 1).candidates == ("bird",)
+    assert Nearest(["bird", "finch"], 1).candidates == ("bird", "finch")
+    with pytest.raises(InvalidArgumentError, match="at least two values"):
+        Siblings("red")

@@ -355,3 +355,15 @@ def test_half_precision_stays_finite(tiny_net: nn.Module, images: Tensor, method
     result = FinerCAM(model, "features", method)(images.half(), aggregation=aggregation)
     assert result.maps.dtype == torch.float16
     assert bool(result.maps.isfinite().all()) and bool(result.baseline_maps.isfinite().all())
+
+
+def test_gammas_as_tensors_and_sweep_positions(tiny_net: nn.Module, images: torch.Tensor) -> None:
+    cam = FinerCAM(tiny_net, "features")
+    assert torch.equal(cam(images, gamma=torch.tensor(0.6)).maps, cam(images, gamma=0.6).maps)
+    sweep = cam.sweep(images, gammas=torch.linspace(0, 2, 5))
+    assert sweep.gammas == (0.0, 0.5, 1.0, 1.5, 2.0)
+    assert torch.equal(sweep.at(-1).maps, sweep.maps[4]) and sweep.at(-1).gamma == 2.0
+    with pytest.raises(InvalidArgumentError, match=r"a whole number from -5 to 4; got 5$"):
+        sweep.at(5)
+    with pytest.raises(InvalidArgumentError, match=r"got 0\.5; for gamma 0\.5 use at\(sweep\.gammas\.index\(0\.5\)\)"):
+        sweep.at(0.5)

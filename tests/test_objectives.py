@@ -191,3 +191,15 @@ def test_a_classifier_module_without_weight_points_at_its_linear_layer() -> None
     with pytest.raises(InvalidTypeError, match=r"a ReLU, which has no \.weight; pass the model's final nn\.Linear"):
         classifier_matrix(nn.ReLU(), 5)
     assert classifier_matrix(head[1], 5) is head[1].weight
+
+
+def test_targets_take_arrays_and_zero_d_tensors_like_references() -> None:
+    logits = torch.randn(2, 5)
+    expected = torch.tensor([1, 2])
+    for targets in (np.array([1, 2]), [torch.tensor(1), torch.tensor(2)], [np.int64(1), np.array(2)], expected):
+        assert torch.equal(resolve_targets(targets, logits), expected)
+    assert torch.equal(resolve_targets(np.int64(3), logits), torch.tensor([3, 3]))
+    with pytest.raises(InvalidTypeError, match="integer class indices"):
+        resolve_targets(np.array([1.0, 2.0]), logits)
+    with pytest.raises(InvalidTypeError, match="integer class indices"):
+        resolve_targets([torch.tensor(1.0), torch.tensor(2.0)], logits)

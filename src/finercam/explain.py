@@ -51,6 +51,8 @@ DEFAULT_SWEEP = (0.0, 0.3, 0.6, 1.0, 2.0)
 
 
 def _check_gamma(gamma: object) -> float:
+    if isinstance(gamma, Tensor) and gamma.numel() == 1 and not gamma.is_complex() and gamma.dtype != torch.bool:
+        gamma = float(gamma)  # a 0-d (or one-element) tensor, e.g. torch.tensor(0.6)
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise InvalidTypeError(f"gamma must be a real number >= 0; got {gamma!r} ({type(gamma).__name__})")
     value = float(gamma)
@@ -204,8 +206,10 @@ class FinerCAM:
             A :class:`SweepResult` whose ``maps`` is ``(G, B, H, W)``. Arguments are those of :meth:`__call__`.
         """
         images = _check_images(images)
-        if isinstance(gammas, numbers.Real):
+        if isinstance(gammas, numbers.Real) or (isinstance(gammas, Tensor) and gammas.ndim == 0):
             raise InvalidTypeError("gammas must be a sequence of numbers, e.g. [0, 0.6, 2]; use cam(...) for one")
+        if isinstance(gammas, Tensor) or hasattr(gammas, "__array__"):  # torch.linspace(0, 2, 5), a NumPy array
+            gammas = torch.as_tensor(gammas).flatten().tolist()  # type: ignore[arg-type]
         gamma_values = tuple(_check_gamma(g) for g in gammas)
         if not gamma_values:
             raise InvalidArgumentError("gammas is empty; give at least one comparison strength")

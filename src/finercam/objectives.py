@@ -48,6 +48,17 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _scalar(value: object) -> object:
+    """A 0-d integer tensor or array as a Python int; anything else as it is (checked by the caller)."""
+    if isinstance(value, Tensor) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex()
+                                                               or value.dtype == torch.bool):
+        return int(value)
+    if hasattr(value, "__array__") and getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None \
+            and str(value.dtype).startswith(("int", "uint")):  # type: ignore[attr-defined]
+        return int(value)  # type: ignore[call-overload]
+    return value
+
+
 def _check_classes(indices: Tensor, num_classes: int, what: str) -> None:
     bad = (indices < 0) | (indices >= num_classes)
     if bool(bad.any()):
@@ -70,6 +81,10 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
     batch, num_classes = logits.shape
     if targets is None:
         return logits.detach().argmax(dim=1)
+    if hasattr(targets, "__array__") and not isinstance(targets, Tensor | Sequence):  # a NumPy array or scalar
+        targets = torch.as_tensor(targets)  # type: ignore[arg-type]
+    elif isinstance(targets, Sequence) and not isinstance(targets, str | bytes):
+        targets = [_scalar(t) for t in targets]  # 0-d tensors and NumPy integers count as ints
     if _is_integer(targets):
         resolved = torch.full((batch,), int(targets), dtype=torch.long, device=logits.device)  # type: ignore[arg-type]
     elif isinstance(targets, Tensor):

@@ -98,7 +98,16 @@ class SweepResult(_Explanation):
         return len(self.gammas)
 
     def at(self, index: int) -> CAMResult:
-        """The explanation for ``gammas[index]`` as a :class:`CAMResult`."""
+        """The explanation for ``gammas[index]`` as a :class:`CAMResult` (``index`` counts from 0, or from the end
+        when negative; for a gamma's own explanation use ``at(sweep.gammas.index(gamma))``)."""
+        count = len(self.gammas)
+        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+            hint = (f"; for gamma {index:g} use at(sweep.gammas.index({index:g}))" if isinstance(index, float)
+                    and index in self.gammas else "")
+            raise InvalidArgumentError(
+                f"at() takes the position of a gamma in {list(self.gammas)}: a whole number from {-count} to "
+                f"{count - 1}; got {index!r}{hint}"
+            )
         fields = {name: getattr(self, name) for name in _Explanation.__dataclass_fields__}
         fields["layer_raw_maps"] = tuple(raw[index] for raw in self.layer_raw_maps)
         return CAMResult(**fields, maps=self.maps[index], gamma=self.gammas[index])

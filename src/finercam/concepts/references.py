@@ -74,7 +74,8 @@ class Nearest:
     k: int = 3
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "candidates", check_prompts(tuple(self.candidates), "nearest candidates"))
+        candidates = (self.candidates,) if isinstance(self.candidates, str) else tuple(self.candidates)
+        object.__setattr__(self, "candidates", check_prompts(candidates, "nearest candidates"))
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise InvalidArgumentError(f"Nearest: k must be an int >= 1; got {self.k!r}")
 
