@@ -434,3 +434,16 @@ def test_a_model_that_refuses_the_input_size_is_one_line(image: Path, tmp_path: 
     assert status == 2, errors
     assert errors.startswith("finercam explain: the model's forward pass failed on images of shape (1, 3, 224, 224)")
     assert "Traceback" not in errors and errors.count("\n") == 1
+
+
+def test_finercams_warnings_are_one_line(image: Path, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "finercam", "explain", str(image), "--model", "torchvision:resnet18",
+         "--out", str(tmp_path / "r.png")],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    lines = completed.stderr.strip().splitlines()
+    assert lines == ["finercam: warning: torchvision model 'resnet18' has random weights (no weights file given); "
+                     "pass weights=FILE or torchvision:resnet18@FILE to explain a trained model"], lines
+    assert cli._one_line_warning("x", UserWarning, "/site/other/lib.py", 3).endswith("UserWarning: x\n")

@@ -327,3 +327,9 @@ def test_views_refuse_a_gamma_they_cannot_render_once_before_any_image(
     for row in (-1, COUNT):
         with pytest.raises(StoreError, match=rf"row {row} is not in the store: rows go from 0 to {COUNT - 1}"):
             render_map(store, row, 0.6)
+
+
+def test_a_stores_manifest_given_for_its_folder_is_named(tree: Path, tmp_path: Path) -> None:
+    _run(tree, tmp_path / "s")
+    with pytest.raises(StoreError, match=r"store\.json' is the store's manifest; give the store's folder, '.*/s'"):
+        load_store(tmp_path / "s" / "store.json")

@@ -248,3 +248,13 @@ def test_the_command_loads_every_model_then_serves(capsys: pytest.CaptureFixture
     assert served["host"] == "127.0.0.1" and served["port"] == 7999
     labels = [c.get("props", {}).get("label") for c in served["config"]["components"]]
     assert "Concepts (CLIP)" not in labels and "model" in labels and "class to explain (a name or an index)" in labels
+
+
+def test_a_class_name_not_found_is_shown_with_the_names_that_contain_it(cnn: LoadedModel) -> None:
+    from finercam.explain_image import parse_target
+
+    message = r"'finch' is neither .*; 8 class names contain it, e\.g\. \['00-finch"
+    with pytest.raises(InvalidArgumentError, match=message):
+        parse_target("finch", cnn.class_names)
+    with pytest.raises(InvalidArgumentError, match=r"the closest class names: \['04-finch-yellow_beak"):
+        parse_target("04-finch-yelow_beak-plain_wingbar-red_crown", cnn.class_names)

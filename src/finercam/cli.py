@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -291,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finercam`` console script; returns the exit status (2 for a user error, 130 after
     Ctrl-C)."""
     command: str | None = None  # forked workers ignore Ctrl-C: the parent stops them and reports it here
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         parser = _parser()
         args = parser.parse_args(argv)
@@ -305,6 +308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit raises no second error
         return 1
+    finally:
+        warnings.formatwarning = default_format
+
+
+_DEFAULT_FORMAT = warnings.formatwarning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """finercam's own warnings (random weights, a head trained on another backbone) as one line, without the
+    Python source line; other libraries' warnings as Python prints them."""
+    if f"{os.sep}finercam{os.sep}" in filename or filename.startswith("finercam"):
+        return f"finercam: warning: {message}\n"
+    return _DEFAULT_FORMAT(message, category, filename, lineno, line)
 
 
 def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ probabilities, and a figure with the image, the base CAM and the Finer-CAM side 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,7 +74,14 @@ def parse_target(target: str | None, names: tuple[str, ...] | None, what: str = 
         return by_name
     if by_index is not None:
         return by_index
-    known = f"; known names include {list(names[:5])}" if names else " (this model has no class names)"
+    containing = [name for name in names if target.lower() in name.lower()] if names else []
+    close = difflib.get_close_matches(target, names, 5, 0.4) if names else []
+    if containing:
+        known = f"; {len(containing)} class names contain it, e.g. {containing[:5]}"
+    elif close:
+        known = f"; the closest class names: {close}"
+    else:
+        known = f"; known names include {list(names[:5])}" if names else " (this model has no class names)"
     raise InvalidArgumentError(f"{what} {target!r} is neither a class index nor a class name{known}")
 
 

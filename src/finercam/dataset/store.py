@@ -132,6 +132,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         raise StoreError(
+            f"{str(root)!r} is the store's manifest; give the store's folder, {str(root.parent)!r}"
+            if root.name == MANIFEST and root.is_file() else
             f"{str(root)!r} is not a finercam result store: {MANIFEST} is missing (make one with finercam run)"
         )
     try:
