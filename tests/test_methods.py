@@ -167,3 +167,15 @@ def test_figure_titles_are_wrapped_to_their_panel() -> None:
     assert wrapped.split("\n")[0] == "Finer-CAM γ=0.6"
     assert wrapped.replace("\n", "").replace(" ", "") == title.replace("\n", "").replace(" ", "")
     assert wrap_title("short\n\nlines", 30) == "short\n\nlines"
+
+
+def test_a_map_constant_up_to_rounding_is_zero_not_stretched_noise() -> None:
+    from finercam.postprocess import minmax, normalize_maps
+
+    one_cell = torch.tensor([[[0.3719]]])
+    assert torch.equal(normalize_maps(one_cell, (8, 8)), torch.zeros(1, 8, 8))  # upsampling rounds: still constant
+    noisy = torch.full((1, 4, 4), 2.5) + torch.randn(1, 4, 4) * 1e-7  # a few ulps of 2.5
+    assert torch.equal(minmax(noisy), torch.zeros(1, 4, 4))
+    real = torch.tensor([[[0.0, 1e-3], [2e-3, 4e-3]]])  # small values but a real range
+    assert torch.allclose(minmax(real), torch.tensor([[[0.0, 0.25], [0.5, 1.0]]]), atol=1e-4)
+    assert torch.equal(minmax(torch.zeros(2, 3, 3)), torch.zeros(2, 3, 3))

@@ -12,19 +12,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MINMAX_EPS = 1e-7
+ROUNDING_ULPS = 16
+"""A map whose range is at most this many units in the last place of its largest value is taken as constant."""
 
 
 def minmax(maps: Tensor, eps: float = MINMAX_EPS) -> Tensor:
     """Scale each map ``(..., H, W)`` to ``[0, 1]`` by its own minimum and maximum.
 
     ``eps`` is raised to the dtype's smallest normal number where it would vanish (``1e-8`` is 0 in float16), so a
-    constant map gives 0, never ``0 / 0``.
+    constant map gives 0, never ``0 / 0``. A map constant up to rounding (its range within a few units in the last
+    place of its values, e.g. a single cell upsampled) is constant: 0, not its rounding noise stretched to ``[0, 1]``.
     """
-    if maps.is_floating_point():
-        eps = max(eps, torch.finfo(maps.dtype).tiny)
     low = maps.amin(dim=(-2, -1), keepdim=True)
     high = maps.amax(dim=(-2, -1), keepdim=True)
-    return (maps - low) / (high - low + eps)
+    if not maps.is_floating_point():
+        return (maps - low) / (high - low + eps)
+    info = torch.finfo(maps.dtype)
+    span = high - low
+    scaled = (maps - low) / (span + max(eps, info.tiny))
+    flat = span <= ROUNDING_ULPS * info.eps * torch.maximum(high.abs(), low.abs())
+    return scaled.masked_fill(flat, 0.0)
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
