@@ -195,7 +195,8 @@ def test_command_line(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["export", str(out), "--out", str(tmp_path / "png"), "--limit", "2"]) == 0
     assert main(["run", "--model", "embedded:cnn", "--data", str(tree), "--out", str(tmp_path / "t"), "--amp",
                  "bf16", "--device", "cpu", "--workers", "0", "--quiet"]) == 2
-    assert "--amp bf16 needs a CUDA device" in capsys.readouterr().err
+    refused = capsys.readouterr()
+    assert "--amp bf16 needs a CUDA device" in refused.err and "run:" not in refused.out  # before the run's header
     assert not (tmp_path / "t").exists()
     assert main(["visualize", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "not a finercam result store" in capsys.readouterr().err

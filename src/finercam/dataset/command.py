@@ -168,12 +168,14 @@ def run_run(args: argparse.Namespace) -> int:
     """
     from finercam.dataset.fingerprint import FINGERPRINTS, model_fingerprints
     from finercam.dataset.pipeline import run_dataset
+    from finercam.dataset.settings import autocast_for
     from finercam.dataset.sources import check_data, open_source, read_class_names
     from finercam.images import check_apart
-    from finercam.runtime import cpu_threads
+    from finercam.runtime import cpu_threads, resolve_device
 
     check_data(args.data)
     check_apart(args.data, args.out)
+    autocast_for(args.amp, resolve_device(args.device))  # --amp on the CPU is refused before the model loads
     given_names = read_class_names(args.class_names) if args.class_names else None
     loaded, device = _load(args)
     weights = _classifier(loaded, args)
