@@ -3,6 +3,7 @@
 #   ./finercam.sh demo [ARGS]      the main job: explain the embedded models on the synthetic benchmark, write
 #                                  finercam-demo/report.html and metrics.json (the default job)
 #   ./finercam.sh example [ARGS]   train a small model on the spot, explain it, write finercam-out/example.png
+#   ./finercam.sh web [ARGS]       serve the web demo on http://127.0.0.1:7860 (Ctrl-C to stop)
 #   ./finercam.sh test [ARGS]      lint, then the full test suite (what CI runs)
 #   ./finercam.sh bench [ARGS]     the engine benchmark (benchmarks/engine.py; minutes, not a test)
 #   ./finercam.sh setup            only the set-up
@@ -37,9 +38,10 @@ case "$job" in
   setup) ;;
   demo) exec .venv/bin/finercam demo "$@" ;;
   example) exec .venv/bin/finercam example "$@" ;;
+  web) exec .venv/bin/finercam web "$@" ;;
   test)
     .venv/bin/python -m ruff check src tests benchmarks
     exec .venv/bin/python -m pytest "$@" ;;
   bench) exec .venv/bin/python benchmarks/engine.py "$@" ;;
-  *) echo "usage: ./finercam.sh [demo|example|test|bench|setup] [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: ./finercam.sh [demo|example|web|test|bench|setup] [ARGS]" >&2; exit 2 ;;
 esac
