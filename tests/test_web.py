@@ -244,7 +244,6 @@ def test_the_command_loads_every_model_then_serves(capsys: pytest.CaptureFixture
     assert main(["web", "--no-concepts", "--port", "7999"]) == 0
     out = capsys.readouterr().out
     assert "loading embedded:cnn" in out and "loading embedded:vit" in out and "embedded:clip" not in out
-    assert "serving on http://localhost:7999" in out
     assert served["host"] == "127.0.0.1" and served["port"] == 7999
     labels = [c.get("props", {}).get("label") for c in served["config"]["components"]]
     assert "Concepts (CLIP)" not in labels and "model" in labels and "class to explain (a name or an index)" in labels
@@ -258,3 +257,14 @@ def test_a_class_name_not_found_is_shown_with_the_names_that_contain_it(cnn: Loa
         parse_target("finch", cnn.class_names)
     with pytest.raises(InvalidArgumentError, match=r"the closest class names: \['04-finch-yellow_beak"):
         parse_target("04-finch-yelow_beak-plain_wingbar-red_crown", cnn.class_names)
+
+
+def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        assert main(["web", "--model", "embedded:cnn", "--no-concepts", "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert f"finercam web: cannot serve on 127.0.0.1:{port}" in captured.err and "give another --port" in captured.err
+    assert "serving on" not in captured.out

@@ -135,8 +135,10 @@ def _concepts_tab(gr: Any, clips: ModelShelf[Any], examples: Sequence[ExampleBir
             with gr.Column(scale=1):
                 image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
                 model = gr.Dropdown(list(clips.labels), value=clips.labels[0], label="CLIP model")
-                concept = gr.Textbox(value="white wingbar", label="concept")
-                versus = gr.Textbox(value="finch", label="versus (reference prompts, comma-separated)")
+                embedded = clips.labels[0].startswith("embedded:")  # its vocabulary: the synthetic birds' words
+                concept = gr.Textbox(value="white wingbar" if embedded else "red beak", label="concept")
+                versus = gr.Textbox(value="finch" if embedded else "bird",
+                                    label="versus (reference prompts, comma-separated)")
                 gamma = gr.Slider(0.0, 3.0, value=0.6, step=0.05, label="γ")
                 method = gr.Dropdown(sorted(METHODS), value="gradcam", label="base CAM")
                 run = gr.Button("Localize", variant="primary")

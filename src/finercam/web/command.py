@@ -55,8 +55,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(app: Any, host: str, port: int) -> None:
-    """Serve ``app`` until Ctrl-C (tests replace this)."""
-    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, show_error=True, quiet=True)
+    """Serve ``app`` until Ctrl-C, saying where once it listens (tests replace this); the server is closed however
+    it stops.
+
+    Raises:
+        InvalidArgumentError: the port is taken (or the address is not this machine's).
+    """
+    from finercam.errors import InvalidArgumentError
+
+    try:
+        app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, show_error=True,
+                                                      quiet=True, prevent_thread_lock=True)
+        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
+        print(f"finercam web: serving on http://{shown}:{port} (Ctrl-C to stop)", flush=True)
+        app.block_thread()
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"cannot serve on {host}:{port} ({error}); give another --port, or stop what is using it"
+        ) from None
+    finally:
+        app.close()
 
 
 def run_web(args: argparse.Namespace) -> int:
@@ -83,10 +101,7 @@ def run_web(args: argparse.Namespace) -> int:
         clips.get(args.clip)
     with tempfile.TemporaryDirectory(prefix="finercam-web-") as folder:
         examples = example_birds(folder, EXAMPLES)
-        app = build_app(models, clips, examples)
-        shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-        print(f"finercam web: serving on http://{shown}:{args.port} (Ctrl-C to stop)", flush=True)
-        serve(app, args.host, args.port)
+        serve(build_app(models, clips, examples), args.host, args.port)
     return 0
 
 
