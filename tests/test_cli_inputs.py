@@ -447,3 +447,14 @@ def test_finercams_warnings_are_one_line(image: Path, tmp_path: Path) -> None:
     assert lines == ["finercam: warning: torchvision model 'resnet18' has random weights (no weights file given); "
                      "pass weights=FILE or torchvision:resnet18@FILE to explain a trained model"], lines
     assert cli._one_line_warning("x", UserWarning, "/site/other/lib.py", 3).endswith("UserWarning: x\n")
+
+
+def test_api_advice_is_given_in_command_line_terms(image: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = ["--out", str(tmp_path / "x.png")]
+    status, _, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--layer", "head", *out], capsys)
+    assert status == 2 and errors.strip().endswith(
+        "(no submodule 'head'). List the layers with: finercam layers embedded:cnn.")
+    status, _, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--layer", "fc", *out], capsys)
+    assert status == 2 and "Pick a spatial layer (list them with: finercam layers embedded:cnn)." in errors
+    assert "reshape=" not in errors and "named_modules" not in errors

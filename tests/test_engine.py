@@ -367,3 +367,11 @@ def test_gammas_as_tensors_and_sweep_positions(tiny_net: nn.Module, images: torc
         sweep.at(5)
     with pytest.raises(InvalidArgumentError, match=r"got 0\.5; for gamma 0\.5 use at\(sweep\.gammas\.index\(0\.5\)\)"):
         sweep.at(0.5)
+
+
+def test_a_layer_name_without_its_parent_suggests_the_full_name() -> None:
+    model = nn.Sequential()
+    model.add_module("image_encoder", nn.Sequential())
+    model.image_encoder.add_module("norm", nn.LayerNorm(4))
+    with pytest.raises(LayerNotFoundError, match=r"did you mean 'image_encoder\.norm'"):
+        resolve_layers(model, "norm")

@@ -371,8 +371,28 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"finercam: {error}", file=sys.stderr)
         return 1
     except FinerCAMError as error:
-        print(f"finercam {args.command}: {error}", file=sys.stderr)
+        print(f"finercam {args.command}: {command_line_hints(str(error), args)}", file=sys.stderr)
         return 2
+
+
+_API_HINTS = (
+    ("All layer names: model.named_modules().", "List the layers with: finercam layers {model}."),
+    ("Pick a spatial layer (see finercam.autolayer.candidate_layers) or pass reshape= a callable returning "
+     "(B, K, h, w).", "Pick a spatial layer (list them with: finercam layers {model})."),
+    ("Pass image_size= (the size the model expects) or target_layer= explicitly.",
+     "Give --layer (list the layers with: finercam layers {model}) or a --preprocess the model accepts."),
+    ("Pass target_layer= explicitly (all names: model.named_modules()).",
+     "Give --layer (list the layers with: finercam layers {model})."),
+)
+"""Advice written for the Python API, and what the command line says instead (``{model}``: the ``--model`` given)."""
+
+
+def command_line_hints(message: str, args: argparse.Namespace) -> str:
+    """An error message with its Python-API advice (``target_layer=``, ``reshape=``) put in command-line terms."""
+    model = getattr(args, "model", None) or "MODEL"
+    for api, cli in _API_HINTS:
+        message = message.replace(api, cli.format(model=model))
+    return message
 
 
 if __name__ == "__main__":

@@ -88,11 +88,12 @@ def resolve_layer(model: nn.Module, spec: LayerSpec) -> TargetLayer:
             module = _child(module, part, spec)
         except KeyError:
             names = [name for name, _ in model.named_modules() if name]
-            close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+            ending = [name for name in names if name.endswith(f".{spec}")]  # "norm" -> "image_encoder.norm"
+            close = list(dict.fromkeys([*ending, *difflib.get_close_matches(spec, names, n=5, cutoff=0.5)]))[:5]
             hint = f"; did you mean {', '.join(repr(n) for n in close)}?" if close else ""
             raise LayerNotFoundError(
                 f"target layer {spec!r} does not exist in {type(model).__name__} "
-                f"(no submodule {part!r}){hint} All layer names: model.named_modules()."
+                f"(no submodule {part!r}){hint or '.'} All layer names: model.named_modules()."
             ) from None
     return TargetLayer(_canonical_name(model, module), module)
 
