@@ -54,35 +54,6 @@ def open_clip_model() -> nn.Module:
     return CLIP(**config).eval()
 
 
-def _tiny_clip_tokenizer(folder: Path) -> Any:
-    """A real ``CLIPTokenizer`` over single characters (BPE without merges), written offline."""
-    import transformers as tf
-
-    letters = list("abcdefghijklmnopqrstuvwxyz.")
-    words = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters)]
-    vocab = {word: index for index, word in enumerate(words)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return tf.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-
-
-@pytest.fixture(scope="module")
-def hf_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Any]:
-    tf = pytest.importorskip("transformers")
-    tf.utils.logging.set_verbosity_error()
-    tokenizer = _tiny_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    config = tf.CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": tokenizer.vocab_size, "max_position_embeddings": 32, "bos_token_id": 0,
-                     "eos_token_id": 1, "pad_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(1)
-    return tf.CLIPModel(config).eval(), tokenizer
-
-
 @pytest.fixture(params=["open_clip", "hf"])
 def encoders(request: pytest.FixtureRequest) -> CLIPEncoders:
     if request.param == "open_clip":

@@ -268,3 +268,23 @@ def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert f"finercam web: cannot serve on 127.0.0.1:{port}" in captured.err and "give another --port" in captured.err
     assert "serving on" not in captured.out
+
+
+def test_concept_view_with_a_transformers_clip_on_a_wide_image(tmp_path: Path, hf_clip: Any) -> None:
+    """Any CLIP finercam loads works in the concepts tab; a 50 x 30 image is shown at its own shape."""
+    import warnings
+
+    model, tokenizer = hf_clip
+    model.save_pretrained(tmp_path / "hf-clip")
+    tokenizer.save_pretrained(tmp_path / "hf-clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip(f"hf:{tmp_path / 'hf-clip'}", keep_aspect=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    prompts = ["bird", "fish"]
+    view = concept_view(clip, image, "cat", ", ".join(prompts))
+    expected = explain_concepts(clip.encoders, clip.preprocess(image), "cat", prompts)
+    display = clip.display(image)
+    assert np.array_equal(view.panels[2].image, over(display, expected.contrast_maps[0]))
+    height, width = view.panels[0].image.shape[:2]
+    assert width > height and np.array_equal(view.panels[0].image, to_uint8(display))
