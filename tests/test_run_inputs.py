@@ -233,3 +233,19 @@ def test_malicious_class_names_stay_inside(tmp_path: Path) -> None:
     for evil in (*EVIL[1:], "<b onclick=alert(3)>", "<svg onload=alert(4)>"):  # markup never raw
         assert evil not in text
     assert html.escape(EVIL[1]) in text and text.count("<script>") == 1  # only the page's own script
+
+
+def test_the_command_checks_the_class_names_file_against_the_model_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finercam.cli import main
+
+    tree = synthetic_tree(tmp_path / "data", 4)
+    (tmp_path / "two.txt").write_text("finch\njay\n")
+    argv = ["run", "--model", "embedded:cnn", "--data", str(tree), "--out", str(tmp_path / "s"), "--quiet"]
+    assert main([*argv, "--class-names", str(tmp_path / "two.txt")]) == 2
+    classes = len(cnn().class_names)
+    assert f"lists 2 names but the model has {classes} classes" in capsys.readouterr().err
+    assert main([*argv, "--class-names", "/dev/null"]) == 2
+    assert "'/dev/null' is not a regular file (a device or a pipe)" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -91,6 +91,15 @@ def last_linear(model: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
+def known_num_classes(loaded: LoadedModel) -> int | None:
+    """How many classes ``loaded`` has, when known without running it: its class names, else the rows of its last
+    linear layer (``None`` for a model with neither, e.g. TorchScript)."""
+    if loaded.class_names:
+        return len(loaded.class_names)
+    head = last_linear(loaded.model)
+    return head.out_features if head is not None else None
+
+
 def explain_image(
     loaded: LoadedModel,
     pixels: Tensor,

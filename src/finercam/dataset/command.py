@@ -170,6 +170,7 @@ def run_run(args: argparse.Namespace) -> int:
     from finercam.dataset.pipeline import run_dataset
     from finercam.dataset.settings import autocast_for
     from finercam.dataset.sources import check_data, open_source, read_class_names
+    from finercam.explain_image import known_num_classes
     from finercam.images import check_apart
     from finercam.runtime import cpu_threads, resolve_device
 
@@ -178,6 +179,12 @@ def run_run(args: argparse.Namespace) -> int:
     autocast_for(args.amp, resolve_device(args.device))  # --amp on the CPU is refused before the model loads
     given_names = read_class_names(args.class_names) if args.class_names else None
     loaded, device = _load(args)
+    count = known_num_classes(loaded)
+    if given_names is not None and count is not None and len(given_names) != count:
+        raise InvalidArgumentError(
+            f"--class-names {args.class_names!r} lists {len(given_names)} names but the model has {count} classes; "
+            "give one name per class, in the model's class order"
+        )
     weights = _classifier(loaded, args)
     names = given_names if given_names is not None else loaded.class_names
     source = open_source(args.data, names)

@@ -111,8 +111,11 @@ def read_text_file(path: Path, what: str, expected: str) -> str:
     shown = str(path)
     if path.is_dir():
         raise InvalidArgumentError(f"{what} {shown!r} is a folder; give a file ({expected})")
-    if not path.is_file():
+    if not path.exists():
         raise InvalidArgumentError(f"{what} {shown!r} does not exist; give a file ({expected})")
+    if not path.is_file():
+        raise InvalidArgumentError(f"{what} {shown!r} is not a regular file (a device or a pipe); give a file "
+                                   f"({expected})")
     if _is_image(path):
         raise InvalidArgumentError(f"{what} {shown!r} is an image, not {expected}")
     try:

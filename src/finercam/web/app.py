@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from finercam.errors import FinerCAMError, MissingDependencyError
+from finercam.explain_image import known_num_classes
 from finercam.methods import METHODS
 from finercam.objectives import AGGREGATIONS
 from finercam.web.views import (
@@ -72,7 +73,7 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
 
     def choices(label: str) -> Any:
         loaded = models.get(label)
-        return gr.update(choices=target_choices(loaded.class_names, _num_classes(loaded)), value=PREDICTED)
+        return gr.update(choices=target_choices(loaded.class_names, known_num_classes(loaded)), value=PREDICTED)
 
     def explain(image: Any, label: str, target: str, method: str, gamma: float, count: float, references: str,
                 aggregation: str) -> tuple[Any, ...]:
@@ -93,7 +94,7 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
                     image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
                     model = gr.Dropdown(list(models.labels), value=first, label="model")
                     loaded_first = models.get(first)
-                    target = gr.Dropdown(target_choices(loaded_first.class_names, _num_classes(loaded_first)),
+                    target = gr.Dropdown(target_choices(loaded_first.class_names, known_num_classes(loaded_first)),
                                          value=PREDICTED, label="class to explain (a name or an index)",
                                          allow_custom_value=True)
                     method = gr.Dropdown(sorted(METHODS), value="gradcam", label="base CAM")
@@ -150,13 +151,3 @@ def _concepts_tab(gr: Any, clips: ModelShelf[Any], examples: Sequence[ExampleBir
             gr.Examples([[str(e.path), e.concept, e.genus] for e in examples], inputs=[image, concept, versus],
                         label="synthetic birds, a part each, versus their genus")
         run.click(localize, [image, model, concept, versus, gamma, method], [panels, summary], api_name="concepts")
-
-
-def _num_classes(loaded: Any) -> int | None:
-    """The number of classes of a model without class names: its last linear layer's rows, when it has one."""
-    from finercam.explain_image import last_linear
-
-    if loaded.class_names:
-        return len(loaded.class_names)
-    head = last_linear(loaded.model)
-    return head.out_features if head is not None else None
