@@ -58,3 +58,38 @@ def test_a_tiny_run_with_clips_loss_records_it_on_the_card(tmp_path: Path) -> No
     assert card["training"]["loss"] == train_clip.LOSS_CARDS["clip"]
     assert json.loads((tmp_path / "clip.json").read_text())["training"]["loss"] == train_clip.LOSS_CARDS["clip"]
     assert (tmp_path / "clip.safetensors").stat().st_size == card["weights_bytes"]
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit"])
+def test_a_locked_image_tower_is_the_classifiers_frozen_backbone(tmp_path: Path, name: str) -> None:
+    from safetensors.torch import load_file
+
+    from finercam.embedded import load_embedded
+    from finercam.embedded.clip_model import load_embedded_clip
+
+    card = train_clip.train(tmp_path, threads=1, log=lambda _: None, locked_image=name, train_size=64, test_size=24,
+                            epochs=1, batch_size=32)
+    classifier = load_embedded(name)
+    head = train_clip.LOCKED_HEADS[classifier.card["architecture"]["class"]]
+    trained = load_file(tmp_path / "clip.safetensors")
+    backbone = {k: v for k, v in classifier.model.state_dict().items() if not k.startswith(f"{head}.")}
+    for key, value in backbone.items():  # weights and batch-norm statistics untouched by the training
+        assert torch.equal(trained[f"visual.{key}"], value), key
+    assert trained[f"visual.{head}.weight"].shape == (card["architecture"]["embed_dim"], backbone_width(classifier))
+    assert card["target_layer"] == classifier.target_layer
+    assert card["training"]["locked_image"]["model"] == f"embedded:{name}"
+    clip = load_embedded_clip(tmp_path)  # loads like the shipped CLIP
+    with torch.no_grad():
+        assert clip.model.encode_image(torch.rand(1, 3, 64, 64)).shape == (1, card["architecture"]["embed_dim"])
+
+
+def backbone_width(classifier: object) -> int:
+    """The width of the pooled features the locked tower's projection reads."""
+    config = classifier.card["architecture"]["config"]  # type: ignore[attr-defined]
+    return int(config["widths"][-1] if "widths" in config else config["dim"])
+
+
+def test_an_unknown_locked_tower_is_named(tmp_path: Path) -> None:
+    message = r"unknown locked image tower 'resnet'; choose one of .*\['cnn', 'vit'\]"
+    with pytest.raises(InvalidArgumentError, match=message):
+        train_clip.train(tmp_path, locked_image="resnet", log=lambda _: None)

@@ -17,6 +17,12 @@ which is CLIP's loss when every row has one positive, and asks every true captio
 every false one. ``--loss clip`` trains with CLIP's own loss instead (:func:`clip_info_nce`: the paired caption is the
 only positive, every other caption of the batch a negative, even one that is true of the image).
 
+``--locked-image cnn|vit`` trains CLIP the LiT way (Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text
+Tuning", 2022), as CLIP-style models are often made from a pretrained vision model: the image tower is the shipped
+embedded classifier's backbone, frozen (eval mode, no gradient), with a new linear projection of its pooled features
+(its mean patch token for the ViT) in place of the classifier head; only that projection, the text tower and the logit
+scale are trained. The card's CAM layer is then the classifier's own (``stage3``, ``norm``).
+
 Everything is seeded: training images ``synth.generate(train_size, seed=TRAIN_DATA_SEED)``, held-out images
 ``synth.generate(test_size, seed=TEST_DATA_SEED)``; ``--seed`` seeds the initialisation, the shuffling, the captions
 and the augmentation. The card records the zero-shot top-1 accuracy on the held-out images with one prompt per
@@ -37,10 +43,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from finercam import synth
-from finercam.embedded import captions
+from finercam.embedded import captions, load_embedded
 from finercam.embedded.clip_model import DEFAULT_TEMPLATES, NAME, VOCABULARY, WEIGHTS_DIR, SmallCLIP
 from finercam.embedded.train import (
     IMAGE_SIZE,
@@ -71,6 +77,7 @@ RECIPE: dict[str, Any] = {
     "species_per_genus": SPECIES_PER_GENUS,
     "train_size": 8000, "test_size": 2000, "epochs": 12, "batch_size": 128,
     "lr": 3e-3, "weight_decay": 5e-4, "warmup": 0.2, "bare_captions": captions.BARE, "loss": "multi-positive",
+    "locked_image": None,
 }
 
 
@@ -101,12 +108,31 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "clip": clip_info_nce,
 }
 """The contrastive losses ``--loss`` chooses from (the recipe's: ``multi-positive``)."""
+LOCKABLE = ("cnn", "vit")
+"""The embedded classifiers whose backbone ``--locked-image`` can use."""
 LOSS_CARDS = {
     "multi-positive": "symmetric InfoNCE; every caption true of an image is a positive, each contrasted with the "
                       "negatives",
     "clip": "CLIP's symmetric InfoNCE: the paired caption is the only positive, every other caption a negative",
 }
 """How the card describes each loss."""
+
+
+LOCKED_HEADS = {"SmallCNN": "fc", "SmallViT": "head"}
+"""The classifier head of each embedded architecture, which a locked tower replaces by its projection."""
+
+
+def lock_image_tower(model: SmallCLIP, classifier: nn.Module) -> None:
+    """Copy ``classifier``'s weights (all but its head) into ``model.visual`` and freeze them; only the new
+    projection (``model.visual``'s head, freshly initialised) stays trainable."""
+    head = LOCKED_HEADS[type(model.visual).__name__]
+    backbone = {name: value for name, value in classifier.state_dict().items() if not name.startswith(f"{head}.")}
+    loaded = model.visual.load_state_dict(backbone, strict=False)
+    projection = sorted(f"{head}.{name}" for name, _ in getattr(model.visual, head).named_parameters())
+    if sorted(loaded.missing_keys) != projection or loaded.unexpected_keys:
+        raise InvalidArgumentError(f"the locked tower does not match its classifier: {loaded}")
+    for name, parameter in model.visual.named_parameters():
+        parameter.requires_grad_(name.startswith(f"{head}."))
 
 
 def flip(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -154,24 +180,41 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     if recipe["loss"] not in LOSSES:
         raise InvalidArgumentError(f"unknown loss {recipe['loss']!r}; choose one of {sorted(LOSSES)}")
     contrastive_loss = LOSSES[recipe["loss"]]
+    if recipe["locked_image"] not in (None, *LOCKABLE):
+        raise InvalidArgumentError(
+            f"unknown locked image tower {recipe['locked_image']!r}; choose one of the embedded classifiers "
+            f"{list(LOCKABLE)}"
+        )
     torch.set_num_threads(threads)
     start = time.perf_counter()
     config, train_set, test_set, mean, std, data_time = training_data(recipe, log)
 
     embed_dim = recipe["embed_dim"]
-    tower = IMAGE_TOWERS[recipe["visual"]]
-    visual = {"class": tower["class"],
-              "config": {**tower["config"], "num_classes": embed_dim, "mean": mean, "std": std}}
-    if visual["class"] == "SmallViT":
-        visual["config"]["img_size"] = IMAGE_SIZE
+    locked = recipe["locked_image"]
+    if locked is None:
+        tower = IMAGE_TOWERS[recipe["visual"]]
+        visual = {"class": tower["class"],
+                  "config": {**tower["config"], "num_classes": embed_dim, "mean": mean, "std": std}}
+        if visual["class"] == "SmallViT":
+            visual["config"]["img_size"] = IMAGE_SIZE
+        target_layer = tower["target_layer"]
+    else:
+        backbone = load_embedded(locked)
+        architecture = backbone.card["architecture"]
+        visual = {"class": architecture["class"], "config": {**architecture["config"], "num_classes": embed_dim}}
+        tower = {"config": {"locked": f"embedded:{locked}"}}
+        target_layer = backbone.target_layer
     text = {**recipe["text"], "vocab_size": len(VOCABULARY), "embed_dim": embed_dim}
     torch.manual_seed(seed)
     model = SmallCLIP(visual, text, VOCABULARY)
+    if locked is not None:
+        lock_image_tower(model, backbone.model)
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     table = captions.class_table(config)
 
-    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
+    decay = [p for name, p in model.named_parameters()
+             if p.requires_grad and p.ndim >= 2 and "embedding" not in name]
     n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
     optimiser, schedule = one_cycle_adamw(model, decay, recipe, epochs * math.ceil(n / batch_size))
     params = sum(p.numel() for p in model.parameters())
@@ -181,6 +224,8 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     model.train()
     accuracy: dict[str, float] = {}
     for epoch in range(epochs):
+        if locked is not None:
+            model.visual.eval()  # a locked tower keeps its batch-norm statistics
         order = torch.randperm(n, generator=generator)
         total = 0.0
         for i in range(0, n, batch_size):
@@ -223,7 +268,7 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
         "parameter_count": params,
         "weights_bytes": weights.stat().st_size,
         "dtype": "float32",
-        "target_layer": tower["target_layer"],
+        "target_layer": target_layer,
         "image_size": IMAGE_SIZE,
         "input": "RGB images (B, 3, H, W) in [0, 1], any size; the image tower normalises internally with mean/std",
         "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
@@ -239,6 +284,10 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
         },
         "training": {
             "seed": seed, "threads": threads, "epochs": epochs, "batch_size": batch_size,
+            "locked_image": None if locked is None else {
+                "model": f"embedded:{locked}", "method": "LiT: the classifier's backbone frozen, a new linear "
+                "projection in place of its head", "backbone_training_command": backbone.card.get("training_command"),
+            },
             "loss": LOSS_CARDS[recipe["loss"]],
             "optimizer": "AdamW", "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
             "schedule": f"one-cycle, cosine warmup ({recipe['warmup']:.0%} of steps) then cosine decay",
@@ -270,13 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--species-per-genus", type=int, help="override the recipe's species per genus")
     parser.add_argument("--loss", choices=sorted(LOSSES),
                         help="contrastive loss (default: the recipe's, multi-positive; clip: CLIP's own)")
+    parser.add_argument("--locked-image", choices=LOCKABLE,
+                        help="LiT: the image tower is this embedded classifier's backbone, frozen, with a new "
+                             "projection (default: an image tower trained from scratch)")
     parser.add_argument("--bare-captions", type=float,
                         help="share of attribute captions without a subject (default: the recipe's)")
     args = parser.parse_args(argv)
     command = "python -m finercam.embedded.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.out, seed=args.seed, threads=args.threads, command=command.strip(), visual=args.visual,
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,
-          bare_captions=args.bare_captions, species_per_genus=args.species_per_genus, loss=args.loss)
+          bare_captions=args.bare_captions, species_per_genus=args.species_per_genus, loss=args.loss,
+          locked_image=args.locked_image)
     return 0
 
 
