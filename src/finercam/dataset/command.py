@@ -170,7 +170,6 @@ def run_run(args: argparse.Namespace) -> int:
     from finercam.dataset.pipeline import run_dataset
     from finercam.dataset.settings import autocast_for
     from finercam.dataset.sources import check_data, open_source, read_class_names
-    from finercam.explain_image import known_num_classes
     from finercam.images import check_apart
     from finercam.runtime import cpu_threads, resolve_device
 
@@ -179,7 +178,7 @@ def run_run(args: argparse.Namespace) -> int:
     autocast_for(args.amp, resolve_device(args.device))  # --amp on the CPU is refused before the model loads
     given_names = read_class_names(args.class_names) if args.class_names else None
     loaded, device = _load(args)
-    count = known_num_classes(loaded)
+    count = len(loaded.class_names) if loaded.class_names else None  # else the first batch's logits tell
     if given_names is not None and count is not None and len(given_names) != count:
         raise InvalidArgumentError(
             f"--class-names {args.class_names!r} lists {len(given_names)} names but the model has {count} classes; "
