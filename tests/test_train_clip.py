@@ -93,3 +93,5 @@ def test_an_unknown_locked_tower_is_named(tmp_path: Path) -> None:
     message = r"unknown locked image tower 'resnet'; choose one of .*\['cnn', 'vit'\]"
     with pytest.raises(InvalidArgumentError, match=message):
         train_clip.train(tmp_path, locked_image="resnet", log=lambda _: None)
+    with pytest.raises(InvalidArgumentError, match="--visual and --locked-image both choose the image tower"):
+        train_clip.train(tmp_path, locked_image="cnn", visual="vit", log=lambda _: None)

@@ -180,6 +180,8 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     if recipe["loss"] not in LOSSES:
         raise InvalidArgumentError(f"unknown loss {recipe['loss']!r}; choose one of {sorted(LOSSES)}")
     contrastive_loss = LOSSES[recipe["loss"]]
+    if recipe["locked_image"] is not None and overrides.get("visual") is not None:
+        raise InvalidArgumentError("--visual and --locked-image both choose the image tower; give one of them")
     if recipe["locked_image"] not in (None, *LOCKABLE):
         raise InvalidArgumentError(
             f"unknown locked image tower {recipe['locked_image']!r}; choose one of the embedded classifiers "
