@@ -458,3 +458,17 @@ def test_api_advice_is_given_in_command_line_terms(image: Path, tmp_path: Path,
     status, _, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--layer", "fc", *out], capsys)
     assert status == 2 and "Pick a spatial layer (list them with: finercam layers embedded:cnn)." in errors
     assert "reshape=" not in errors and "named_modules" not in errors
+
+
+def test_a_small_input_model_runs_with_a_preset_at_its_size(image: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    factory = tmp_path / "fixed.py"
+    factory.write_text(textwrap.dedent("""
+        from torch import nn
+        def cnn32():
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 4))
+    """))
+    status, printed, errors = _run(["explain", str(image), "--model", f"python:{factory}:cnn32", "--layer", "1",
+                                    "--preprocess", "imagenet@32", "--out", str(tmp_path / "x.png")], capsys)
+    assert status == 0, errors
+    assert "input: (3, 32, 32)" in printed and (tmp_path / "x.png").is_file()

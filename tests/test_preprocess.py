@@ -94,3 +94,19 @@ def test_preprocess_presets_and_errors() -> None:
         get_preprocess("clip")(torch.zeros(3, 8, 8))  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="interpolation"):
         Preprocess(interpolation="cubic")
+
+
+def test_presets_at_another_size() -> None:
+    image = Image.new("RGB", (100, 80), (200, 100, 50))
+    small = get_preprocess("imagenet@32")
+    assert (small.resize, small.crop, small.mean) == (36, (32, 32), PREPROCESS_PRESETS["imagenet"].mean)
+    assert get_preprocess("imagenet@224") == Preprocess(**{**PREPROCESS_PRESETS["imagenet"].__dict__,
+                                                            "name": "imagenet@224"})
+    assert tuple(get_preprocess("clip@48")(image).shape) == (3, 48, 48)
+    exact = get_preprocess("none@8x12")
+    assert tuple(exact(image).shape) == (3, 8, 12) and exact.mean is None
+    assert float(exact(image)[0].mean()) == pytest.approx(200 / 255, abs=1e-3)  # no normalisation
+    for bad, message in (("dinov2@32", "takes no @SIZE"), ("imagenet@0", "from 1 to 4096"),
+                         ("imagenet@3x4x5", "or HxW"), ("imgnet@32", "unknown preprocessing preset")):
+        with pytest.raises(InvalidArgumentError, match=message):
+            get_preprocess(bad)

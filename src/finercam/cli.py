@@ -141,6 +141,10 @@ MODEL_HELP = (
 )
 WEIGHTS_HELP = "weights file: safetensors, or a state dict (loaded with weights_only=True)"
 HEAD_HELP = "a linear head (from train-probe, or an official Finer-CAM head file)"
+PREPROCESS_HELP = (
+    "preprocessing preset: imagenet, clip, dinov2, dinov2-official or none, optionally at another input size "
+    "(imagenet@32, none@64x48); default: the model's own configuration"
+)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
@@ -148,7 +152,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, head: bool = True) 
     parser.add_argument("--weights", help=WEIGHTS_HELP)
     if head:
         parser.add_argument("--head", help=HEAD_HELP)
-    parser.add_argument("--preprocess", help="preprocessing preset (default: the model's own configuration)")
+    parser.add_argument("--preprocess", help=PREPROCESS_HELP)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
 
 

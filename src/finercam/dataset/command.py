@@ -63,13 +63,15 @@ def _panel(text: str) -> int:
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
+    from finercam.cli import PREPROCESS_HELP
+
     run = commands.add_parser(
         "run", help="explain a whole dataset (ImageFolder tree or list file) into a resumable result store"
     )
     run.add_argument("--model", required=True, help="a model spec of 'finercam explain', or embedded:cnn|vit")
     run.add_argument("--weights", help="weights file: safetensors, or a state dict (loaded with weights_only=True)")
     run.add_argument("--head", help="a linear head (from train-probe, or an official Finer-CAM head file)")
-    run.add_argument("--preprocess", help="preprocessing preset (default: the model's own configuration)")
+    run.add_argument("--preprocess", help=PREPROCESS_HELP)
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     run.add_argument("--data", required=True, help="ImageFolder root, or a list file ('path' or 'path<TAB>label')")
     run.add_argument("--out", required=True, type=_output_dir, help="the result store folder (an existing one "

@@ -252,13 +252,41 @@ def get_preprocess(preprocess: str | Preprocess) -> Preprocess:
             f"preprocess must be a preset name {list(PREPROCESS_PRESETS)} or a finercam.models.Preprocess; "
             f"got {type(preprocess).__name__}"
         )
-    key = preprocess.strip().lower()
+    key, at, size = preprocess.strip().lower().partition("@")
     if key not in PREPROCESS_PRESETS:
         raise InvalidArgumentError(
-            f"unknown preprocessing preset {preprocess!r}; use one of {list(PREPROCESS_PRESETS)}, or omit it to use "
-            "the model's own configuration"
+            f"unknown preprocessing preset {preprocess!r}; use one of {list(PREPROCESS_PRESETS)} (optionally "
+            "@SIZE or @HxW, e.g. imagenet@32), or omit it to use the model's own configuration"
         )
-    return PREPROCESS_PRESETS[key]
+    preset = PREPROCESS_PRESETS[key]
+    return at_size(preset, size, preprocess) if at else preset
+
+
+def at_size(preset: Preprocess, size: str, given: str = "") -> Preprocess:
+    """A preset's normalisation at another input size (``PRESET@SIZE``, ``PRESET@HxW``), for models trained at a
+    size other than 224: ``@S`` keeps the preset's geometry scaled to ``S`` (``imagenet@32``: shorter side to
+    ``int(32 * 256 / 224)`` = 36, centre crop 32; ``clip@32``: shorter side and crop 32; ``none@32``: 32 x 32),
+    ``@HxW`` resizes to exactly ``H x W``. The aspect-keeping DINOv2 presets take no size.
+    """
+    if preset.crop is None and preset.resize is None and preset.name != "none":
+        raise InvalidArgumentError(
+            f"preset {preset.name!r} keeps each image's own size (sides rounded to a multiple of "
+            f"{preset.multiple_of}); it takes no @SIZE: give {preset.name!r} alone"
+        )
+    parts = size.split("x")
+    if len(parts) not in (1, 2) or not all(part.isdigit() and 0 < int(part) <= 4096 for part in parts):
+        raise InvalidArgumentError(
+            f"preprocessing {given!r}: the size after @ must be a whole number of pixels from 1 to 4096 or HxW "
+            "(e.g. imagenet@32, none@64x48)"
+        )
+    label = f"{preset.name}@{size}"
+    if len(parts) == 2:
+        return replace(preset, name=label, resize=(int(parts[0]), int(parts[1])), crop=None)
+    side = int(parts[0])
+    if preset.crop is None:  # "none": no geometry of its own
+        return replace(preset, name=label, resize=(side, side))
+    crop_ratio = preset.crop[0] / (preset.resize if isinstance(preset.resize, int) else preset.crop[0])
+    return replace(preset, name=label, resize=int(side / crop_ratio), crop=(side, side))
 
 
 def with_name(preprocess: Preprocess, name: str) -> Preprocess:

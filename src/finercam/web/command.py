@@ -32,7 +32,7 @@ _port.__name__ = "int"  # argparse names the type when int() refuses the text
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``web`` on the ``finercam`` command line's sub-parsers."""
-    from finercam.cli import HEAD_HELP, MODEL_HELP, WEIGHTS_HELP
+    from finercam.cli import HEAD_HELP, MODEL_HELP, PREPROCESS_HELP, WEIGHTS_HELP
 
     parser = subparsers.add_parser(
         COMMAND, help="serve the web demo: explain uploaded images and localize text concepts in a browser",
@@ -41,7 +41,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help=MODEL_HELP + " (default: embedded:cnn and embedded:vit)")
     parser.add_argument("--weights", help=WEIGHTS_HELP + " (with --model)")
     parser.add_argument("--head", help=HEAD_HELP + " (with --model)")
-    parser.add_argument("--preprocess", help="preprocessing preset (with --model; default: the model's own)")
+    parser.add_argument("--preprocess", help=PREPROCESS_HELP + " (with --model)")
     concepts = parser.add_mutually_exclusive_group()
     concepts.add_argument("--clip", default="embedded:clip",
                           help="CLIP model of the concepts tab: embedded:clip (default), open_clip:ARCH@CHECKPOINT or "
