@@ -209,6 +209,13 @@ def test_the_page_serves_both_tabs_and_shows_errors_as_messages(examples: list[A
         with pytest.raises(Exception, match="the class 'osprey' is neither a class index nor a class name"):
             client.predict(handle_file(str(bird.path)), "embedded:cnn", "osprey", "gradcam", 0.6, 3, "nearest",
                            "mean", api_name="/explain")
+        _, _, at_stage2, _ = client.predict(handle_file(str(bird.path)), "embedded:cnn", PREDICTED, "gradcam", 0.6,
+                                            3, "nearest", "mean", "stage2", api_name="/explain")
+        assert at_stage2 == explain_view(cnn, Image.open(bird.path), layer="stage2").summary
+        assert "Grad-CAM at `stage2`" in at_stage2
+        with pytest.raises(Exception, match=r"target layer 'stage9' does not exist"):
+            client.predict(handle_file(str(bird.path)), "embedded:cnn", PREDICTED, "gradcam", 0.6, 3, "nearest",
+                           "mean", "stage9", api_name="/explain")
     finally:
         app.close()
 

@@ -76,11 +76,12 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
         return gr.update(choices=target_choices(loaded.class_names, known_num_classes(loaded)), value=PREDICTED)
 
     def explain(image: Any, label: str, target: str, method: str, gamma: float, count: float, references: str,
-                aggregation: str) -> tuple[Any, ...]:
+                aggregation: str, layer: str = "") -> tuple[Any, ...]:
         def run() -> ExplainView:
             with models.use(label) as loaded:
                 return explain_view(loaded, image, method=method, gamma=float(gamma), num_references=int(count),
-                                    references=references, aggregation=aggregation, target=target)
+                                    references=references, aggregation=aggregation, target=target,
+                                    layer=(layer or "").strip() or None)
 
         view = _shown_errors(gr, run)
         strip = [(panel.image, panel.caption) for panel in view.strip]
@@ -103,6 +104,8 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
                     references = gr.Radio(list(REFERENCE_MODES), value="nearest", label="references")
                     aggregation = gr.Radio(list(AGGREGATIONS), value="mean",
                                            label="aggregation (mean: paper; softmax: official library)")
+                    layer = gr.Textbox(value="", label="layer (empty: the model's own, else found automatically)",
+                                       placeholder="e.g. layer4, blocks.-1.norm1")
                     run = gr.Button("Explain", variant="primary")
                 with gr.Column(scale=2):
                     panels = gr.Gallery(label="image, base CAM, Finer-CAM", columns=3, rows=1, height=340,
@@ -113,7 +116,7 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
                                        object_fit="contain", format="png")
             if examples:
                 gr.Examples([[str(example.path)] for example in examples], inputs=[image], label="synthetic birds")
-            inputs = [image, model, target, method, gamma, count, references, aggregation]
+            inputs = [image, model, target, method, gamma, count, references, aggregation, layer]
             run.click(explain, inputs, [panels, probabilities, summary, strip], api_name="explain")
             model.change(choices, [model], [target], api_name=False)
         if clips is not None:
