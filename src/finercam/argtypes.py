@@ -1,4 +1,5 @@
-"""Argument types of the command line: each parses a string or raises ``argparse.ArgumentTypeError`` naming the rule."""
+"""Argument types of the command line: each parses a string or raises ``argparse.ArgumentTypeError`` naming the rule;
+and the help texts of the options several commands share."""
 
 from __future__ import annotations
 
@@ -103,3 +104,16 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
 
 FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp")
 """What the figure writers (matplotlib, Pillow) accept."""
+
+
+# Help texts of the model options, shared by the commands that load a classifier.
+MODEL_HELP = (
+    "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH, torchscript:PATH, python:FILE.py:FACTORY, or "
+    "embedded:cnn / embedded:vit (the models shipped in the package)"
+)
+WEIGHTS_HELP = "weights file: safetensors, or a state dict (loaded with weights_only=True)"
+HEAD_HELP = "a linear head (from train-probe, or an official Finer-CAM head file)"
+PREPROCESS_HELP = (
+    "preprocessing preset: imagenet, clip, dinov2, dinov2-official or none, optionally at another input size "
+    "(imagenet@32, none@64x48); default: the model's own configuration"
+)

@@ -21,7 +21,16 @@ from pathlib import Path
 import torch
 
 import finercam
-from finercam.argtypes import FIGURE_SUFFIXES, non_negative_float, output_dir, output_file
+from finercam.argtypes import (
+    FIGURE_SUFFIXES,
+    HEAD_HELP,
+    MODEL_HELP,
+    PREPROCESS_HELP,
+    WEIGHTS_HELP,
+    non_negative_float,
+    output_dir,
+    output_file,
+)
 from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import non_negative_int as _non_negative_int
 from finercam.argtypes import positive_int as _positive_int
@@ -135,16 +144,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_HELP = (
-    "torchvision:NAME, timm:NAME, hf:ID_OR_DIR, open_clip:ARCH, torchscript:PATH, python:FILE.py:FACTORY, or "
-    "embedded:cnn / embedded:vit (the models shipped in the package)"
-)
-WEIGHTS_HELP = "weights file: safetensors, or a state dict (loaded with weights_only=True)"
-HEAD_HELP = "a linear head (from train-probe, or an official Finer-CAM head file)"
-PREPROCESS_HELP = (
-    "preprocessing preset: imagenet, clip, dinov2, dinov2-official or none, optionally at another input size "
-    "(imagenet@32, none@64x48); default: the model's own configuration"
-)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, *, head: bool = True) -> None:
@@ -296,7 +295,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``finercam`` console script; returns the exit status (2 for a user error, 130 after
     Ctrl-C)."""
     command: str | None = None  # forked workers ignore Ctrl-C: the parent stops them and reports it here
-    default_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
         parser = _parser()
@@ -313,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit raises no second error
         return 1
     finally:
-        warnings.formatwarning = default_format
+        warnings.formatwarning = _DEFAULT_FORMAT
 
 
 _DEFAULT_FORMAT = warnings.formatwarning

@@ -50,12 +50,10 @@ def _is_integer(value: object) -> bool:
 
 def _scalar(value: object) -> object:
     """A 0-d integer tensor or array as a Python int; anything else as it is (checked by the caller)."""
-    if isinstance(value, Tensor) and value.ndim == 0 and not (value.is_floating_point() or value.is_complex()
-                                                               or value.dtype == torch.bool):
-        return int(value)
-    if hasattr(value, "__array__") and getattr(value, "ndim", None) == 0 and getattr(value, "dtype", None) is not None \
-            and str(value.dtype).startswith(("int", "uint")):  # type: ignore[attr-defined]
-        return int(value)  # type: ignore[call-overload]
+    if isinstance(value, Tensor) or (hasattr(value, "__array__") and not isinstance(value, Sequence)):
+        tensor = torch.as_tensor(value)  # type: ignore[arg-type]
+        if tensor.ndim == 0 and not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+            return int(tensor)
     return value
 
 

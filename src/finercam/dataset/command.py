@@ -63,7 +63,7 @@ def _panel(text: str) -> int:
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
-    from finercam.cli import PREPROCESS_HELP
+    from finercam.argtypes import PREPROCESS_HELP
 
     run = commands.add_parser(
         "run", help="explain a whole dataset (ImageFolder tree or list file) into a resumable result store"

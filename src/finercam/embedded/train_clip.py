@@ -199,13 +199,12 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
                   "config": {**tower["config"], "num_classes": embed_dim, "mean": mean, "std": std}}
         if visual["class"] == "SmallViT":
             visual["config"]["img_size"] = IMAGE_SIZE
-        target_layer = tower["target_layer"]
+        target_layer, described = tower["target_layer"], f"{visual['class']} {tower['config']}"
     else:
         backbone = load_embedded(locked)
         architecture = backbone.card["architecture"]
         visual = {"class": architecture["class"], "config": {**architecture["config"], "num_classes": embed_dim}}
-        tower = {"config": {"locked": f"embedded:{locked}"}}
-        target_layer = backbone.target_layer
+        target_layer, described = backbone.target_layer, f"{visual['class']} of embedded:{locked}, locked"
     text = {**recipe["text"], "vocab_size": len(VOCABULARY), "embed_dim": embed_dim}
     torch.manual_seed(seed)
     model = SmallCLIP(visual, text, VOCABULARY)
@@ -220,7 +219,7 @@ def train(out: Path, seed: int = 0, threads: int = 2, log: Callable[[str], None]
     n, batch_size, epochs = len(train_set), recipe["batch_size"], recipe["epochs"]
     optimiser, schedule = one_cycle_adamw(model, decay, recipe, epochs * math.ceil(n / batch_size))
     params = sum(p.numel() for p in model.parameters())
-    log(f"SmallCLIP ({params:,} parameters; image tower {visual['class']} {tower['config']}, text tower "
+    log(f"SmallCLIP ({params:,} parameters; image tower {described}, text tower "
         f"{recipe['text']}, vocabulary {len(VOCABULARY)} words): {epochs} epochs of {n} images, batch {batch_size}, "
         f"{threads} threads")
     model.train()

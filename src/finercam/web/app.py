@@ -23,6 +23,7 @@ from finercam.web.views import (
     ExampleBird,
     ExplainView,
     ModelShelf,
+    Panel,
     concept_view,
     explain_view,
     target_choices,
@@ -59,8 +60,9 @@ def _shown_errors(gr: Any, call: Callable[[], T]) -> T:
         raise gr.Error(str(error), print_exception=False) from None
 
 
-def _gallery(view: ExplainView | ConceptView) -> list[tuple[Any, str]]:
-    return [(panel.image, panel.caption) for panel in view.panels]
+def _gallery(panels: Sequence[Panel]) -> list[tuple[Any, str]]:
+    """Panels as a gallery's (image, caption) items."""
+    return [(panel.image, panel.caption) for panel in panels]
 
 
 def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
@@ -84,8 +86,7 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
                                     layer=(layer or "").strip() or None)
 
         view = _shown_errors(gr, run)
-        strip = [(panel.image, panel.caption) for panel in view.strip]
-        return _gallery(view), view.probabilities, view.summary, strip
+        return _gallery(view.panels), view.probabilities, view.summary, _gallery(view.strip)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
@@ -131,7 +132,7 @@ def _concepts_tab(gr: Any, clips: ModelShelf[Any], examples: Sequence[ExampleBir
                 return concept_view(loaded, image, concept, versus, gamma=float(gamma), method=method)
 
         view = _shown_errors(gr, run)
-        return _gallery(view), view.summary
+        return _gallery(view.panels), view.summary
 
     with gr.Tab("Concepts (CLIP)"):
         gr.Markdown(CONCEPTS_INTRO)

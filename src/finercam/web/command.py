@@ -32,7 +32,7 @@ _port.__name__ = "int"  # argparse names the type when int() refuses the text
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register ``web`` on the ``finercam`` command line's sub-parsers."""
-    from finercam.cli import HEAD_HELP, MODEL_HELP, PREPROCESS_HELP, WEIGHTS_HELP
+    from finercam.argtypes import HEAD_HELP, MODEL_HELP, PREPROCESS_HELP, WEIGHTS_HELP
 
     parser = subparsers.add_parser(
         COMMAND, help="serve the web demo: explain uploaded images and localize text concepts in a browser",

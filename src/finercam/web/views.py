@@ -119,12 +119,17 @@ class ModelShelf(Generic[Model]):
             yield self._load(label)
 
 
+def _bytes(pixels: np.ndarray | Tensor) -> np.ndarray:
+    """``(H, W, 3)`` in ``[0, 1]`` (or a ``(3, H, W)`` tensor) as ``uint8``, at its own size."""
+    if isinstance(pixels, Tensor):
+        pixels = pixels.detach().float().cpu().permute(1, 2, 0).numpy()
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def to_uint8(pixels: np.ndarray | Tensor) -> np.ndarray:
     """``(H, W, 3)`` in ``[0, 1]`` (or ``(3, H, W)`` tensor) -> ``(H, W, 3)`` ``uint8``, enlarged by a whole factor
     (nearest neighbour) when its longer side is under :data:`MIN_PANEL_SIDE`."""
-    if isinstance(pixels, Tensor):
-        pixels = pixels.detach().float().cpu().permute(1, 2, 0).numpy()
-    array = np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    array = _bytes(pixels)
     factor = -(-MIN_PANEL_SIDE // max(array.shape[:2]))
     return array.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else array
 
@@ -309,7 +314,6 @@ def example_birds(folder: str | Path, count: int = 6, seed: int = 2025, size: in
         coloured = [part for part in discriminative_parts(config, genus) if species.values[part] != PLAIN]
         concept = f"{species.values[coloured[0]]} {coloured[0]}" if coloured else f"{species.values['beak']} beak"
         path = folder / f"{len(chosen):02d}-{species.name}.png"
-        pixels = data.images[index].permute(1, 2, 0).numpy()
-        Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(path)
+        Image.fromarray(_bytes(data.images[index])).save(path)
         chosen.append(ExampleBird(path, species.name, concept, species.genus))
     return chosen
