@@ -15,9 +15,11 @@ from torch import Tensor, nn
 import finercam
 from finercam.compat import import_torchvision
 
-tv = import_torchvision()  # before pytorch_grad_cam, which imports torchvision
+tv = import_torchvision()  # before pytorch_grad_cam and torchcam, which import torchvision
 
-VARIANTS = ("forward", "finercam", "sweep", "gradcam-lib")
+VARIANTS = ("forward", "finercam", "sweep", "gradcam-lib", "torchcam-lib")
+LIBRARY_VARIANTS = ("gradcam-lib", "torchcam-lib")
+"""The other libraries' Finer-CAM; each runs a full ``backward()`` that leaves ``.grad`` on the parameters."""
 SWEEP_GAMMAS = [0.0, 0.3, 0.6, 1.0, 2.0]
 GAMMA = 0.6
 NUM_REFERENCES = 3
@@ -99,10 +101,26 @@ def make_variant(name: str, variant: str, model: nn.Module, size: int) -> Callab
                 return lib(x, alpha=GAMMA)
 
         return gradcam_lib
+    if variant == "torchcam-lib":
+        from torchcam.methods import FinerCAM as TorchcamFinerCAM
+        from torchcam.methods import GradCAM as TorchcamGradCAM
+
+        reshape = spec.gradcam_reshape(size)
+        extra = {"reshape_transform": reshape} if reshape is not None else {}
+
+        def torchcam_lib(x: Tensor) -> object:
+            # torchcam's recipe: a forward with its hooks on, then the extractor on the predicted classes (it picks
+            # the nearest references itself); built per call for the same reason as grad-cam's.
+            with TorchcamFinerCAM(model, spec.layer, input_shape=tuple(x.shape[1:]), base_method=TorchcamGradCAM,
+                                  gamma=GAMMA, num_references=NUM_REFERENCES, **extra) as extractor:
+                scores = model(x)
+                return extractor(scores.argmax(dim=1).tolist(), scores)
+
+        return torchcam_lib
     raise ValueError(f"unknown variant {variant!r}")
 
 
 def clear_parameter_grads(model: nn.Module) -> None:
-    """Drop the ``.grad`` that grad-cam's ``loss.backward()`` leaves on every parameter (it sets them to None
-    itself before its next backward), so the other variants run with the same memory."""
+    """Drop the ``.grad`` that grad-cam's and torchcam's ``backward()`` leave on every parameter, so the other
+    variants run with the same memory."""
     model.zero_grad(set_to_none=True)

@@ -121,3 +121,33 @@ def hf_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Any]:
     )
     torch.manual_seed(1)
     return tf.CLIPModel(config).eval(), tokenizer
+
+
+OPEN_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+"""A tiny open_clip CLIP with the real BPE vocabulary (it ships with open_clip), so the default tokenizer works."""
+
+
+def tiny_open_clip(seed: int = 0, **text: object) -> nn.Module:
+    """A random-init open_clip ``CLIP`` of :data:`OPEN_CLIP_CONFIG` (``text`` overrides its text tower's config)."""
+    from open_clip.model import CLIP
+
+    config = {**OPEN_CLIP_CONFIG, "text_cfg": {**OPEN_CLIP_CONFIG["text_cfg"], **text}}
+    torch.manual_seed(seed)
+    return CLIP(**config).eval()
+
+
+@pytest.fixture(scope="module")
+def open_clip_model() -> nn.Module:
+    pytest.importorskip("open_clip")
+    return tiny_open_clip()
+
+
+@pytest.fixture(scope="module")
+def make_open_clip() -> Any:
+    """:func:`tiny_open_clip`, to build variants (another vocabulary, context length, seed)."""
+    pytest.importorskip("open_clip")
+    return tiny_open_clip

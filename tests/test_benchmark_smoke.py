@@ -17,7 +17,7 @@ def test_benchmark_quick_run_prints_the_table_and_a_verdict() -> None:
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     out = completed.stdout
-    for variant in ("forward", "finercam", "sweep", "gradcam-lib"):
+    for variant in ("forward", "finercam", "sweep", "gradcam-lib", "torchcam-lib"):
         assert f"| {variant} |" in out
     assert "TARGETS MET" in out or "TARGETS MISSED" in out
 

@@ -41,19 +41,6 @@ GAMMA = 0.7
 # --------------------------------------------------------------------------------------------------- the models
 
 
-@pytest.fixture(scope="module")
-def open_clip_model() -> nn.Module:
-    pytest.importorskip("open_clip")
-    # The real BPE vocabulary (it ships with open_clip), so the default tokenizer works; everything else is tiny.
-    config = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
-    from open_clip.model import CLIP
-
-    torch.manual_seed(0)
-    return CLIP(**config).eval()
-
-
 @pytest.fixture(params=["open_clip", "hf"])
 def encoders(request: pytest.FixtureRequest) -> CLIPEncoders:
     if request.param == "open_clip":

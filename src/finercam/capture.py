@@ -73,6 +73,13 @@ def _forward(model: nn.Module, images: Tensor) -> object:
     except FinerCAMError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:  # timm asserts input sizes
+        tensors = [*model.parameters(), *model.buffers()]
+        if "Inference tensors" in str(error) and any(t.is_inference() for t in tensors):
+            raise ModelOutputError(
+                "the model's parameters or buffers are inference tensors (the model was created or loaded inside "
+                "torch.inference_mode()), and gradients cannot flow through them: build or load the model outside "
+                "inference mode (explaining inside it is fine)"
+            ) from error
         raise ModelOutputError(
             f"the model's forward pass failed on images of shape {tuple(images.shape)} ({images.dtype}): {error}"
         ) from error

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +18,6 @@ from finercam.images import load_image
 from finercam.methods import get_method
 from finercam.models import LoadedModel, Preprocess
 from finercam.result import CAMResult, SweepResult
-
-DISPLAY_MAX_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,4 @@ def display_image(image: str | Path | Image.Image, preprocess: Preprocess) -> Te
     """
     if not isinstance(image, Image.Image):
         image = load_image(image)
-    geometry = replace(preprocess, mean=None, std=None)
-    if preprocess.crop is None:
-        geometry = Preprocess(name="display", max_size=DISPLAY_MAX_SIZE)
-    return geometry(image)
+    return preprocess.display_geometry()(image)

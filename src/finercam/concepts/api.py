@@ -50,13 +50,23 @@ class ConceptExplanation:
 
     @property
     def concept_raw_maps(self) -> Tensor:
-        """``(B, h, w)`` the signed plain concept map before the ReLU, at layer resolution."""
-        return self.result.baseline_raw_maps
+        """``(B, h, w)`` the signed plain concept map before the ReLU, at layer resolution (one target layer; for
+        several, ``result.layer_baseline_raw_maps[i]``)."""
+        return self._single_layer(self.result.layer_baseline_raw_maps, "concept_raw_maps", "layer_baseline_raw_maps")
 
     @property
     def contrast_raw_maps(self) -> Tensor:
-        """``(B, h, w)`` the signed contrast map before the ReLU, at layer resolution (may be all negative)."""
-        return self.result.raw_maps
+        """``(B, h, w)`` the signed contrast map before the ReLU, at layer resolution (may be all negative; one target
+        layer; for several, ``result.layer_raw_maps[i]``)."""
+        return self._single_layer(self.result.layer_raw_maps, "contrast_raw_maps", "layer_raw_maps")
+
+    def _single_layer(self, per_layer: tuple[Tensor, ...], name: str, full: str) -> Tensor:
+        if len(per_layer) != 1:
+            raise InvalidArgumentError(
+                f"{name} is defined for a single target layer; these maps have {len(per_layer)} layers "
+                f"{list(self.result.layers)} at different resolutions: use result.{full}[i]"
+            )
+        return per_layer[0]
 
     @property
     def layer(self) -> str:
@@ -70,6 +80,19 @@ def _batch(images: object) -> Tensor:
             f"images must be a tensor (3, H, W) or (B, 3, H, W) preprocessed for the model; got {type(images).__name__}"
         )
     return images[None] if images.ndim == 3 else images
+
+
+def _check_distinct(prompts: Sequence[str], rows: Tensor) -> None:
+    """A reference whose text embedding is the concept's (the tokenizer reads both as the same text) would give a
+    contrast of zero everywhere."""
+    same = (rows[1:] @ rows[0]) > 1 - 1e-6
+    if bool(same.any()):
+        reference = prompts[1 + int(same.nonzero()[0])]
+        raise InvalidArgumentError(
+            f"the reference {reference!r} has the same text embedding as the concept {prompts[0]!r}: the model's "
+            "tokenizer reads them as the same text (punctuation dropped, or the text cut at the context length), so "
+            "the contrast would be zero everywhere; give a reference that differs in words"
+        )
 
 
 def explain_concepts(
@@ -109,8 +132,8 @@ def explain_concepts(
         tokenizer: the text tokenizer, for transformers models.
 
     Raises:
-        InvalidArgumentError: an empty concept or reference, a reference equal to the concept, a word the model does
-            not know (embedded CLIP), bad gamma or images.
+        InvalidArgumentError: an empty concept or reference, a reference equal to the concept (as text, or as the
+            model's tokenizer reads it), a word the model does not know (embedded CLIP), bad gamma or images.
     """
     if not isinstance(concept, str):
         raise InvalidTypeError(f"concept must be a string; got {type(concept).__name__}")
@@ -120,10 +143,9 @@ def explain_concepts(
     encoders = clip_encoders(model, tokenizer)
     references = reference_prompts(concept, versus, encoders, templates)
     prompts = (concept, *references)
-    classifier = ZeroShotClassifier(
-        encoders.image_encoder, encode_prompts(encoders, prompts, templates), prompts, encoders.logit_scale,
-        encoders.target_layer,
-    )
+    rows = encode_prompts(encoders, prompts, templates)
+    _check_distinct(prompts, rows)
+    classifier = ZeroShotClassifier(encoders.image_encoder, rows, prompts, encoders.logit_scale, encoders.target_layer)
     batch = _batch(images)
     cam = FinerCAM(classifier, target_layer, method)
     result = cam(batch, targets=0, references=[list(range(1, len(references) + 1))] * batch.shape[0], gamma=gamma)

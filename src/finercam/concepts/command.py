@@ -1,9 +1,11 @@
 """``finercam concepts IMAGE --concept "red beak" --versus "bird"``: localize a text concept with a CLIP model.
 
 Prints the cosine similarity of the image with the concept and each reference, writes a labelled figure (image,
-plain concept map, Finer-CAM contrast) and the maps (safetensors: ``concept_map`` and ``contrast_map`` at the
-displayed image's size, the signed ``concept_raw_map`` / ``contrast_raw_map`` at layer resolution, and
-``similarities``; the prompts, gamma and layer in the metadata).
+plain concept map, Finer-CAM contrast) and the maps (safetensors: ``concept_map`` and ``contrast_map`` at the size
+of the figure's image, the signed ``concept_raw_map`` / ``contrast_raw_map`` at layer resolution, and
+``similarities``; the prompts, templates, gamma, layer, model and preprocessing in the metadata). The figure's image is
+the whole image (longest side at most 1000 px) unless the model's preprocessing crops it: then it is the model's
+centre crop, the only part the maps can cover.
 
 Wired into :mod:`finercam.cli` by ``add_commands(commands)`` and ``dispatch(args)``.
 """
@@ -53,7 +55,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="a prompt template with {} (repeat to ensemble; default: the model's)")
     parser.add_argument("--gamma", type=_gamma, default=0.6, help="comparison strength (default 0.6)")
     parser.add_argument("--method", default="gradcam", choices=sorted(METHODS))
-    parser.add_argument("--layer", help="target layer in the classifier (default: auto, in the image tower)")
+    parser.add_argument("--layer",
+                        help="a layer of the image tower, e.g. stage3 or visual.transformer.resblocks.11.ln_1 "
+                             "(default: auto; an unknown name lists the tower's candidate layers)")
     parser.add_argument("--keep-aspect", action="store_true",
                         help="no centre crop: the whole image at its aspect ratio (position embeddings interpolated)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
@@ -101,6 +105,30 @@ def _check_model_options(args: argparse.Namespace) -> None:
         )
 
 
+TOWER = "image_encoder"
+"""The image tower's name inside the zero-shot classifier."""
+
+
+def _classifier_layer(name: str | None) -> str:
+    """``--layer`` names a layer of the image tower (``stage3``); ``image_encoder.stage3`` is accepted too."""
+    if not name:
+        return "auto"
+    return name if name.startswith(f"{TOWER}.") else f"{TOWER}.{name}"
+
+
+def _tower_layers(image_encoder: torch.nn.Module, pixels: torch.Tensor) -> str:
+    """The image tower's candidate layers, as ``--layer`` takes them, for an error message."""
+    from finercam.autolayer import candidate_layers
+    from finercam.errors import FinerCAMError
+
+    try:
+        candidates = candidate_layers(image_encoder, example=pixels[None])
+    except FinerCAMError:
+        return ""
+    names = [c.name + (" (the default)" if c.recommended else "") for c in candidates]
+    return f" Layers of the image tower for --layer: {', '.join(names)}." if names else ""
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -113,7 +141,7 @@ def run_concepts(args: argparse.Namespace) -> int:
     from finercam.concepts.api import explain_concepts
     from finercam.concepts.figure import save_concept_figure, versus_label
     from finercam.concepts.loading import load_clip
-    from finercam.errors import InvalidArgumentError
+    from finercam.errors import InvalidArgumentError, LayerNotFoundError
     from finercam.images import load_image
     from finercam.runtime import resolve_device
 
@@ -129,10 +157,14 @@ def run_concepts(args: argparse.Namespace) -> int:
     loaded = load_clip(args.model, weights=args.weights, tokenizer=args.tokenizer, keep_aspect=args.keep_aspect,
                        device=device)
     pixels = loaded.preprocess(image).to(device)
-    explanation = explain_concepts(
-        loaded.encoders, pixels, args.concept, versus, gamma=args.gamma, templates=args.templates,
-        method=args.method, target_layer=args.layer or "auto",
-    )
+    try:
+        explanation = explain_concepts(
+            loaded.encoders, pixels, args.concept, versus, gamma=args.gamma, templates=args.templates,
+            method=args.method, target_layer=_classifier_layer(args.layer),
+        )
+    except LayerNotFoundError as error:
+        message = str(error).replace(" All layer names: model.named_modules().", "")
+        raise LayerNotFoundError(message + _tower_layers(loaded.encoders.image_encoder, pixels)) from error
     display = loaded.display(image)
     _say(f"model: {args.model}   layer: {explanation.layer}   method: {args.method}   input: {tuple(pixels.shape)}")
     similarities = explanation.similarities[0].tolist()
@@ -158,6 +190,10 @@ def run_concepts(args: argparse.Namespace) -> int:
     }, str(maps_path), metadata={
         "concept": explanation.concept, "versus": json.dumps(list(explanation.versus)),
         "gamma": str(explanation.gamma), "layer": explanation.layer, "method": args.method, "model": args.model,
+        "templates": json.dumps(list(args.templates or loaded.encoders.templates)),
+        "preprocess": loaded.preprocess.name, "keep_aspect": str(args.keep_aspect), "image": str(args.image),
+        "maps_on": "the model's centre crop" if loaded.preprocess.crop is not None else "the whole image",
+        "maps_size": json.dumps(list(size)),
     })
     _say(f"wrote {figure} and {maps_path}")
     return 0

@@ -16,7 +16,8 @@ norm (``ln_1`` for open_clip, ``layer_norm1`` for transformers; the layer of CLI
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finercam.capture import preserved_model
 from finercam.errors import InvalidArgumentError, InvalidTypeError, MissingDependencyError
 
 TextEncoder = Callable[[Sequence[str]], Tensor]
@@ -45,7 +47,7 @@ class CLIPEncoders:
         image_encoder: images ``(B, 3, H, W)`` (the model's preprocessing applied) -> image embeddings ``f(x)``
             ``(B, D)``, not necessarily normalised.
         encode_text: prompts -> text embeddings ``g(t)`` ``(N, D)``, not necessarily normalised (run without
-            gradients, on the model's device).
+            gradients, in eval mode, on the model's device, in its dtype).
         logit_scale: ``\tau``, the model's scale of the cosine similarities.
         templates: the default prompt templates (each with one ``{}``).
         name: a label for messages and figures.
@@ -63,6 +65,15 @@ class CLIPEncoders:
 def _device_of(module: nn.Module) -> torch.device:
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextmanager
+def text_encoding(model: nn.Module) -> Iterator[None]:
+    """Encode text without gradients and in eval mode (no dropout in the text tower), outside any
+    ``torch.inference_mode`` of the caller (the rows become a buffer that autograd reads later); every module's
+    train/eval flag and the grad mode are restored."""
+    with torch.inference_mode(False), preserved_model(model), torch.no_grad():
+        yield
 
 
 # --- open_clip -------------------------------------------------------------------------------------------------------
@@ -89,7 +100,8 @@ def resample_position_embedding(positional: Tensor, grid: tuple[int, int], new_g
 class OpenCLIPImageEncoder(nn.Module):
     """open_clip's image tower (``visual``), taking images of any size.
 
-    For open_clip's own ``VisionTransformer`` the patch grid follows the input (``floor(H / p) x floor(W / p)``, as its
+    For open_clip's own ``VisionTransformer`` the patch grid follows the input (``H / p x W / p``; each side must be a
+    multiple of the patch size, as its
     patch convolution gives) and the position embeddings are resampled to it; at the tower's native size the tower
     runs unchanged. Other towers (ResNets, timm towers) are called as they are.
     """
@@ -103,6 +115,7 @@ class OpenCLIPImageEncoder(nn.Module):
         if not _is_native_open_clip_vit(visual):
             return _pooled(visual(images))
         patch_h, patch_w = visual.patch_size
+        check_patch_multiple(images, (patch_h, patch_w))
         grid = (images.shape[-2] // patch_h, images.shape[-1] // patch_w)
         if grid == tuple(visual.grid_size):
             return _pooled(visual(images))
@@ -116,6 +129,23 @@ class OpenCLIPImageEncoder(nn.Module):
         return pooled @ visual.proj if visual.proj is not None else pooled
 
 
+def check_patch_multiple(images: Tensor, patch: tuple[int, int]) -> None:
+    """A ViT's patch grid covers ``floor(H / p) * p`` rows: on other sizes the maps would be stretched over pixels the
+    model never saw, so such sizes are refused.
+
+    Raises:
+        InvalidArgumentError: a side of the images is not a multiple of the patch size.
+    """
+    height, width = images.shape[-2:]
+    if height % patch[0] or width % patch[1]:
+        raise InvalidArgumentError(
+            f"images of {height} x {width} px: the ViT's patches are {patch[0]} x {patch[1]} px, so its tokens would "
+            f"cover only {height // patch[0] * patch[0]} x {width // patch[1] * patch[1]} px and the maps would be "
+            "misplaced; resize or pad each side to a multiple of the patch size (the command line's --keep-aspect "
+            "rounds up)"
+        )
+
+
 def _pooled(output: object) -> Tensor:
     """The pooled embedding of an image tower's output (a tensor, or ``(pooled, tokens)``)."""
     if isinstance(output, tuple | list):
@@ -126,6 +156,8 @@ def _pooled(output: object) -> Tensor:
 
 
 def _open_clip_tokenizer(model: nn.Module) -> Callable[[Sequence[str]], Tensor]:
+    """open_clip's BPE tokenizer at the model's context length, for the models it belongs to (a text tower of
+    exactly its vocabulary size); a prompt longer than the context is an error, not cut silently."""
     try:
         from open_clip.tokenizer import SimpleTokenizer
     except ImportError as error:
@@ -133,14 +165,41 @@ def _open_clip_tokenizer(model: nn.Module) -> Callable[[Sequence[str]], Tensor]:
             "open_clip models need the 'open_clip_torch' package: pip install 'finercam[clip]'"
         ) from error
     context = int(getattr(model, "context_length", 77))
-    vocab_size = int(getattr(model, "vocab_size", 49408))
+    vocab_size = getattr(model, "vocab_size", None)
     tokenizer = SimpleTokenizer(context_length=context)
-    if vocab_size < len(tokenizer.encoder):
+    if vocab_size != len(tokenizer.encoder):
+        size = f"{vocab_size} tokens" if isinstance(vocab_size, int) else "a vocabulary of unknown size"
         raise InvalidArgumentError(
-            f"the open_clip model's text tower has {vocab_size} tokens but open_clip's default BPE tokenizer has "
-            f"{len(tokenizer.encoder)}; pass the model's own tokenizer (open_clip.get_tokenizer(ARCH))"
+            f"the open_clip model's text tower has {size}; the default tokenizer (open_clip's BPE, "
+            f"{len(tokenizer.encoder)} tokens) fits OpenAI-style CLIP models only: pass the model's own tokenizer "
+            "(tokenizer=open_clip.get_tokenizer(ARCH))"
         )
-    return tokenizer
+
+    def tokenize(texts: Sequence[str]) -> Tensor:
+        for text in texts:
+            length = len(tokenizer.encode(text)) + 2  # with the start and end tokens
+            if length > context:
+                raise InvalidArgumentError(
+                    f"the text {text!r} is {length} tokens; the text tower reads at most {context}: shorten the "
+                    "prompt or its template"
+                )
+        return tokenizer(list(texts))
+
+    return tokenize
+
+
+def _token_ids(tokens_of: Callable[[Sequence[str]], Any], texts: Sequence[str]) -> Tensor:
+    """The ``(N, L)`` token ids an open_clip tokenizer gives for ``texts``, checked."""
+    advice = "open_clip models need a tokenizer returning token ids (N, L), e.g. open_clip.get_tokenizer(ARCH)"
+    try:
+        tokens = tokens_of(list(texts))
+    except (TypeError, ValueError, AttributeError) as error:
+        raise InvalidArgumentError(f"the tokenizer failed ({type(error).__name__}: {error}); {advice}") from error
+    well_formed = isinstance(tokens, Tensor) and tokens.ndim == 2 and not tokens.is_floating_point()
+    if not well_formed or tokens.shape[0] != len(texts):
+        got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise InvalidTypeError(f"the tokenizer returned {got} for {len(texts)} texts; {advice}")
+    return tokens
 
 
 def from_open_clip(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor] | None = None,
@@ -156,10 +215,10 @@ def from_open_clip(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor
         raise InvalidTypeError(f"{type(model).__name__} is not an open_clip model (no .visual and .encode_text)")
     tokens_of = tokenizer if tokenizer is not None else _open_clip_tokenizer(model)
 
-    @torch.no_grad()
     def encode_text(prompts: Sequence[str]) -> Tensor:
-        tokens = tokens_of(list(prompts))
-        return model.encode_text(tokens.to(_device_of(model))).float()
+        tokens = _token_ids(tokens_of, prompts)
+        with text_encoding(model):
+            return model.encode_text(tokens.to(_device_of(model)))
 
     scale = getattr(model, "logit_scale", None)
     tau = float(scale.detach().exp()) if isinstance(scale, Tensor) else 100.0
@@ -180,6 +239,9 @@ class HFCLIPImageEncoder(nn.Module):
         self.visual_projection = visual_projection
 
     def forward(self, images: Tensor) -> Tensor:
+        patch = getattr(getattr(self.vision_model, "config", None), "patch_size", None)
+        if isinstance(patch, int):
+            check_patch_multiple(images, (patch, patch))
         output = self.vision_model(pixel_values=images, interpolate_pos_encoding=True)
         pooled = output.pooler_output if hasattr(output, "pooler_output") else output[1]
         return self.visual_projection(pooled)
@@ -194,6 +256,40 @@ def _check_hf_tokenizer(tokenizer: Any) -> None:
             f"the tokenizer has a vocabulary of {size} tokens: it did not load (transformers returns such a tokenizer "
             "offline for a hub id that is not cached); load it from the model's local directory"
         )
+
+
+def _hf_text_positions(model: nn.Module) -> int | None:
+    """How many tokens a transformers CLIP's text tower reads (its position embeddings), if its config says."""
+    config = getattr(getattr(model, "config", None), "text_config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def _hf_tokens(tokenizer: Any, texts: Sequence[str], limit: int | None) -> tuple[Tensor, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``(N, L)`` of a transformers tokenizer, checked against the text tower's
+    ``limit`` of positions."""
+    advice = "give the CLIPModel's own transformers tokenizer, e.g. CLIPTokenizer.from_pretrained(DIR)"
+    try:
+        batch = tokenizer(list(texts), padding=True, return_tensors="pt")
+    except (TypeError, ValueError, AttributeError) as error:
+        raise InvalidArgumentError(
+            f"the tokenizer does not take a transformers call (texts, padding=True, return_tensors='pt'): "
+            f"{type(error).__name__}: {error}; {advice}"
+        ) from error
+    ids = batch.get("input_ids") if hasattr(batch, "get") else None
+    mask = batch.get("attention_mask") if hasattr(batch, "get") else None
+    if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != len(texts):
+        raise InvalidTypeError(f"the tokenizer returned {type(batch).__name__} without input_ids (N, L); {advice}")
+    if not isinstance(mask, Tensor) or mask.shape != ids.shape:
+        mask = torch.ones_like(ids)
+    if limit is not None and ids.shape[1] > limit:
+        lengths = mask.sum(dim=1)
+        longest = int(lengths.argmax())
+        raise InvalidArgumentError(
+            f"the text {texts[longest]!r} is {int(lengths[longest])} tokens; the text tower reads at most {limit}: "
+            "shorten the prompt or its template"
+        )
+    return ids, mask
 
 
 def from_hf(model: nn.Module, tokenizer: Any, templates: Sequence[str] = CLIP_TEMPLATES,
@@ -211,16 +307,14 @@ def from_hf(model: nn.Module, tokenizer: Any, templates: Sequence[str] = CLIP_TE
             "get_text_features)"
         )
     _check_hf_tokenizer(tokenizer)
+    limit = _hf_text_positions(model)
 
-    @torch.no_grad()
     def encode_text(prompts: Sequence[str]) -> Tensor:
-        batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+        ids, mask = _hf_tokens(tokenizer, prompts, limit)
         device = _device_of(model)
-        output = model.get_text_features(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        features = output.pooler_output if hasattr(output, "pooler_output") else output
-        return features.float()
+        with text_encoding(model):
+            output = model.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device))
+        return output.pooler_output if hasattr(output, "pooler_output") else output
 
     scale = getattr(model, "logit_scale", None)
     tau = float(scale.detach().exp()) if isinstance(scale, Tensor) else 100.0
@@ -232,13 +326,17 @@ def from_hf(model: nn.Module, tokenizer: Any, templates: Sequence[str] = CLIP_TE
 
 
 def from_embedded(clip: Any, templates: Sequence[str] | None = None) -> CLIPEncoders:
-    """Adapt the embedded CLIP (an :class:`~finercam.embedded.clip_model.EmbeddedCLIP` or its ``SmallCLIP``)."""
-    model = getattr(clip, "model", clip)
-    chosen = tuple(templates) if templates is not None else tuple(getattr(clip, "templates", ("{}",)))
+    """Adapt the embedded CLIP (an :class:`~finercam.embedded.clip_model.EmbeddedCLIP` or its ``SmallCLIP``; both
+    have the default templates :data:`~finercam.embedded.clip_model.DEFAULT_TEMPLATES`, only the former its card's
+    recommended layer)."""
+    from finercam.embedded.clip_model import DEFAULT_TEMPLATES
 
-    @torch.no_grad()
+    model = getattr(clip, "model", clip)
+    chosen = tuple(templates) if templates is not None else tuple(getattr(clip, "templates", DEFAULT_TEMPLATES))
+
     def encode_text(prompts: Sequence[str]) -> Tensor:
-        return model.encode_text(list(prompts)).float()
+        with text_encoding(model):
+            return model.encode_text(list(prompts))
 
     return CLIPEncoders(model.visual, encode_text, float(model.logit_scale.detach().exp()), chosen, "embedded:clip",
                         getattr(clip, "target_layer", None))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from finercam.concepts.api import ConceptExplanation
+from finercam.errors import InvalidArgumentError
 from finercam.methods import get_method
 
 
@@ -37,6 +38,12 @@ def save_concept_figure(path: str | Path, display: Tensor, explanation: ConceptE
     from finercam import viz
 
     images = display[None] if display.ndim == 3 else display
+    count = int(explanation.concept_maps.shape[0])
+    if images.ndim != 4 or images.shape[0] != count or images.shape[1] != 3:
+        raise InvalidArgumentError(
+            f"display has shape {tuple(display.shape)}; the explanation has {count} image(s): give (3, H, W) for one "
+            f"image or ({count}, 3, H, W), one picture per explained image"
+        )
     size = (int(images.shape[-2]), int(images.shape[-1]))
     similarities = explanation.similarities.detach().cpu()
     prompts = (explanation.concept, *explanation.versus)

@@ -35,7 +35,8 @@ class LoadedCLIP:
     Attributes:
         encoders: its towers.
         preprocess: PIL image -> the model's input ``(3, H, W)``.
-        display: the same geometry without normalisation (pixels in ``[0, 1]`` to draw the maps on).
+        display: the geometry to draw the maps on (:meth:`~finercam.models.preprocess.Preprocess.display_geometry`:
+            the original image, or the model's centre crop when there is one).
         spec: the specification it was loaded from.
     """
 
@@ -131,6 +132,10 @@ def load_clip(spec: str = DEFAULT_SPEC, *, weights: str | Path | None = None, to
         raise InvalidArgumentError(f"{spec!r} takes no weights=; a checkpoint is only loaded into open_clip models")
     if tokenizer is not None and parsed.kind != "hf":
         raise InvalidArgumentError(f"{spec!r} takes no tokenizer=; a tokenizer folder is only used by hf: models")
+    if weights is not None and parsed.weights is not None:
+        raise InvalidArgumentError(
+            f"weights given twice: {spec!r} names {parsed.weights!r} and weights={str(weights)!r}; keep one"
+        )
     checkpoint = str(weights) if weights is not None else parsed.weights
     if parsed.kind == "embedded":
         encoders, preprocess = _embedded(parsed.name)
@@ -143,5 +148,4 @@ def load_clip(spec: str = DEFAULT_SPEC, *, weights: str | Path | None = None, to
             f"{spec!r}: concepts need a CLIP model with a text tower: embedded:clip, open_clip:ARCH[@FILE] or hf:DIR"
         )
     encoders.image_encoder.to(device)
-    display = replace(preprocess, mean=None, std=None)
-    return LoadedCLIP(encoders, preprocess, display, spec)
+    return LoadedCLIP(encoders, preprocess, preprocess.display_geometry(), spec)

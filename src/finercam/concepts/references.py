@@ -38,7 +38,8 @@ class Parent:
 class Siblings:
     """The concept with its attribute word replaced by each other value, e.g. ``Siblings(("red", "blue", "black"))``
     turns ``"red wing"`` into ``["blue wing", "black wing"]``. The first word of the concept found among the values
-    is the one swapped (multi-word values such as ``"light blue"`` are matched as phrases)."""
+    is the one swapped; multi-word values such as ``"light blue"`` are matched as phrases, the longest value first
+    (``"blue green wing"`` with values blue, blue green, red swaps ``"blue green"``)."""
 
     values: tuple[str, ...]
 
@@ -52,8 +53,9 @@ class Siblings:
     def prompts(self, concept: str, encoders: CLIPEncoders | None = None,
                 templates: Sequence[str] | None = None) -> list[str]:
         words = concept.split()
+        longest_first = sorted(self.values, key=lambda value: -len(value.split()))
         for start in range(len(words)):
-            for value in self.values:
+            for value in longest_first:
                 size = len(value.split())
                 if normalise_prompt(" ".join(words[start : start + size])) == normalise_prompt(value):
                     before, after = words[:start], words[start + size :]

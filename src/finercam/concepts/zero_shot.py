@@ -62,19 +62,24 @@ def check_prompts(prompts: Sequence[str], what: str = "prompts") -> tuple[str, .
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
-    """Templates with exactly one ``{}`` each (at least one template)."""
+    """Templates with exactly one ``{}`` each and no other braces (at least one template)."""
     if isinstance(templates, str):
         templates = (templates,)
     chosen = tuple(templates)
     if not chosen:
         raise InvalidArgumentError("templates is empty; give at least one, e.g. '{}' or 'a photo of a {}.'")
     for template in chosen:
-        if not isinstance(template, str) or template.count("{}") != 1 or template.replace("{}", "").count("{"):
+        if not isinstance(template, str) or template.count("{}") != 1 or set("{}") & set(template.replace("{}", "")):
             raise InvalidArgumentError(
-                f"template {template!r} must contain exactly one '{{}}' where the prompt goes, e.g. "
-                "'a photo of a {}.'"
+                f"template {template!r} must contain exactly one '{{}}' where the prompt goes and no other brace, "
+                "e.g. 'a photo of a {}.'"
             )
     return chosen
+
+
+def _precise(tensor: Tensor) -> Tensor:
+    """Float64 stays float64; every other dtype is computed with in float32."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 @torch.no_grad()
@@ -95,7 +100,7 @@ def encode_prompts(encoders: CLIPEncoders, prompts: Sequence[str], templates: Se
             f"encode_text returned {getattr(embeddings, 'shape', type(embeddings).__name__)} for {len(texts)} texts; "
             "expected one embedding per text (N, D)"
         )
-    unit = F.normalize(embeddings.float(), dim=-1).view(len(chosen_prompts), len(chosen_templates), -1)
+    unit = F.normalize(_precise(embeddings), dim=-1).view(len(chosen_prompts), len(chosen_templates), -1)
     return F.normalize(unit.mean(dim=1), dim=-1)
 
 
@@ -136,7 +141,9 @@ class ZeroShotClassifier(nn.Module):
         self.image_encoder = image_encoder
         parameter = next(image_encoder.parameters(), None)
         device = parameter.device if parameter is not None else text_embeddings.device
-        self.register_buffer("text_embeddings", F.normalize(text_embeddings.detach().float(), dim=-1).to(device))
+        with torch.inference_mode(False):  # rows made under the caller's inference mode become ordinary tensors
+            rows = F.normalize(_precise(text_embeddings.detach()).clone(), dim=-1).to(device)
+        self.register_buffer("text_embeddings", rows)
         self.prompts = names
         self.logit_scale = float(logit_scale)
         self.target_layer = f"image_encoder.{target_layer}" if target_layer else None

@@ -27,10 +27,8 @@ from torch import Tensor
 from finercam.dataset.names import inside, make_folder, safe_component, short_hash, unique_stem
 from finercam.dataset.render import default_gamma, render_baseline, render_map
 from finercam.dataset.store_reader import ImageRecord, ResultStore
-from finercam.images import ImageReadError
+from finercam.images import ImageReadError, load_image
 from finercam.models.preprocess import Preprocess
-
-DISPLAY_MAX_SIZE = 1000
 
 
 @dataclass
@@ -57,9 +55,7 @@ def store_preprocess(store: ResultStore) -> Preprocess:
 def display_image(store: ResultStore, record: ImageRecord) -> Tensor:
     """The picture the maps are drawn on, ``(3, H, W)`` in ``[0, 1]``: the whole image (longest side at most 1000)
     when the preprocessing keeps it whole, else the model's view (crop included, no normalisation)."""
-    from finercam.explain_image import display_image as explain_display
-
-    return explain_display(record.path, store_preprocess(store))
+    return store_preprocess(store).display_geometry()(load_image(record.path))
 
 
 def save_png(path: Path, pixels: np.ndarray | Tensor) -> Path:

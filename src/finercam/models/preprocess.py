@@ -50,6 +50,10 @@ PIL_CODES = {int(code): name for name, code in INTERPOLATIONS.items()}
 Size = tuple[int, int]
 
 
+DISPLAY_MAX_SIZE = 1000
+"""The longest side of the image maps are drawn on when the model sees the whole image."""
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Preprocessing of one RGB PIL image into a normalised ``(3, H, W)`` float tensor.
@@ -101,6 +105,17 @@ class Preprocess:
                 return self.resize
             return tuple(math.ceil(s / self.multiple_of) * self.multiple_of for s in self.resize)  # type: ignore[return-value]
         return None
+
+    def display_geometry(self) -> Preprocess:
+        """The geometry to draw maps on, without normalisation (pixels in ``[0, 1]``).
+
+        Without a centre crop the whole image reaches the model, so the maps go back onto the original image (its
+        longest side at most :data:`DISPLAY_MAX_SIZE`, as the official pipeline does); with a crop, the model's view
+        is shown: the same geometry without normalisation.
+        """
+        if self.crop is None:
+            return Preprocess(name="display", max_size=DISPLAY_MAX_SIZE)
+        return replace(self, mean=None, std=None)
 
     def output_size(self, width: int, height: int) -> Size:
         """The ``(H, W)`` of the tensor made from an image of ``width`` x ``height`` pixels."""
