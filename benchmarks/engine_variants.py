@@ -19,7 +19,8 @@ tv = import_torchvision()  # before pytorch_grad_cam and torchcam, which import 
 
 VARIANTS = ("forward", "finercam", "sweep", "gradcam-lib", "torchcam-lib")
 LIBRARY_VARIANTS = ("gradcam-lib", "torchcam-lib")
-"""The other libraries' Finer-CAM; each runs a full ``backward()`` that leaves ``.grad`` on the parameters."""
+"""The other libraries' Finer-CAM, after which the parameters' ``.grad`` is dropped (grad-cam's ``backward()`` writes
+it; torchcam 0.5 differentiates the layer's output only and writes none, so dropping is a no-op there)."""
 SWEEP_GAMMAS = [0.0, 0.3, 0.6, 1.0, 2.0]
 GAMMA = 0.6
 NUM_REFERENCES = 3
@@ -121,6 +122,6 @@ def make_variant(name: str, variant: str, model: nn.Module, size: int) -> Callab
 
 
 def clear_parameter_grads(model: nn.Module) -> None:
-    """Drop the ``.grad`` that grad-cam's and torchcam's ``backward()`` leave on every parameter, so the other
-    variants run with the same memory."""
+    """Drop the ``.grad`` that grad-cam's ``loss.backward()`` leaves on every parameter, so the other variants run
+    with the same memory."""
     model.zero_grad(set_to_none=True)
