@@ -4,7 +4,10 @@ as messages, and ``finercam web`` checks its options and loads every model befor
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -295,3 +298,26 @@ def test_concept_view_with_a_transformers_clip_on_a_wide_image(tmp_path: Path, h
     assert np.array_equal(view.panels[2].image, over(display, expected.contrast_maps[0]))
     height, width = view.panels[0].image.shape[:2]
     assert width > height and np.array_equal(view.panels[0].image, to_uint8(display))
+
+
+def test_ctrl_c_stops_the_server_with_one_line_and_status_130() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = subprocess.Popen(
+        [sys.executable, "-m", "finercam", "web", "--model", "embedded:cnn", "--no-concepts", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        assert server.stdout is not None
+        for line in server.stdout:
+            if "serving on" in line or time.monotonic() > deadline:
+                break
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 130, err[-1500:]
+    assert err.strip() == "finercam web: interrupted (Ctrl-C)"
+    assert "Keyboard interruption" not in out + err and "Closing server" not in out + err

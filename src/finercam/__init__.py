@@ -4,6 +4,7 @@ Finer-CAM (Zhang et al., CVPR 2025) explains ``y_c - gamma * agg_t y_{d_t}`` ins
 target class ``c`` that its most similar reference classes ``d_t`` do not share.
 """
 
+import finercam.compat  # noqa: F401  (first: a CUDA torchvision beside a CPU torch is repaired in advance)
 from finercam.autolayer import LayerCandidate, auto_layer, candidate_layers
 from finercam.errors import (
     AmbiguousLayoutError,

@@ -322,7 +322,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     """finercam's own warnings (random weights, a head trained on another backbone) as one line, without the
     Python source line; other libraries' warnings as Python prints them."""
     if f"{os.sep}finercam{os.sep}" in filename or filename.startswith("finercam"):
-        return f"finercam: warning: {message}\n"
+        return f"finercam: warning: {argument_hints(str(message))}\n"
     return _DEFAULT_FORMAT(message, category, filename, lineno, line)
 
 
@@ -387,6 +387,20 @@ _API_HINTS = (
      "Give --layer (list the layers with: finercam layers {model})."),
 )
 """Advice written for the Python API, and what the command line says instead (``{model}``: the ``--model`` given)."""
+_ARGUMENT_HINTS = (
+    ("(--head / head=)", "(--head)"),
+    ("pass weights=FILE", "give --weights FILE"),
+    ("weights=FILE", "--weights FILE"),
+    ("head=FILE", "--head FILE"),
+)
+"""Keyword arguments of the loaders named in messages, and the command line's options for them."""
+
+
+def argument_hints(message: str) -> str:
+    """A message with the loaders' keyword arguments (``weights=FILE``, ``head=FILE``) named as options."""
+    for api, cli in _ARGUMENT_HINTS:
+        message = message.replace(api, cli)
+    return message
 
 
 def command_line_hints(message: str, args: argparse.Namespace) -> str:
@@ -394,7 +408,7 @@ def command_line_hints(message: str, args: argparse.Namespace) -> str:
     model = getattr(args, "model", None) or "MODEL"
     for api, cli in _API_HINTS:
         message = message.replace(api, cli.format(model=model))
-    return message
+    return argument_hints(message)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,11 +71,17 @@ def _layers_model(args: argparse.Namespace) -> tuple[nn.Module, str | None, tupl
     if args.head or parse_spec(args.model).kind == "embedded":
         loaded = load_model(args.model, weights=args.weights, head=args.head)
         return loaded.model, loaded.target_layer, loaded.preprocess.fixed_size
-    try:
-        loaded = load_model(args.model, weights=args.weights)
-    except InvalidArgumentError:
+    with warnings.catch_warnings(record=True) as caught:  # said again by the backbone's loader if it takes over
+        warnings.simplefilter("always")
+        try:
+            loaded = load_model(args.model, weights=args.weights)
+        except InvalidArgumentError:
+            loaded = None
+    if loaded is None:
         backbone = load_backbone(args.model, weights=args.weights)
         return backbone.features, None, backbone.preprocess.fixed_size
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return loaded.model, loaded.target_layer, loaded.preprocess.fixed_size
 
 
@@ -92,7 +99,7 @@ def run_layers(args: argparse.Namespace) -> int:
     tried = size or declared_image_size(model) or DEFAULT_IMAGE_SIZE
     where = f"a {tried[0]}x{tried[1]} input" + ("" if args.size else " (the model's default size)")
     try:
-        candidates = candidate_layers(model, size)  # type: ignore[arg-type]
+        candidates = candidate_layers(model, tried)  # type: ignore[arg-type]  (a dry run, for the shapes)
     except AutoLayerError:
         raise AutoLayerError(
             f"{args.model} has no candidate layer: no transformer block, and no module emits a map larger than 1x1 "
@@ -105,8 +112,7 @@ def run_layers(args: argparse.Namespace) -> int:
             "the model expects with --size H W"
         ) from None
     width = max((len(c.name) for c in candidates), default=10)
-    dry_run = f"dry run on a {size[0]}x{size[1]} input; " if size else ""
-    _say(f"candidate target layers of {args.model} ({dry_run}* = used by target_layer='auto'):")
+    _say(f"candidate target layers of {args.model} (dry run on {where}; * = used by target_layer='auto'):")
     for candidate in candidates:
         shape = "x".join(str(d) for d in candidate.output_shape) if candidate.output_shape else "?"
         mark = "*" if candidate.recommended else " "

@@ -1,4 +1,5 @@
-"""A one-line progress report on stderr: images done, images/s, elapsed time and time left (ETA)."""
+"""A one-line progress report on stderr: images done, images/s (s/image when slower), elapsed time, time left (ETA)
+and, for long batches, what the current one is doing."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Progress:
         self.interval = 0.2 if self.interactive else interval
         self.start = time.perf_counter()
         self._last = self.start
+        self._note = ""
 
     @property
     def elapsed(self) -> float:
@@ -42,13 +44,25 @@ class Progress:
         eta = _duration((self.total - self.done) / rate) if rate > 0 else "?"
         skipped = f", {self.skipped} skipped" if self.skipped else ""
         elapsed = _duration(self.elapsed)
-        return f"{self.done}/{self.total} images{skipped}  {rate:.1f} img/s  elapsed {elapsed}  ETA {eta}"
+        speed = "? img/s" if rate == 0 else f"{rate:.1f} img/s" if rate >= 1 else f"{1 / rate:.1f} s/img"
+        note = f"  ({self._note})" if self._note and self.done < self.total else ""
+        return f"{self.done}/{self.total} images{skipped}  {speed}  elapsed {elapsed}  ETA {eta}{note}"
 
     def update(self, images: int, skipped: int = 0) -> None:
         self.done += images
         self.skipped += skipped
+        self._show(final=self.done >= self.total)
+
+    def note(self, text: str) -> None:
+        """What the current batch is doing (``"batch 2/5: layercam"``), shown with the counts at the same pace (a
+        batch of a slow evaluation can take minutes)."""
+        self._note = text
+        self._show(final=False)
+
+    def _show(self, final: bool) -> None:
         now = time.perf_counter()
-        if self.enabled and (now - self._last >= self.interval or self.done >= self.total):
+        if self.enabled and (now - self._last >= self.interval or final):
             self._last = now
-            end = "\r" if self.interactive and self.done < self.total else "\n"
-            print(("\r" if self.interactive else "") + self.line(), end=end, file=self.stream, flush=True)
+            end = "\r" if self.interactive and not final else "\n"
+            clear = "\r\x1b[K" if self.interactive else ""
+            print(clear + self.line(), end=end, file=self.stream, flush=True)

@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="supervised (cross-entropy) or distill-probe (token distillation from the embedded CNN, "
                         "then a linear probe of the frozen tokens; the ViT's recipe)")
     args = parser.parse_args(argv)
+    if args.out.resolve() == WEIGHTS_DIR.resolve():
+        print(f"writing over the shipped weights in {WEIGHTS_DIR} (give --out DIR to keep them)", flush=True)
     command = "python -m finercam.embedded.train " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.model, args.out, seed=args.seed, threads=args.threads, command=command.strip(),
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,

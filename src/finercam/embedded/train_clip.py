@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-captions", type=float,
                         help="share of attribute captions without a subject (default: the recipe's)")
     args = parser.parse_args(argv)
+    if args.out.resolve() == WEIGHTS_DIR.resolve():
+        print(f"writing over the shipped weights in {WEIGHTS_DIR} (give --out DIR to keep them)", flush=True)
     command = "python -m finercam.embedded.train_clip " + " ".join(sys.argv[1:] if argv is None else argv)
     train(args.out, seed=args.seed, threads=args.threads, command=command.strip(), visual=args.visual,
           epochs=args.epochs, train_size=args.train_size, test_size=args.test_size, lr=args.lr,

@@ -301,7 +301,7 @@ def load_regions(path: str | Path, kind: str | None = None, keypoint_radius: flo
     if not isinstance(images, dict):
         raise InvalidArgumentError(
             f"{str(path)!r}: expected {{\"images\": {{\"relative/path.jpg\": {{\"boxes\": [[x0, y0, x1, y1]], "
-            "\"keypoints\": [[x, y]], \"mask\": \"mask.png\"}}}} (see finercam.evaluation.annotations)"
+            "\"keypoints\": [[x, y]], \"mask\": \"mask.png\"}}} (see finercam.evaluation.annotations)"
         )
     if kind == "difference":
         raise InvalidArgumentError("difference regions come only from synthetic annotations")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,8 @@ class _Setting:
     class_names: Sequence[str] | None
     regions: Regions | None
     device: torch.device
+    note: Callable[[str], None] = lambda text: None
+    """Says what the current batch is doing (:meth:`finercam.progress.Progress.note`)."""
 
 
 def _collate(rows: list) -> list:
@@ -158,15 +160,19 @@ def evaluate_dataset(
     cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size,
                              classifier_weights=classifier_weights)
             for method in options.methods}
-    setting = _Setting(model, cams, options, preprocess, class_names, regions, device)
     left = [i for i in range(len(items)) if i not in done]
     batches = [left[start : start + options.batch_size] for start in range(0, len(left), options.batch_size)]
     first = 1 + max((record["batch"] for record in read_progress(out)), default=-1)
     tracker = Progress(len(left), enabled=progress)  # the images left (all of them unless resuming)
+    batch_label = [""]
+    setting = _Setting(model, cams, options, preprocess, class_names, regions, device,
+                       lambda text: tracker.note(f"{batch_label[0]}: {text}"))
     loader = DataLoader(_Files([items[i] for i in left], preprocess), batch_size=options.batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate)
     with (out / PROGRESS).open("a") as log:
         for number, (indices, rows) in enumerate(zip(batches, _regrouped(loader, batches), strict=True), first):
+            batch_label[0] = f"batch {number - first + 1}/{len(batches)}"
+            setting.note("starting")
             record = _evaluate_batch(setting, rows, [items[i] for i in indices], indices)
             record["batch"] = number
             log.write(json.dumps(record) + "\n")
@@ -242,6 +248,7 @@ def _evaluate_group(
         targets = torch.tensor(labels, device=device)
     first_sweep = None
     for method, cam in setting.cams.items():
+        setting.note(f"{method} on {len(kept)} images")
         sweep = cam.sweep(images, options.gammas, targets, options.references, options.num_references,
                           options.aggregation)
         first_sweep = sweep if first_sweep is None else first_sweep

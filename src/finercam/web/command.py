@@ -11,7 +11,10 @@ Wired into :mod:`finercam.cli` by ``add_commands(commands)`` and ``dispatch(args
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import tempfile
+import time
 from typing import Any
 
 COMMAND = "web"
@@ -68,13 +71,15 @@ def serve(app: Any, host: str, port: int) -> None:
                                                       quiet=True, prevent_thread_lock=True)
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0") else host
         print(f"finercam web: serving on http://{shown}:{port} (Ctrl-C to stop)", flush=True)
-        app.block_thread()
+        while True:  # not gradio's block_thread(): it swallows Ctrl-C, so the command would exit 0 with its own lines
+            time.sleep(0.5)
     except OSError as error:
         raise InvalidArgumentError(
             f"cannot serve on {host}:{port} ({error}); give another --port, or stop what is using it"
         ) from None
     finally:
-        app.close()
+        with contextlib.redirect_stdout(io.StringIO()):  # gradio's "Closing server running on port" line
+            app.close()
 
 
 def run_web(args: argparse.Namespace) -> int:
