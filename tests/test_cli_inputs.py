@@ -445,7 +445,7 @@ def test_finercams_warnings_are_one_line(image: Path, tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-2000:]
     lines = completed.stderr.strip().splitlines()
     assert lines == ["finercam: warning: torchvision model 'resnet18' has random weights (no weights file given); "
-                     "pass weights=FILE or torchvision:resnet18@FILE to explain a trained model"], lines
+                     "give --weights FILE or torchvision:resnet18@FILE to explain a trained model"], lines
     assert cli._one_line_warning("x", UserWarning, "/site/other/lib.py", 3).endswith("UserWarning: x\n")
 
 

@@ -226,6 +226,9 @@ def test_a_resume_may_change_the_batch_sizes(synthetic: Path, tmp_path: Path,
     error = capsys.readouterr().err
     assert "holds a finished evaluation (24 of 24 images done) with other options" in error
     assert "score.fill: was 'mean', now 'zero'" in error and "score.steps: was 4, now 5" in error
+    assert _evaluate(synthetic / "test", out, *options, "--limit", "5") == 2  # counts of the evaluation held
+    error = capsys.readouterr().err
+    assert "holds a finished evaluation (24 of 24 images done)" in error and "images: was 24, now 5" in error
     (out / PROGRESS).write_bytes(b"".join(lines[:2]))
     assert _evaluate(synthetic / "test", out, *options, "--fill", "zero") == 2
     assert "holds a partial evaluation (10 of 24 images done)" in capsys.readouterr().err

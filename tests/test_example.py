@@ -139,6 +139,22 @@ def test_viz_without_matplotlib_says_how_to_install(monkeypatch: pytest.MonkeyPa
         viz.overlay(torch.rand(3, 8, 8), torch.rand(8, 8))
 
 
+def test_commands_that_draw_figures_say_so_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from finercam.cli import main
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the missing matplotlib was reported")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr("finercam.models.load_model", never)
+    monkeypatch.setattr("finercam.concepts.loading.load_clip", never)
+    for command in (["explain", "any.png", "--model", "embedded:cnn"], ["concepts", "any.png", "--concept", "red beak",
+                                                                       "--versus", "bird"]):
+        assert main(command) == 1  # a missing dependency, as the CLI reports every one
+        assert "pip install finercam[viz]" in capsys.readouterr().err
+
+
 def test_overlay_blends_into_unit_range() -> None:
     from finercam import viz
 

@@ -88,8 +88,12 @@ def figure_file(out: str | None, default_name: str, default_folder: Path, *, inp
 
     Raises:
         InvalidArgumentError: the figure would overwrite one of ``inputs`` (the image being explained).
+        MissingDependencyError: matplotlib, which draws the figure, is not installed (said before any work).
     """
     from finercam.errors import InvalidArgumentError
+    from finercam.viz import require_matplotlib
+
+    require_matplotlib()
 
     if out is None:
         path = default_folder / default_name

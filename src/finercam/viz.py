@@ -19,6 +19,15 @@ ArrayLike = Tensor | np.ndarray
 __all__ = ["Channels", "Column", "MissingDependencyError", "overlay", "pyplot", "save_comparison"]
 
 
+def require_matplotlib() -> None:
+    """Check that figures can be drawn, before a command does its work.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed (``pip install finercam[viz]``).
+    """
+    _matplotlib()
+
+
 def _matplotlib() -> ModuleType:
     """Import matplotlib with the non-interactive Agg backend, or explain how to install it."""
     try:

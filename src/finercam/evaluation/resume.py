@@ -80,10 +80,12 @@ def prepare_out(out: Path, options: Mapping[str, Any], extra: Mapping[str, Any],
         done = done_indices(read_progress(out), int(previous.get("options", {}).get("batch_size", 1)), total)
         changed = differences(comparable(previous.get("options", {})), comparable(record["options"]))
         changed += differences(_extra(previous, extra), _extra(record, extra))
-        if changed and done:  # an evaluation stopped before its first batch holds nothing to keep
-            state = "finished" if done >= set(range(total)) else "partial"
+        before = int(previous.get("images", total))  # the size of the evaluation held, which may differ from this
+        held = done_indices(read_progress(out), int(previous.get("options", {}).get("batch_size", 1)), before)
+        if changed and held:  # an evaluation stopped before its first batch holds nothing to keep
+            state = "finished" if held >= set(range(before)) else "partial"
             raise InvalidArgumentError(
-                f"{str(out)!r} holds a {state} evaluation ({len(done)} of {total} images done) with other options or "
+                f"{str(out)!r} holds a {state} evaluation ({len(held)} of {before} images done) with other options or "
                 f"data: {'; '.join(changed[:8])}. "
                 "Pass --restart to discard it, or choose another --out (batch sizes may change on resume)"
             )
