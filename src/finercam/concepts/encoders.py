@@ -100,10 +100,10 @@ def resample_position_embedding(positional: Tensor, grid: tuple[int, int], new_g
 class OpenCLIPImageEncoder(nn.Module):
     """open_clip's image tower (``visual``), taking images of any size.
 
-    For open_clip's own ``VisionTransformer`` the patch grid follows the input (``H / p x W / p``; each side must be a
-    multiple of the patch size, as its
-    patch convolution gives) and the position embeddings are resampled to it; at the tower's native size the tower
-    runs unchanged. Other towers (ResNets, timm towers) are called as they are.
+    For open_clip's own ``VisionTransformer`` the patch grid follows the input (``H / p x W / p``, as its patch
+    convolution gives; each side must be a multiple of the patch size, see :func:`check_patch_multiple`) and the
+    position embeddings are resampled to it; at the tower's native size the tower runs unchanged. Other towers
+    (ResNets, timm towers) are called as they are.
     """
 
     def __init__(self, visual: nn.Module) -> None:
