@@ -248,4 +248,25 @@ def test_the_command_checks_the_class_names_file_against_the_model_first(
     assert f"lists 2 names but the model has {classes} classes" in capsys.readouterr().err
     assert main([*argv, "--class-names", "/dev/null"]) == 2
     assert "'/dev/null' is not a regular file (a device or a pipe)" in capsys.readouterr().err
+    own = list(cnn().class_names)
+    (tmp_path / "rotated.txt").write_text("\n".join(own[1:] + own[:1]) + "\n")  # the model's names, shifted by one
+    assert main([*argv, "--class-names", str(tmp_path / "rotated.txt")]) == 2
+    assert f"puts the model's class {own[1]!r} at position 0, but the model has it at 1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+    (tmp_path / "own.txt").write_text("\n".join(own) + "\n")  # the model's own order is accepted
+    assert main([*argv, "--class-names", str(tmp_path / "own.txt")]) == 0
+
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finercam.cli import main
+
+    tree = synthetic_tree(tmp_path / "data", 4)
+    argv = ["run", "--model", "embedded:cnn", "--data", str(tree), "--quiet", "--workers", "0"]
+    assert main([*argv, "--out", "/proc/finercam-cannot-be-made"]) == 2  # /proc takes no new folders
+    error = capsys.readouterr().err
+    assert error.startswith("finercam run: No such file or directory: '/proc/finercam-cannot-be-made")
+    assert "Traceback" not in error
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    assert main(["report", str(tmp_path / "s"), "--out", "/proc/finercam-page.html"]) == 2
+    assert capsys.readouterr().err.startswith("finercam report: ")

@@ -181,6 +181,19 @@ def test_official_export_format(tree: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(finer["highres"][0], expected)
 
 
+def test_official_names_carry_the_class_not_the_parent_folder(tree: Path, tmp_path: Path) -> None:
+    """The official scripts read one folder per class: in a nested tree the class is the top folder."""
+    import shutil
+
+    first = sorted(p for p in tree.rglob("*.png"))[0]
+    nested = tmp_path / "nested" / first.parent.name / "sub"
+    nested.mkdir(parents=True)
+    shutil.copy(first, nested / "a.png")
+    _run(tmp_path / "nested", tmp_path / "s")
+    report = export_official(load_store(tmp_path / "s"), tmp_path / "npy", 1.0)
+    assert [path.name for path in report.written] == [f"{first.parent.name}_a.npy"]
+
+
 def test_command_line(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "s"
     status = main(["run", "--model", "embedded:cnn", "--data", str(tree), "--out", str(out), "--batch-size", "8",

@@ -379,6 +379,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except FinerCAMError as error:
         print(f"finercam {args.command}: {command_line_hints(str(error), args)}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
+        # a path the checks could not foresee (a folder that cannot be created, /proc, a read-only mount)
+        where = f": {error.filename!r}" if error.filename else ""
+        print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
 
 
 _API_HINTS = (

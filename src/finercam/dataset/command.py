@@ -7,6 +7,7 @@ model specs of ``finercam explain`` (``embedded:cnn`` and ``embedded:vit`` inclu
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from finercam.argtypes import gamma as _gamma
@@ -162,6 +163,20 @@ def _classifier(loaded: LoadedModel, args: argparse.Namespace) -> torch.nn.Linea
     return weights
 
 
+def _check_order(path: str, given: Sequence[str], own: Sequence[str]) -> None:
+    """A class-names file that names one of the model's own classes at another position would relabel every image
+    of it silently: refused."""
+    position = {name.casefold(): i for i, name in enumerate(own)}
+    for i, name in enumerate(given):
+        j = position.get(name.casefold())
+        if j is not None and j != i:
+            raise InvalidArgumentError(
+                f"--class-names {path!r} puts the model's class {own[j]!r} at position {i}, but the model has it at "
+                f"{j}: the names must follow the model's class order (the model knows its names, so --class-names "
+                "can be left out)"
+            )
+
+
 def run_run(args: argparse.Namespace) -> int:
     """``finercam run --model SPEC --data DIR|LIST --out DIR``.
 
@@ -186,6 +201,8 @@ def run_run(args: argparse.Namespace) -> int:
             f"--class-names {args.class_names!r} lists {len(given_names)} names but the model has {count} classes; "
             "give one name per class, in the model's class order"
         )
+    if given_names is not None and loaded.class_names:
+        _check_order(args.class_names, given_names, loaded.class_names)
     weights = _classifier(loaded, args)
     names = given_names if given_names is not None else loaded.class_names
     source = open_source(args.data, names)

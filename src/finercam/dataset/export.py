@@ -1,7 +1,8 @@
 r"""Exports of a result store: PNG overlays, and the official Finer-CAM per-image ``.npy`` dictionaries.
 
 **Official format** (``generate_cams.py`` of github.com/Imageomics/Finer-CAM): one ``<class>_<image stem>.npy`` per
-image, written with ``np.save`` of a pickled ``dict`` (read it with ``np.load(path, allow_pickle=True).item()``)::
+image (``<class>``: the image's labelled class, else the explained one), written with ``np.save`` of a pickled
+``dict`` (read it with ``np.load(path, allow_pickle=True).item()``)::
 
     {"Baseline":      {"highres": float16 (1, H, W), "main_category": [c], "comparison_categories": [[d_1..d_T]]},
      "Finer-Default": {... the same keys, at the store's gamma; finercam adds "gamma"}}
@@ -97,11 +98,13 @@ def export_overlays(
     return report
 
 
-def official_name(record: ImageRecord, used: set[str]) -> str:
-    """``<class folder>_<stem>.npy`` as the official scripts name it, made safe and unique."""
-    parts = Path(record.id).parts
-    folder = parts[-2] if len(parts) > 1 else Path(record.path).parent.name
-    name = f"{safe_component(folder)}_{safe_component(Path(record.id).stem)}"
+def official_name(store: ResultStore, record: ImageRecord, used: set[str]) -> str:
+    """``<class>_<stem>.npy`` as the official scripts name it (they read one folder per class, so ``<class>`` is the
+    image's labelled class; for an unlabelled image, the explained class ``c``), made safe and unique."""
+    assert record.row is not None
+    label = int(store.labels[record.row])
+    named = label if label >= 0 else int(store.targets[record.row])
+    name = f"{safe_component(store.class_name(named))}_{safe_component(Path(record.id).stem)}"
     if name in used:
         name = f"{name}-{short_hash(record.id)}"
     used.add(name)
@@ -138,7 +141,7 @@ def export_official(
         except Exception as error:  # one row that cannot be rendered is left out with its reason, never the rest
             report.skipped.append((record.id, left_out_reason(error)))
             continue
-        path = inside(root, official_name(record, used))
+        path = inside(root, official_name(store, record, used))
         path.write_bytes(buffer.getvalue())
         report.written.append(path)
     return report
