@@ -148,6 +148,9 @@ def test_class_names_must_match(tmp_path: Path) -> None:
     source = open_source(tree, names)  # an upper-cased, space-separated folder matches after normalising, said so
     assert source.label_source == "normalised-class-names" and source.notes
     assert sorted({item.label for item in source.items}) == [0, 1, 3]
+    (tree / names[3] / "b.png").rename(tree / "loose.png")  # an image beside the class folders is said, not lost
+    notes = " ".join(open_source(tree, names).notes)
+    assert "1 image file(s) at the top of the tree (e.g. 'loose.png') are in no class folder" in notes
 
 
 def test_no_class_names_uses_folder_order_and_says_so(tmp_path: Path) -> None:

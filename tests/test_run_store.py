@@ -120,6 +120,16 @@ def test_shards_union_equals_full_run(tree: Path, tmp_path: Path) -> None:
         load_store([tmp_path / "part0", tmp_path / "full"])
 
 
+def test_a_shard_without_chunks_says_so(tree: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    options = {**FAST, "shard": (3, 4)}  # 40 images in chunks of 16: 3 chunks, so shard 3 of 4 has none
+    source = open_source(tree, cnn().class_names)
+    summary = run_dataset(cnn().model, EMBEDDED_PREPROCESS, source, tmp_path / "s", RunSettings(**options),
+                          log=lines.append)  # type: ignore[arg-type]
+    assert summary.as_dict()["explained"] == 0
+    assert any("shard 3 of 4 gets no chunk: the run has 3 chunk(s) of 16 images" in line for line in lines), lines
+
+
 def test_resume_skips_done_chunks_and_cleans_temporaries(tree: Path, tmp_path: Path) -> None:
     _run(tree, tmp_path / "full")
     _run(tree, tmp_path / "s")

@@ -304,6 +304,10 @@ def run_dataset(
     log = log or (lambda _line: None)
     for note in (*source.notes, *writer.notes):
         log(f"note: {note}")
+    if not mine and total:
+        chunks = num_chunks(total, settings.chunk_size)
+        log(f"note: shard {index} of {count} gets no chunk: the run has {chunks} chunk(s) of {settings.chunk_size} "
+            f"images ({total} images), so at most {chunks} shards have work; a smaller --chunk-size makes more chunks")
 
     batches = plan_batches(pending, settings.chunk_size, settings.batch_size, total)
     if batches:

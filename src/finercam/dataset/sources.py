@@ -215,6 +215,12 @@ def folder_source(root: str | Path, class_names: Sequence[str] | None) -> DataSo
         label_source = "normalised-class-names" if normalised else "class-names"
         if normalised:
             notes.append("some folder names matched a class name only after normalising case, spaces, '_' and '-'")
+    loose = [p for p in tree.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if loose:
+        notes.append(
+            f"{len(loose)} image file(s) at the top of the tree (e.g. {loose[0].name!r}) are in no class folder and "
+            "are left out; move them into their class's folder, or list them in a file"
+        )
     items = tuple(
         DataItem(path.relative_to(tree.root).as_posix(), path, mapping[folder_names[label]], folder_names[label])
         for path, label in tree.samples
