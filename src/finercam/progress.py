@@ -29,6 +29,7 @@ class Progress:
         self.interval = 0.2 if self.interactive else interval
         self.start = time.perf_counter()
         self._last = self.start
+        self._stage = ""
         self._note = ""
 
     @property
@@ -53,10 +54,15 @@ class Progress:
         self.skipped += skipped
         self._show(final=self.done >= self.total)
 
+    def begin(self, stage: str) -> None:
+        """A new stage (``"batch 2/5"``): shown with the counts until the next, each :meth:`note` after it."""
+        self._stage = stage
+        self.note("starting")
+
     def note(self, text: str) -> None:
-        """What the current batch is doing (``"batch 2/5: layercam"``), shown with the counts at the same pace (a
+        """What the current stage is doing (``"layercam on 32 images"``), shown with the counts at the same pace (a
         batch of a slow evaluation can take minutes)."""
-        self._note = text
+        self._note = f"{self._stage}: {text}" if self._stage else text
         self._show(final=False)
 
     def _show(self, final: bool) -> None:

@@ -60,11 +60,12 @@ class _Explanation:
         """Signed baseline maps before the ReLU at layer resolution (the only target layer)."""
         return self._single_layer(self.layer_baseline_raw_maps, "baseline_raw_maps")
 
-    def _single_layer(self, per_layer: tuple[Tensor, ...], name: str) -> Tensor:
+    def _single_layer(self, per_layer: tuple[Tensor, ...], name: str, instead: str | None = None) -> Tensor:
+        """The only layer's maps; ``instead`` names what to read for several (default ``layer_<name>[i]``)."""
         if len(per_layer) != 1:
             raise InvalidArgumentError(
                 f"{name} is defined for a single target layer; this result has {len(per_layer)} layers "
-                f"{list(self.layers)} at different resolutions: use layer_{name}[i]"
+                f"{list(self.layers)} at different resolutions: use {instead or f'layer_{name}'}[i]"
             )
         return per_layer[0]
 

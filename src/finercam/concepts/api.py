@@ -52,21 +52,14 @@ class ConceptExplanation:
     def concept_raw_maps(self) -> Tensor:
         """``(B, h, w)`` the signed plain concept map before the ReLU, at layer resolution (one target layer; for
         several, ``result.layer_baseline_raw_maps[i]``)."""
-        return self._single_layer(self.result.layer_baseline_raw_maps, "concept_raw_maps", "layer_baseline_raw_maps")
+        return self.result._single_layer(self.result.layer_baseline_raw_maps, "concept_raw_maps",
+                                         "result.layer_baseline_raw_maps")
 
     @property
     def contrast_raw_maps(self) -> Tensor:
         """``(B, h, w)`` the signed contrast map before the ReLU, at layer resolution (may be all negative; one target
         layer; for several, ``result.layer_raw_maps[i]``)."""
-        return self._single_layer(self.result.layer_raw_maps, "contrast_raw_maps", "layer_raw_maps")
-
-    def _single_layer(self, per_layer: tuple[Tensor, ...], name: str, full: str) -> Tensor:
-        if len(per_layer) != 1:
-            raise InvalidArgumentError(
-                f"{name} is defined for a single target layer; these maps have {len(per_layer)} layers "
-                f"{list(self.result.layers)} at different resolutions: use result.{full}[i]"
-            )
-        return per_layer[0]
+        return self.result._single_layer(self.result.layer_raw_maps, "contrast_raw_maps", "result.layer_raw_maps")
 
     @property
     def layer(self) -> str:

@@ -164,15 +164,12 @@ def evaluate_dataset(
     batches = [left[start : start + options.batch_size] for start in range(0, len(left), options.batch_size)]
     first = 1 + max((record["batch"] for record in read_progress(out)), default=-1)
     tracker = Progress(len(left), enabled=progress)  # the images left (all of them unless resuming)
-    batch_label = [""]
-    setting = _Setting(model, cams, options, preprocess, class_names, regions, device,
-                       lambda text: tracker.note(f"{batch_label[0]}: {text}"))
+    setting = _Setting(model, cams, options, preprocess, class_names, regions, device, tracker.note)
     loader = DataLoader(_Files([items[i] for i in left], preprocess), batch_size=options.batch_size,
                         shuffle=False, num_workers=workers, collate_fn=_collate)
     with (out / PROGRESS).open("a") as log:
         for number, (indices, rows) in enumerate(zip(batches, _regrouped(loader, batches), strict=True), first):
-            batch_label[0] = f"batch {number - first + 1}/{len(batches)}"
-            setting.note("starting")
+            tracker.begin(f"batch {number - first + 1}/{len(batches)}")
             record = _evaluate_batch(setting, rows, [items[i] for i in indices], indices)
             record["batch"] = number
             log.write(json.dumps(record) + "\n")
