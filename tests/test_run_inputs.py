@@ -151,6 +151,11 @@ def test_class_names_must_match(tmp_path: Path) -> None:
     (tree / names[3] / "b.png").rename(tree / "loose.png")  # an image beside the class folders is said, not lost
     notes = " ".join(open_source(tree, names).notes)
     assert "1 image file(s) at the top of the tree (e.g. 'loose.png') are in no class folder" in notes
+    (tree / "__MACOSX" / "thumbs").mkdir(parents=True)  # a folder without images is no class to match: said, not fatal
+    source = open_source(tree, names)
+    assert f"2 folder(s) of {str(tree.resolve())!r} hold no image and are left out: '{names[3]}', '__MACOSX'" in (
+        " ".join(source.notes))  # the folder emptied above, and this one
+    assert sorted({item.label for item in source.items}) == [0, 1]
 
 
 def test_no_class_names_uses_folder_order_and_says_so(tmp_path: Path) -> None:

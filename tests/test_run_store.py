@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic_tree(tmp_path_factory.mktemp("data"), COUNT, seed=11)
 
 
-def _run(tree: Path, out: Path, **settings: object):
+def _run(tree: Path, out: Path, log: Callable[[str], None] | None = None, **settings: object):
     options = {**FAST, **settings}
     source = open_source(tree, cnn().class_names)
-    return run_dataset(cnn().model, EMBEDDED_PREPROCESS, source, out, RunSettings(**options))  # type: ignore[arg-type]
+    return run_dataset(cnn().model, EMBEDDED_PREPROCESS, source, out, RunSettings(**options),  # type: ignore[arg-type]
+                       log=log)
 
 
 def _first_batch(tree: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +143,14 @@ def test_resume_skips_done_chunks_and_cleans_temporaries(tree: Path, tmp_path: P
     assert_same_store(load_store(tmp_path / "s"), load_store(tmp_path / "full"))
     again = _run(tree, tmp_path / "s")
     assert again.processed == 0 and again.already_done == COUNT
+    damaged = chunk_files(tmp_path / "s")[2]
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # cut short outside finercam (a partial copy)
+    lines: list[str] = []
+    summary = _run(tree, tmp_path / "s", log=lines.append)
+    assert summary.processed == COUNT - 32 and summary.already_done == 32  # the damaged chunk, explained again
+    assert any("incomplete metadata" in line and "'chunk-000002.safetensors.damaged'" in line for line in lines)
+    assert (damaged.parent / "chunk-000002.safetensors.damaged").exists()  # kept, not deleted
+    assert_same_store(load_store(tmp_path / "s"), load_store(tmp_path / "full"))
 
 
 def test_resume_refuses_other_settings(tree: Path, tmp_path: Path) -> None:
@@ -233,6 +243,10 @@ def test_settings_are_checked() -> None:
         with pytest.raises(InvalidArgumentError):
             RunSettings(**bad).check()  # type: ignore[arg-type]
     assert math.isclose(RunSettings().gammas[0], 0.6)
+    with pytest.raises(InvalidArgumentError, match=r"gammas \[0\] alone would store Finer-CAM maps equal to the base"):
+        RunSettings(gammas=(0.0,)).check()  # mean aggregation: gamma 0 is the baseline, stored anyway
+    RunSettings(gammas=(0.0,), aggregation="softmax").check()  # not the baseline there: gradients flow through p
+    RunSettings(gammas=(0.0, 0.6)).check()
     assert normalize_maps(torch.zeros(2, 2), (4, 4)).sum() == 0
 
 
@@ -346,6 +360,8 @@ def test_views_refuse_a_gamma_they_cannot_render_once_before_any_image(
         assert err.count("\n") == 1 and "gamma 0.3 is not in the store (gammas [0.6, 1.0])" in err, err
     assert not (tmp_path / "v").exists() and not (tmp_path / "e").exists() and not (tmp_path / "r.html").exists()
     store = load_store(tmp_path / "s")
+    with pytest.raises(StoreError, match=r"^gamma 0\.6000001 is not in the store \(gammas \[0\.6, 1\.0\]\)"):
+        render_map(store, 0, 0.6000001)  # named as given: not rounded to a stored 0.6
     with pytest.raises(StoreError, match=r"gamma must be a finite number >= 0; got nan"):
         render_map(store, 0, float("nan"))
     for row in (-1, COUNT):

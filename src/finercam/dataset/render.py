@@ -63,8 +63,8 @@ def check_gamma(store: ResultStore, gamma: object) -> float:
             else "the store holds a single point of the line raw(gamma)"
         )
         raise StoreError(
-            f"gamma {gamma:g} is not in the store (gammas {list(store.gammas)}) and {why}: re-run with --gammas "
-            f"including {gamma:g}"
+            f"gamma {gamma!r} is not in the store (gammas {list(store.gammas)}) and {why}: re-run with --gammas "
+            f"including {gamma!r}"
         )
     return gamma
 

@@ -135,6 +135,11 @@ class RunSettings:
             raise InvalidArgumentError(f"gammas must be one or more finite numbers >= 0; got {list(self.gammas)}")
         if len(set(self.gammas)) != len(self.gammas):
             raise InvalidArgumentError(f"gammas repeats a value: {list(self.gammas)}")
+        if self.aggregation == "mean" and all(float(g) == 0 for g in self.gammas):
+            raise InvalidArgumentError(
+                "gammas [0] alone would store Finer-CAM maps equal to the baseline (with mean aggregation gamma = 0 "
+                f"is the plain CAM, which every run stores anyway); give a gamma > 0, e.g. {DEFAULT_GAMMA}"
+            )
         if self.processes is not None and (
             isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1
         ):

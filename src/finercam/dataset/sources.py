@@ -200,6 +200,14 @@ def folder_source(root: str | Path, class_names: Sequence[str] | None) -> DataSo
     tree = image_folder(Path(root).resolve())
     folder_names = tree.classes
     notes: list[str] = []
+    used = set(label for _, label in tree.samples)
+    empty = [name for index, name in enumerate(folder_names) if index not in used]
+    if empty:
+        notes.append(
+            f"{len(empty)} folder(s) of {str(tree.root)!r} hold no image and are left out: "
+            f"{', '.join(repr(name) for name in empty[:5])}{' ...' if len(empty) > 5 else ''}"
+            + ("; they still take their place in the sorted folder order" if class_names is None else "")
+        )
     if class_names is None:
         mapping = {name: index for index, name in enumerate(folder_names)}
         names: tuple[str, ...] = tuple(folder_names)
@@ -211,7 +219,8 @@ def folder_source(root: str | Path, class_names: Sequence[str] | None) -> DataSo
         )
     else:
         names = tuple(class_names)
-        mapping, normalised = match_class_names(folder_names, names, f"the folders of {str(tree.root)!r}")
+        with_images = [name for index, name in enumerate(folder_names) if index in used]
+        mapping, normalised = match_class_names(with_images, names, f"the folders of {str(tree.root)!r}")
         label_source = "normalised-class-names" if normalised else "class-names"
         if normalised:
             notes.append("some folder names matched a class name only after normalising case, spaces, '_' and '-'")

@@ -35,7 +35,8 @@ The safetensors metadata holds ``format`` (``finercam-store-chunk``), ``version`
 place with ``os.replace`` (then the folder is ``fsync``-ed), so a crash or ``kill -9`` leaves either the complete
 file or none: never a corrupt one. Temporary files of an interrupted write are removed when the run resumes.
 
-**Resuming** a run (the same command again) reads which chunks exist and explains only the others; it refuses a
+**Resuming** a run (the same command again) reads which chunks exist and explains only the others (a chunk file
+whose header cannot be read, e.g. cut short by a copy, is renamed ``<name>.damaged`` and explained again); it refuses a
 store made with other settings or another listing. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
 ``k mod N``; shards may write into one shared folder or into separate folders that
 :func:`finercam.dataset.store_reader.load_store` reads together. Chunks fix the batches, so interrupted, resumed
@@ -230,6 +231,7 @@ class StoreWriter:
                     "file(s) are the ones it was made with; resume only with unchanged files"
                 )
             self._remove_stale_temporaries()
+            self._set_aside_damaged_chunks()
         else:
             self.manifest = manifest
 
@@ -263,6 +265,25 @@ class StoreWriter:
             if match and match.group(1) is not None and int(match.group(1)) % count == index:
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
+
+    def _set_aside_damaged_chunks(self) -> None:
+        """Rename this shard's chunk files whose header cannot be read (truncated or overwritten outside finercam,
+        e.g. by a partial copy) to ``<name>.damaged``, so that resuming explains those chunks again; kept, not
+        deleted, and said in :attr:`notes`."""
+        index, count = self.shard
+        for chunk, path in chunk_files(self.root).items():
+            if chunk % count != index:
+                continue
+            try:
+                read_chunk_metadata(path)
+            except StoreError as error:
+                aside = path.with_name(f"{path.name}.damaged")
+                number = 1
+                while aside.exists():
+                    number += 1
+                    aside = path.with_name(f"{path.name}.damaged-{number}")
+                os.replace(path, aside)
+                self.notes.append(f"{error}; it is explained again (the damaged file is kept as {aside.name!r})")
 
     def completed(self) -> set[int]:
         return set(chunk_files(self.root))
