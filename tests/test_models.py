@@ -1,4 +1,5 @@
-"""finercam.models: every loader kind, offline, from random-init models saved to temporary files and directories.
+"""finercam.models: every loader kind but transformers and open_clip (``test_models_hf.py``), offline, from
+random-init models saved to temporary files and directories.
 
 Each test compares the loaded model's outputs with the original model's on the same input. Nothing is downloaded:
 the pretrained-weights paths are exercised with fake local caches.
@@ -7,14 +8,9 @@ the pretrained-weights paths are exercised with fake local caches.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -36,25 +32,10 @@ from finercam.models import (
     load_backbone,
     load_model,
     parse_spec,
-    save_head,
 )
-from zoo import random_image
+from zoo import no_random_weights, outputs_close, random_image
 
 timm = pytest.importorskip("timm")
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
-
-
-@contextmanager
-def _no_random_warning() -> Iterator[None]:
-    """Fail if a model ends up with random weights."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RandomWeightsWarning)
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------- specs
@@ -93,7 +74,7 @@ def test_timm_weights_file_and_errors(tmp_path: Path) -> None:
     loaded = load_model("timm:resnet18", weights=tmp_path / "r18.safetensors")  # 7 classes read from the file
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert _close(loaded.model(x), model(x))
+        assert outputs_close(loaded.model(x), model(x))
     assert loaded.preprocess.crop == (224, 224) and loaded.preprocess.interpolation == "bicubic"
     assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
 
@@ -126,11 +107,11 @@ def test_timm_weights_from_local_hf_cache(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
     (tmp_path / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abc")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with _no_random_warning():
+    with no_random_weights():
         loaded = load_model("timm:resnet18.a1_in1k")
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert _close(loaded.model(x), model(x))
+        assert outputs_close(loaded.model(x), model(x))
     assert loaded.class_names is not None and len(loaded.class_names) == 1000
     assert loaded.class_names[0].startswith("tench")
 
@@ -186,8 +167,9 @@ def test_timm_dinov2_official_checkpoint_and_head(tmp_path: Path) -> None:
     assert pixels.shape == (3, 42, 56)
     with torch.no_grad():
         expected = head(_official_dinov2_tokens(dino, pixels[None])[:, 1:].mean(dim=1))
-        assert _close(loaded.model(pixels[None]), expected)
-        assert not _close(dino.forward_features(pixels[None])[:, 1:].mean(dim=1) @ head.weight.T + head.bias, expected)
+        assert outputs_close(loaded.model(pixels[None]), expected)
+        plain = dino.forward_features(pixels[None])[:, 1:].mean(dim=1) @ head.weight.T + head.bias
+        assert not outputs_close(plain, expected)
     from finercam.layers import resolve_layer
 
     assert resolve_layer(loaded.model, loaded.target_layer).module is loaded.model.backbone.blocks[-1].norm1
@@ -200,12 +182,12 @@ def test_timm_dinov2_from_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "checkpoints").mkdir()
     torch.save(_official_dinov2_checkpoint(dino), tmp_path / "checkpoints" / "dinov2_vits14_pretrain.pth")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # where torch.hub.load('facebookresearch/dinov2')
-    with _no_random_warning():
+    with no_random_weights():
         backbone = load_backbone("timm:vit_small_patch14_dinov2", preprocess="dinov2")
     assert backbone.pooling == "mean-patch" and backbone.dim == 384
     x = torch.randn(2, 3, 28, 42)
     with torch.no_grad():
-        assert _close(backbone.features(x), _official_dinov2_tokens(dino, x)[:, 1:].mean(dim=1))
+        assert outputs_close(backbone.features(x), _official_dinov2_tokens(dino, x)[:, 1:].mean(dim=1))
 
 
 def test_official_interpolation_only_changes_resized_position_embeddings() -> None:
@@ -237,7 +219,7 @@ def test_official_birds_head_on_vit_base_dinov2(tmp_path: Path) -> None:
         tokens = _official_dinov2_tokens(loaded.model.backbone, x)  # final-normed tokens: CLS + 8 x 8 patches
         assert tokens.shape == (2, 65, 768)
         expected = head(tokens[:, 1:].mean(dim=1))
-    assert logits.shape == (2, 525) and _close(logits, expected)
+    assert logits.shape == (2, 525) and outputs_close(logits, expected)
 
 
 def test_backbone_pooling_modes_and_errors(tmp_path: Path) -> None:
@@ -245,7 +227,7 @@ def test_backbone_pooling_modes_and_errors(tmp_path: Path) -> None:
         backbone = load_backbone("timm:vit_small_patch14_dinov2", pooling="cls", preprocess="dinov2")
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        assert _close(backbone.features(x), backbone.features.backbone.forward_features(x)[:, 0])
+        assert outputs_close(backbone.features(x), backbone.features.backbone.forward_features(x)[:, 0])
     with pytest.raises(InvalidArgumentError, match="unknown pooling"):
         load_backbone("timm:resnet18", pooling="max")
     torch.save(nn.Linear(100, 3).state_dict(), tmp_path / "h.pth")
@@ -326,12 +308,12 @@ def test_torchvision_weights_file(tmp_path: Path) -> None:
     loaded = load_model("torchvision:resnet18", weights=tmp_path / "r.pth")
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert _close(loaded.model(x), model(x))
+        assert outputs_close(loaded.model(x), model(x))
     assert loaded.preprocess.resize == 256 and loaded.preprocess.crop == (224, 224)
     backbone = load_backbone(f"torchvision:resnet18@{tmp_path / 'r.pth'}")
     model.fc = nn.Identity()
     with torch.no_grad():
-        assert backbone.dim == 512 and _close(backbone.features(x), model(x))
+        assert backbone.dim == 512 and outputs_close(backbone.features(x), model(x))
     with pytest.raises(ModelNotFoundError, match="resnet18"):
         load_model("torchvision:resnt18")
 
@@ -345,7 +327,7 @@ def test_torchscript(tmp_path: Path, tiny_net: nn.Module) -> None:
     loaded = load_model(f"torchscript:{tmp_path / 'm.pt'}")
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert _close(loaded.model(x), tiny_net(x))
+        assert outputs_close(loaded.model(x), tiny_net(x))
     torch.save(tiny_net.state_dict(), tmp_path / "state.pt")
     with pytest.raises(WeightsError, match="not a TorchScript archive"):
         load_model(f"torchscript:{tmp_path / 'state.pt'}")
@@ -367,7 +349,7 @@ def test_python_factory(tmp_path: Path) -> None:
     loaded = load_model(f"python:{tmp_path / 'mine.py'}:build", weights=tmp_path / "w.safetensors", num_classes=5)
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
-        assert _close(loaded.model(x), reference(x))
+        assert outputs_close(loaded.model(x), reference(x))
     assert loaded.class_names == ("c0", "c1", "c2", "c3", "c4")
     with pytest.raises(ModelNotFoundError, match="build"):
         load_model(f"python:{tmp_path / 'mine.py'}:make")
@@ -375,134 +357,3 @@ def test_python_factory(tmp_path: Path) -> None:
         load_model(f"python:{tmp_path / 'mine.py'}:broken")
     with pytest.raises(WeightsError, match=r"other shapes.*\(5, 4\) vs model \(3, 4\)"):
         load_model(f"python:{tmp_path / 'mine.py'}:build", weights=tmp_path / "w.safetensors")
-
-
-# ------------------------------------------------------------------------------------------------ transformers
-
-
-@pytest.fixture(scope="module")
-def transformers_module() -> object:
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.set_verbosity_error()
-    return transformers
-
-
-def test_hf_dinov2_dir_with_head(tmp_path: Path, transformers_module: object) -> None:
-    tf: Any = transformers_module
-    torch.manual_seed(7)
-    config = tf.Dinov2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                             image_size=28, patch_size=14)
-    dino = tf.Dinov2Model(config).eval()
-    dino.save_pretrained(tmp_path / "dino")
-    head = nn.Linear(32, 4)
-    save_head(tmp_path / "head.safetensors", head, ["w", "x", "y", "z"], {"pooling": "mean-patch"})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no preprocessor_config.json in this directory
-        loaded = load_model(f"hf:{tmp_path / 'dino'}", head=tmp_path / "head.safetensors")
-    assert loaded.class_names == ("w", "x", "y", "z")
-    assert loaded.target_layer == "backbone.encoder.layer.-1.norm1"
-    x = torch.randn(2, 3, 42, 56)
-    with torch.no_grad():
-        expected = head(dino(pixel_values=x).last_hidden_state[:, 1:].mean(dim=1))
-        assert _close(loaded.model(x), expected)
-    with pytest.raises(InvalidArgumentError, match="not an image classifier"):
-        load_model(f"hf:{tmp_path / 'dino'}")
-    with pytest.raises(ModelFileNotFoundError, match="does not exist"):
-        load_model(f"hf:{tmp_path / 'missing'}")
-    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
-        load_model("hf:nobody/no-such-model")
-
-
-def test_hf_vit_classifier_dir(tmp_path: Path, transformers_module: object) -> None:
-    tf: Any = transformers_module
-    torch.manual_seed(8)
-    config = tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=32, patch_size=8, num_labels=3, id2label={0: "ant", 1: "bee", 2: "cat"},
-                          label2id={"ant": 0, "bee": 1, "cat": 2})
-    vit = tf.ViTForImageClassification(config).eval()
-    vit.save_pretrained(tmp_path / "vit")
-    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
-    loaded = load_model(f"hf:{tmp_path / 'vit'}")
-    assert loaded.class_names == ("ant", "bee", "cat")
-    assert loaded.preprocess.resize == (32, 32) and loaded.preprocess.mean == (0.5, 0.5, 0.5)
-    x = loaded.preprocess(random_image(50, 40))[None]
-    with torch.no_grad():
-        assert _close(loaded.model(x).logits, vit(pixel_values=x).logits)
-    backbone = load_backbone(f"hf:{tmp_path / 'vit'}")  # the classifier checkpoint's ViTModel, CLS features
-    assert backbone.pooling == "cls" and backbone.dim == 32
-
-
-def test_hf_model_from_local_hf_cache(
-    tmp_path: Path, transformers_module: object, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub.constants
-
-    tf: Any = transformers_module
-    torch.manual_seed(11)
-    config = tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          image_size=32, patch_size=8, num_labels=2)
-    vit = tf.ViTForImageClassification(config).eval()
-    repo = tmp_path / "models--someone--tiny-vit"
-    vit.save_pretrained(repo / "snapshots" / "abc123")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    loaded = load_model("hf:someone/tiny-vit", preprocess="clip")  # an explicit preset: no fallback warning
-    assert loaded.class_names is None  # LABEL_0, LABEL_1 are not names
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert _close(loaded.model(x).logits, vit(pixel_values=x).logits)
-
-
-def test_hf_clip_image_tower_with_head(tmp_path: Path, transformers_module: object) -> None:
-    tf: Any = transformers_module
-    torch.manual_seed(9)
-    config = tf.CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 64, "max_position_embeddings": 8, "bos_token_id": 0, "eos_token_id": 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=24,
-    )
-    clip = tf.CLIPModel(config).eval()
-    clip.save_pretrained(tmp_path / "clip")
-    head = nn.Linear(24, 3)
-    torch.save(head.state_dict(), tmp_path / "head.pth")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_model(f"hf:{tmp_path / 'clip'}", head=tmp_path / "head.pth")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        embeds = clip.get_image_features(pixel_values=x)
-        embeds = embeds if isinstance(embeds, torch.Tensor) else embeds.pooler_output
-        assert _close(loaded.model(x), head(embeds))
-    assert loaded.target_layer == "backbone.vision_model.encoder.layers.-1.layer_norm1"
-
-
-# -------------------------------------------------------------------------------------------------- open_clip
-
-
-def test_open_clip_config_and_checkpoint(tmp_path: Path) -> None:
-    open_clip = pytest.importorskip("open_clip")
-    config = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    (tmp_path / "finercam-tiny-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "finercam-tiny-clip.json")
-    torch.manual_seed(10)
-    clip = open_clip.create_model("finercam-tiny-clip", pretrained=None).eval()
-    torch.save({"state_dict": clip.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
-    head = nn.Linear(16, 4)
-    save_head(tmp_path / "head.safetensors", head, list("abcd"))
-    with _no_random_warning():
-        loaded = load_model(f"open_clip:{tmp_path / 'finercam-tiny-clip.json'}@{tmp_path / 'ckpt.pt'}",
-                            head=tmp_path / "head.safetensors")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert _close(loaded.model(x), head(clip.visual(x)))
-    assert loaded.target_layer == "backbone.transformer.resblocks.-1.ln_1"
-    assert loaded.preprocess.crop == (32, 32) and loaded.preprocess.mean == tuple(CLIP_MEAN)
-    with pytest.raises(InvalidArgumentError, match="head=FILE"):
-        load_model(f"open_clip:finercam-tiny-clip@{tmp_path / 'ckpt.pt'}")
-    with pytest.raises(ModelNotFoundError, match="ViT-B-16"):
-        load_backbone("open_clip:ViT-B-61")

@@ -5,6 +5,9 @@ the ``finercam`` model spec and the extra command-line arguments that load it.""
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from finercam.compat import import_torchvision
+from finercam.errors import RandomWeightsWarning
 from finercam.models import save_head
 
 FACTORY_SOURCE = """\
@@ -139,3 +143,16 @@ def shapes_dataset(root: Path, per_class: int = 12, size: int = 64) -> list[str]
                 pixels = (image.clamp(0, 1) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(root / split / name / f"{index}.png")
     return classes
+
+
+def outputs_close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a loaded model's outputs match the original's (float32 tolerance)."""
+    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@contextmanager
+def no_random_weights() -> Iterator[None]:
+    """Fail if a model ends up with random weights (a :class:`RandomWeightsWarning` becomes an error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)
+        yield
