@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import zoo
+from cli_helpers import run_cli
 from finercam.cli import main
 from finercam.errors import InvalidArgumentError
 
@@ -28,14 +29,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return zoo.picture(tmp_path_factory.mktemp("images") / "bird.jpg")
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. a missing preprocessor_config.json falls back with a warning
-        status = main(argv)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 @pytest.mark.parametrize("kind", sorted(zoo.BUILDERS))
 def test_explain_with_every_loader_kind(
     kind: str, models: dict[str, tuple[str, list[str]]], image: Path, tmp_path: Path,
@@ -43,7 +36,7 @@ def test_explain_with_every_loader_kind(
 ) -> None:
     spec, extra = models[kind]
     out = tmp_path / "explained.png"
-    status, printed, errors = _run(["explain", str(image), "--model", spec, *extra, "--out", str(out)], capsys)
+    status, printed, errors = run_cli(["explain", str(image), "--model", spec, *extra, "--out", str(out)], capsys)
     assert status == 0, errors
     prediction = re.search(r"prediction: (?:.+ )?\(class (\d+), p=([0-9.]+)\)", printed)
     assert prediction is not None, printed
@@ -60,25 +53,25 @@ def test_explain_names_and_targets(models: dict[str, tuple[str, list[str]]], ima
                                    capsys: pytest.CaptureFixture[str]) -> None:
     spec, extra = models["hf"]
     argv = ["explain", str(image), "--model", spec, *extra, "--out", str(tmp_path / "a.png")]
-    status, printed, _ = _run([*argv, "--target", "bee", "--references", "top", "--num-references", "1"], capsys)
+    status, printed, _ = run_cli([*argv, "--target", "bee", "--references", "top", "--num-references", "1"], capsys)
     assert status == 0
     assert "explained:  bee (class 1" in printed or "prediction: bee (class 1" in printed
-    status, _, errors = _run([*argv, "--target", "zebra"], capsys)
+    status, _, errors = run_cli([*argv, "--target", "zebra"], capsys)
     assert status == 2 and "'zebra' is neither a class index nor a class name" in errors
-    status, _, errors = _run([*argv, "--target", "7"], capsys)
+    status, _, errors = run_cli([*argv, "--target", "7"], capsys)
     assert status == 2 and "target class 7" in errors and errors[-1] == "\n" and "Traceback" not in errors
 
 
 def test_explain_bad_inputs_are_one_line_errors(
     image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, _, errors = _run(["explain", str(tmp_path / "missing.jpg"), "--model", "timm:resnet18"], capsys)
+    status, _, errors = run_cli(["explain", str(tmp_path / "missing.jpg"), "--model", "timm:resnet18"], capsys)
     assert status == 2 and "does not exist" in errors
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("hello")
-    status, _, errors = _run(["explain", str(not_an_image), "--model", "python:nowhere.py:build"], capsys)
+    status, _, errors = run_cli(["explain", str(not_an_image), "--model", "python:nowhere.py:build"], capsys)
     assert status == 2 and "nowhere.py" in errors and "Traceback" not in errors
-    status, _, errors = _run(["explain", str(image), "--model", "timm:resnet1888"], capsys)
+    status, _, errors = run_cli(["explain", str(image), "--model", "timm:resnet1888"], capsys)
     assert status == 2 and "resnet1888" in errors
 
 
@@ -90,7 +83,7 @@ def test_command_line_values_are_checked(
     for bad, expected in (("cuda", "CUDA device"), ("tpu:9", "not a device")):
         if bad == "cuda" and torch.cuda.is_available():
             continue
-        status, _, errors = _run([*explain, "--device", bad], capsys)
+        status, _, errors = run_cli([*explain, "--device", bad], capsys)
         assert status == 2 and expected in errors and "Traceback" not in errors
     for argv in (["example", "--train-size", "0"], ["example", "--threads", "-1"], ["example", "--dilation", "-1"],
                  ["example", "--eval-size", "50", "--test-size", "8"], [*explain, "--gamma", "-1"],
@@ -100,9 +93,9 @@ def test_command_line_values_are_checked(
         assert raised.value.code == 2, argv
     folder = tmp_path / "figures"
     folder.mkdir()
-    status, printed, _ = _run([*explain, "--out", str(folder)], capsys)  # a directory: the figure goes inside
+    status, printed, _ = run_cli([*explain, "--out", str(folder)], capsys)  # a directory: the figure goes inside
     assert status == 0 and (folder / "bird.finercam.png").is_file() and str(folder / "bird.finercam.png") in printed
-    status, printed, _ = _run([*explain, "--out", str(tmp_path / "nosuffix")], capsys)
+    status, printed, _ = run_cli([*explain, "--out", str(tmp_path / "nosuffix")], capsys)
     assert status == 0 and (tmp_path / "nosuffix.png").is_file() and str(tmp_path / "nosuffix.png") in printed
 
 
@@ -120,11 +113,11 @@ def test_layers_lists_candidates_and_marks_the_automatic_choice(
     models: dict[str, tuple[str, list[str]]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec, extra = models["torchvision"]
-    status, printed, _ = _run(["layers", spec, *extra], capsys)
+    status, printed, _ = run_cli(["layers", spec, *extra], capsys)
     assert status == 0
     assert re.search(r"^ \* layer4 ", printed, flags=re.MULTILINE), printed
     spec, extra = models["timm"]
-    status, printed, _ = _run(["layers", spec, *extra], capsys)
+    status, printed, _ = run_cli(["layers", spec, *extra], capsys)
     assert status == 0
     assert re.search(r"^ \* blocks\.11\.norm1 ", printed, flags=re.MULTILINE), printed
 
@@ -141,15 +134,15 @@ def test_train_probe_beats_chance_caches_features_and_its_head_loads(
     argv = ["train-probe", "--model", "timm:resnet18", "--weights", str(tmp_path / "backbone.safetensors"),
             "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "head.safetensors"),
             "--cache", str(tmp_path / "cache"), "--preprocess", "imagenet"]
-    status, printed, errors = _run(argv, capsys)
+    status, printed, errors = run_cli(argv, capsys)
     assert status == 0, errors
     accuracy = re.search(r"accuracy: train ([0-9.]+)%, val ([0-9.]+)%", printed)
     assert accuracy is not None, printed
     assert float(accuracy.group(2)) >= 80.0  # chance is 33 %: random-init features still separate the shapes
     assert "36 train / 18 val images" in printed
-    status, printed, _ = _run(argv, capsys)
+    status, printed, _ = run_cli(argv, capsys)
     assert status == 0 and "features from the cache" in printed
-    status, printed, errors = _run(
+    status, printed, errors = run_cli(
         ["explain", str(image), "--model", "timm:resnet18", "--weights", str(tmp_path / "backbone.safetensors"),
          "--head", str(tmp_path / "head.safetensors"), "--out", str(tmp_path / "probe.png")], capsys,
     )

@@ -1,12 +1,10 @@
-"""Bad command-line input is refused with one specific line before any long work; Ctrl-C stops with one line.
+"""Bad command-line input is refused with one specific line before any long work (Ctrl-C: ``test_cli_signals.py``).
 
 Covers ``explain``, ``layers``, ``train-probe``, ``concepts``, ``synth``, ``demo`` and the entry point itself.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,124 +16,14 @@ import torch
 from torch import nn
 
 import zoo
+from cli_helpers import run_cli, subprocess_env
 from finercam import cli
 from finercam.cli import main
-
-
-def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``finercam ARGV`` in this process: exit status (2 for an argparse refusal), stdout, stderr."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random-weights warnings of the tiny models
-        try:
-            status = main(argv)
-        except SystemExit as stop:  # argparse refuses a value while parsing, before any work
-            status = int(stop.code or 0)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return zoo.picture(tmp_path_factory.mktemp("images") / "bird.png", width=64, height=64)
-
-
-def _subprocess_env() -> dict[str, str]:
-    """The environment for a child Python that imports this checkout's finercam, single-threaded."""
-    source = str(Path(__file__).resolve().parents[1] / "src")
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), source) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-# --------------------------------------------------------------------------------------------------------- Ctrl-C
-
-
-def test_ctrl_c_is_one_line_with_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-                                            ) -> None:
-    from finercam import commands
-
-    def interrupted(args: object) -> int:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(commands, "run_explain", interrupted)
-    status, _, errors = _run(["explain", "x.png", "--model", "embedded:cnn"], capsys)
-    assert (status, errors) == (130, "finercam explain: interrupted (Ctrl-C)\n")  # explain resumes nothing
-    assert cli.interrupted_message("evaluate") == (
-        "finercam evaluate: interrupted (Ctrl-C); the results written so far are kept: rerun the same command to "
-        "resume"
-    )
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="forked workers and process groups")
-def test_ctrl_c_on_run_with_forked_workers_prints_one_line(tmp_path: Path) -> None:
-    """A terminal's Ctrl-C sends SIGINT to the whole process group: the parent and every forked worker."""
-    script = textwrap.dedent(f"""
-        import sys, time
-        from finercam import cli
-        from finercam.dataset import command, parallel
-
-        def nap(task):
-            print("ready", flush=True)
-            time.sleep(60)
-            return task
-
-        def dispatch(args):
-            for _ in parallel.forked_map(nap, [0, 1], 2):
-                pass
-            return 0
-
-        command.dispatch = dispatch
-        sys.exit(cli.main(["run", "--model", "embedded:cnn", "--data", {str(tmp_path)!r},
-                           "--out", {str(tmp_path / "store")!r}]))
-    """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True, env=_subprocess_env(), text=True)
-    try:
-        assert child.stdout is not None
-        for _ in range(2):  # both workers are running
-            assert child.stdout.readline() == "ready\n", child.stderr.read() if child.stderr else ""
-        os.killpg(child.pid, signal.SIGINT)
-        _, errors = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-    assert child.returncode == 130
-    assert errors == ("finercam run: interrupted (Ctrl-C); the results written so far are kept: rerun the same "
-                      "command to resume\n")
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="forked workers")
-def test_forked_workers_leave_ctrl_c_to_the_parent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from finercam.dataset import command, parallel
-
-    def child_ignores_sigint(task: int) -> bool:
-        return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-
-    seen: list[bool] = []
-
-    def dispatch(args: object) -> int:
-        seen.extend(result for _, result in parallel.forked_map(child_ignores_sigint, [0, 1], 2))
-        return 0
-
-    monkeypatch.setattr(command, "dispatch", dispatch)
-    status, _, errors = _run(["run", "--model", "embedded:cnn", "--data", str(tmp_path), "--out",
-                              str(tmp_path / "store")], capsys)
-    assert status == 0, errors
-    assert seen == [True, True]  # a worker would otherwise print its own KeyboardInterrupt traceback
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the parent's handler is untouched
-
-
-def test_a_closed_output_pipe_is_no_traceback(tmp_path: Path) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-m", "finercam", "synth", "--out", str(tmp_path / "syn"), "--train", "0", "--test", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_subprocess_env(), text=True,
-    )
-    assert child.stdout is not None and child.stderr is not None
-    child.stdout.close()  # as `finercam synth ... | head -1` does once head has its line
-    errors = child.stderr.read()
-    child.wait(timeout=60)
-    assert "Traceback" not in errors and child.returncode == 1, errors
 
 
 # ------------------------------------------------------------------------------------------- checkpoint files
@@ -154,7 +42,7 @@ def test_text_files_are_not_checkpoints(content: str, name: str, option: str, im
         argv = ["layers", "torchvision:resnet18", "--weights", str(file)]
     else:
         argv = ["explain", str(image), "--model", "torchvision:resnet18", option, str(file)]
-    status, _, errors = _run(argv, capsys)
+    status, _, errors = run_cli(argv, capsys)
     what = "head file" if option == "--head" else "weights file"
     assert status == 2
     assert errors.endswith(f"{what} '{file}' is not a checkpoint (neither safetensors nor a torch.save file)\n")
@@ -183,7 +71,7 @@ def test_output_paths_are_checked_while_parsing(image: Path, tmp_path: Path, cap
         (["synth", "--out", str(a_file)], f"argument --out: '{a_file}' is a file; give a folder"),
     ]
     for argv, message in cases:
-        status, _, errors = _run(argv, capsys)
+        status, _, errors = run_cli(argv, capsys)
         assert status == 2 and message in errors, (argv, errors)
 
 
@@ -191,7 +79,7 @@ def test_explain_figure_goes_into_a_folder_named_with_a_slash(
     image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    status, printed, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--out", "figures/"], capsys)
+    status, printed, errors = run_cli(["explain", str(image), "--model", "embedded:cnn", "--out", "figures/"], capsys)
     assert status == 0, errors
     assert (tmp_path / "figures" / "bird.finercam.png").is_file() and "wrote figures/bird.finercam.png" in printed
 
@@ -210,7 +98,7 @@ def test_numbers_are_bounded(tmp_path: Path, capsys: pytest.CaptureFixture[str])
          "argument --size: must be a whole number from 1 to 4096, got 100000"),
     ]
     for argv, message in cases:
-        status, _, errors = _run(argv, capsys)
+        status, _, errors = run_cli(argv, capsys)
         assert status == 2 and message in errors, (argv, errors)
 
 
@@ -222,7 +110,7 @@ def test_synth_refuses_a_split_larger_than_the_memory(tmp_path: Path, capsys: py
     with pytest.raises(SynthArgumentError, match=r"--test 1000 images of 64 px need about 0\.2 GiB of memory .* "
                                                  r"this machine has 0\.1 GiB"):
         check_memory(10, 1000, 64, available=2**30 // 10)
-    status, _, errors = _run(["synth", "--out", str(tmp_path / "s"), "--train", "100000000"], capsys)
+    status, _, errors = run_cli(["synth", "--out", str(tmp_path / "s"), "--train", "100000000"], capsys)
     assert status == 2 and "--train 100000000 images of 64 px need about" in errors
     assert not (tmp_path / "s").exists()
 
@@ -234,25 +122,25 @@ def test_layers_reports_the_true_error_of_embedded_models(tmp_path: Path, capsys
                                                           ) -> None:
     weights = tmp_path / "any.pth"
     torch.save({"w": torch.zeros(1)}, weights)
-    status, _, errors = _run(["layers", "embedded:cnn", "--weights", str(weights)], capsys)
+    status, _, errors = run_cli(["layers", "embedded:cnn", "--weights", str(weights)], capsys)
     assert status == 2 and "'embedded:cnn' ships its own weights" in errors and "head" not in errors
-    status, _, errors = _run(["layers", "embedded:clip"], capsys)
+    status, _, errors = run_cli(["layers", "embedded:clip"], capsys)
     assert status == 2 and "unknown embedded model 'clip'; available: cnn, vit" in errors
 
 
 def test_layers_dry_runs_at_the_models_own_size(capsys: pytest.CaptureFixture[str]) -> None:
-    status, printed, _ = _run(["layers", "embedded:cnn"], capsys)
+    status, printed, _ = run_cli(["layers", "embedded:cnn"], capsys)
     assert status == 0 and "dry run on a 64x64 input" in printed
     assert " * stage3  cnn-stage              1x64x16x16" in printed  # not the 56x56 maps of a 224 px input
-    status, printed, _ = _run(["layers", "embedded:vit"], capsys)
+    status, printed, _ = run_cli(["layers", "embedded:vit"], capsys)
     assert status == 0 and " * blocks.4.norm1  vit-block-norm1        1x65x96" in printed and "?" not in printed
 
 
 def test_layers_size_errors_name_the_option(capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, errors = _run(["layers", "embedded:cnn", "--size", "1", "1"], capsys)
+    status, _, errors = run_cli(["layers", "embedded:cnn", "--size", "1", "1"], capsys)
     assert status == 2 and "the dry run of embedded:cnn on a 1x1 input failed (RuntimeError: " in errors
     assert errors.rstrip().endswith("give the input size the model expects with --size H W")
-    status, _, errors = _run(["layers", "torchvision:resnet18", "--size", "1", "1"], capsys)
+    status, _, errors = run_cli(["layers", "torchvision:resnet18", "--size", "1", "1"], capsys)
     assert status == 2 and "no module emits a map larger than 1x1 on a 1x1 input. A larger --size H W" in errors
     assert "image_size=" not in errors and "target_layer=" not in errors
 
@@ -275,7 +163,7 @@ def test_train_probe_refuses_a_single_class_before_loading_the_model(
     data = _image_folder(tmp_path / "one", ("a",), per_class=3)
     argv = ["train-probe", "--model", "timm:no_such_model", "--data", str(data), "--out",
             str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "cache")]
-    status, _, errors = _run(argv, capsys)  # the unknown model is never reached: the data is checked first
+    status, _, errors = run_cli(argv, capsys)  # the unknown model is never reached: the data is checked first
     assert status == 2
     assert f"--data '{data}' has training images of 1 class ('a'); a classifier needs at least 2 classes" in errors
     assert not (tmp_path / "h.safetensors").exists()
@@ -284,7 +172,7 @@ def test_train_probe_refuses_a_single_class_before_loading_the_model(
 def test_train_probe_says_a_list_file_is_not_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text("a.png\n")
-    status, _, errors = _run(["train-probe", "--model", "embedded:cnn", "--data", str(listing), "--out",
+    status, _, errors = run_cli(["train-probe", "--model", "embedded:cnn", "--data", str(listing), "--out",
                               str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "c")], capsys)
     assert status == 2 and f"--data '{listing}' is a file; train-probe needs a folder" in errors
 
@@ -296,7 +184,7 @@ def test_train_probe_without_validation_images(tmp_path: Path, capsys: pytest.Ca
         "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n"
     )
     data = _image_folder(tmp_path / "data", ("a", "b"), per_class=1)  # one image per class: nothing to hold out
-    status, printed, errors = _run(
+    status, printed, errors = run_cli(
         ["train-probe", "--model", f"python:{tmp_path / 'net.py'}:build", "--data", str(data), "--out",
          str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "cache")], capsys,
     )
@@ -307,7 +195,7 @@ def test_train_probe_without_validation_images(tmp_path: Path, capsys: pytest.Ca
 
 def test_train_probe_on_an_embedded_classifier_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _image_folder(tmp_path / "data", ("a", "b"), per_class=2)
-    status, _, errors = _run(["train-probe", "--model", "embedded:cnn", "--data", str(data), "--out",
+    status, _, errors = run_cli(["train-probe", "--model", "embedded:cnn", "--data", str(data), "--out",
                               str(tmp_path / "h.safetensors"), "--cache", str(tmp_path / "c")], capsys)
     assert status == 2 and "'embedded:cnn' is a finished classifier, not a feature backbone" in errors
 
@@ -327,7 +215,7 @@ def test_concepts_refuses_options_the_model_does_not_use(
     extra: list[str], message: str, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "c.png"
-    status, _, errors = _run(["concepts", str(image), "--concept", "white wingbar", "--versus", "bird", *extra,
+    status, _, errors = run_cli(["concepts", str(image), "--concept", "white wingbar", "--versus", "bird", *extra,
                               "--out", str(out)], capsys)
     assert status == 2 and message in errors and not out.exists()
 
@@ -335,7 +223,7 @@ def test_concepts_refuses_options_the_model_does_not_use(
 def test_concepts_refuses_the_concept_with_a_full_stop_as_its_reference(
     image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, _, errors = _run(["concepts", str(image), "--concept", "white wingbar", "--versus", "white wingbar.",
+    status, _, errors = run_cli(["concepts", str(image), "--concept", "white wingbar", "--versus", "white wingbar.",
                               "--out", str(tmp_path / "c.png")], capsys)
     assert status == 2 and "the reference 'white wingbar.' is the concept itself" in errors
 
@@ -356,7 +244,7 @@ def _conv_classifier(folder: Path) -> str:
 def test_references_weights_errors_name_the_options(image: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     spec = _conv_classifier(tmp_path)
-    status, _, errors = _run(["explain", str(image), "--model", spec, "--references", "weights", "--layer", "0",
+    status, _, errors = run_cli(["explain", str(image), "--model", spec, "--references", "weights", "--layer", "0",
                               "--out", str(tmp_path / "x.png")], capsys)
     assert status == 2
     assert "--references weights needs a model whose last layer is a linear classifier" in errors
@@ -373,7 +261,7 @@ def test_references_weights_errors_name_the_options(image: Path, tmp_path: Path,
         "def build():\n"
         "    return Net()\n"
     )
-    status, _, errors = _run(["explain", str(image), "--model", f"python:{tmp_path / 'mid.py'}:build", "--layer",
+    status, _, errors = run_cli(["explain", str(image), "--model", f"python:{tmp_path / 'mid.py'}:build", "--layer",
                               "conv", "--references", "weights", "--out", str(tmp_path / "y.png")], capsys)
     assert status == 2 and "has 8 rows, not one per class of the model's output: it is not the classifier" in errors
     assert "classifier_weights" not in errors
@@ -387,7 +275,7 @@ def test_a_mismatch_outside_the_classifier_gives_no_class_count_hint(
     state = import_torchvision().models.mobilenet_v3_small(weights=None).state_dict()
     state["features.0.0.weight"] = torch.zeros(16, 3, 1, 1)
     torch.save(state, tmp_path / "bad.pth")
-    status, _, errors = _run(["explain", str(image), "--model", "torchvision:mobilenet_v3_small", "--weights",
+    status, _, errors = run_cli(["explain", str(image), "--model", "torchvision:mobilenet_v3_small", "--weights",
                               str(tmp_path / "bad.pth")], capsys)
     assert status == 2 and "features.0.0.weight: checkpoint (16, 3, 1, 1) vs model (16, 3, 3, 3)" in errors
     assert "num_classes" not in errors and "classes" not in errors
@@ -416,7 +304,7 @@ def test_the_figure_never_overwrites_the_input_image(tmp_path: Path, capsys: pyt
     for argv in (["explain", "b3.png", "--model", "embedded:cnn", "--out", "b3"],
                  ["explain", "b3.png", "--model", "embedded:cnn", "--out", str(picture)],
                  ["concepts", "b3.png", "--concept", "white wingbar", "--versus", "bird", "--out", "./b3.png"]):
-        status, _, errors = _run(argv, capsys)
+        status, _, errors = run_cli(argv, capsys)
         assert status == 2 and "would write the figure over the input image 'b3.png'" in errors, (argv, errors)
     assert picture.read_bytes() == before
 
@@ -429,7 +317,7 @@ def test_a_model_that_refuses_the_input_size_is_one_line(image: Path, tmp_path: 
         def cnn32():  # takes 32 x 32 inputs only; the python: preprocessing gives 224 x 224
             return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 4))
     """))
-    status, _, errors = _run(["explain", str(image), "--model", f"python:{factory}:cnn32",
+    status, _, errors = run_cli(["explain", str(image), "--model", f"python:{factory}:cnn32",
                               "--out", str(tmp_path / "x.png")], capsys)
     assert status == 2, errors
     assert errors.startswith("finercam explain: the model's forward pass failed on images of shape (1, 3, 224, 224)")
@@ -440,7 +328,7 @@ def test_finercams_warnings_are_one_line(image: Path, tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "finercam", "explain", str(image), "--model", "torchvision:resnet18",
          "--out", str(tmp_path / "r.png")],
-        capture_output=True, text=True, env=_subprocess_env(), timeout=300, check=False,
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, check=False,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     lines = completed.stderr.strip().splitlines()
@@ -452,10 +340,10 @@ def test_finercams_warnings_are_one_line(image: Path, tmp_path: Path) -> None:
 def test_api_advice_is_given_in_command_line_terms(image: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = ["--out", str(tmp_path / "x.png")]
-    status, _, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--layer", "head", *out], capsys)
+    status, _, errors = run_cli(["explain", str(image), "--model", "embedded:cnn", "--layer", "head", *out], capsys)
     assert status == 2 and errors.strip().endswith(
         "(no submodule 'head'). List the layers with: finercam layers embedded:cnn.")
-    status, _, errors = _run(["explain", str(image), "--model", "embedded:cnn", "--layer", "fc", *out], capsys)
+    status, _, errors = run_cli(["explain", str(image), "--model", "embedded:cnn", "--layer", "fc", *out], capsys)
     assert status == 2 and "Pick a spatial layer (list them with: finercam layers embedded:cnn)." in errors
     assert "reshape=" not in errors and "named_modules" not in errors
 
@@ -468,7 +356,7 @@ def test_a_small_input_model_runs_with_a_preset_at_its_size(image: Path, tmp_pat
         def cnn32():
             return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 4))
     """))
-    status, printed, errors = _run(["explain", str(image), "--model", f"python:{factory}:cnn32", "--layer", "1",
+    status, printed, errors = run_cli(["explain", str(image), "--model", f"python:{factory}:cnn32", "--layer", "1",
                                     "--preprocess", "imagenet@32", "--out", str(tmp_path / "x.png")], capsys)
     assert status == 0, errors
     assert "input: (3, 32, 32)" in printed and (tmp_path / "x.png").is_file()
