@@ -59,7 +59,48 @@ def test_explain_names_and_targets(models: dict[str, tuple[str, list[str]]], ima
     status, _, errors = run_cli([*argv, "--target", "zebra"], capsys)
     assert status == 2 and "'zebra' is neither a class index nor a class name" in errors
     status, _, errors = run_cli([*argv, "--target", "7"], capsys)
-    assert status == 2 and "target class 7" in errors and errors[-1] == "\n" and "Traceback" not in errors
+    assert status == 2 and errors.startswith("finercam explain: --target 7 is not a class of hf:")
+    assert errors.count("\n") == 1 and "give 0..2 or a class name" in errors
+
+
+def test_explain_versus_contrasts_with_the_classes_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finercam import FinerCAM
+    from finercam.explain_image import explain_image
+    from finercam.models import load_model
+    from finercam.synth import generate
+
+    picture = tmp_path / "bird.png"
+    Image.fromarray((generate(1, seed=5).images[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()).save(picture)
+    loaded = load_model("embedded:cnn")
+    names = loaded.class_names
+    assert names is not None
+    argv = ["explain", str(picture), "--model", "embedded:cnn", "--out", str(tmp_path / "a.png"), "--gamma", "1"]
+    status, printed, errors = run_cli([*argv, "--versus", "3", "--versus", names[5]], capsys)
+    assert status == 0, errors
+    listed = printed.split("references (given with --versus, gamma 1, mean):\n")[1].splitlines()[:2]
+    assert [line.split("(class ")[1].split(",")[0] for line in listed] == ["3", "5"]  # in the order given
+
+    pixels = loaded.preprocess(Image.open(picture).convert("RGB"))
+    result = explain_image(loaded, pixels, gamma=1.0, versus=[3, 5]).result
+    with FinerCAM(loaded.model, "stage3") as cam:  # Grad-CAM is linear in the gradient: raw(s) = raw(y_c) - mean_t
+        plain = [cam(pixels[None], targets=k, gamma=0.0).raw_maps[0] for k in (int(result.targets[0]), 3, 5)]
+    torch.testing.assert_close(result.raw_maps[0], plain[0] - (plain[1] + plain[2]) / 2, atol=1e-5, rtol=1e-4)
+    predicted = int(result.targets[0])
+    assert result.references[0].tolist() == [3, 5] and predicted not in (3, 5)
+
+    for extra, message in (
+        (["--versus", str(predicted)], f"--versus {names[predicted]!r} (class {predicted}) is the top prediction, "
+                                       "explained by default: a class cannot be its own reference"),
+        (["--target", "4", "--versus", "4"], f"--versus {names[4]!r} (class 4) is the class given with --target"),
+        (["--versus", "3", "--versus", names[3]], f"--versus needs one or more different classes; {names[3]!r} "
+                                                  "(class 3) is given twice"),
+        (["--versus", "24"], "--versus 24 is not a class of embedded:cnn: give 0..23 or a class name"),
+        (["--versus", "3", "--num-references", "2"], "--versus gives the reference classes themselves; "
+                                                     "--num-references chooses them"),
+    ):
+        status, _, errors = run_cli([*argv, *extra], capsys)
+        assert status == 2 and errors.startswith(f"finercam explain: {message}"), (extra, errors)
+        assert errors.count("\n") == 1
 
 
 def test_explain_bad_inputs_are_one_line_errors(

@@ -81,6 +81,14 @@ def test_explain_view_targets_by_name_or_index(cnn: LoadedModel, examples: list[
     assert explain_view(cnn, image, target=PREDICTED).explanation.target == predicted
     with pytest.raises(InvalidArgumentError, match=r"^the class 'osprey' is neither a class index nor a class name"):
         explain_view(cnn, image, target="osprey")
+    others = [k for k in range(len(names)) if k != predicted.index][:2]
+    given = explain_view(cnn, image, versus=f"{others[1]}, {names[others[0]]}")  # the versus box: names or indices
+    assert [r.index for r in given.explanation.references] == [others[1], others[0]]
+    assert "given reference(s)" in given.summary
+    empty = explain_view(cnn, image, versus=" ").explanation  # an empty box: the references are chosen
+    assert empty.references == explain_view(cnn, image).explanation.references
+    with pytest.raises(InvalidArgumentError, match=r"is the top prediction, explained by default"):
+        explain_view(cnn, image, versus=str(predicted.index))
 
 
 def test_explain_view_leaves_the_model_as_found(cnn: LoadedModel, examples: list[Any]) -> None:
@@ -216,6 +224,9 @@ def test_the_page_serves_both_tabs_and_shows_errors_as_messages(examples: list[A
                                             3, "nearest", "mean", "stage2", api_name="/explain")
         assert at_stage2 == explain_view(cnn, Image.open(bird.path), layer="stage2").summary
         assert "Grad-CAM at `stage2`" in at_stage2
+        _, _, versus, _ = client.predict(handle_file(str(bird.path)), "embedded:cnn", "3", "gradcam", 0.6, 3,
+                                         "nearest", "mean", "", "5, 7", api_name="/explain")
+        assert versus == explain_view(cnn, Image.open(bird.path), target="3", versus=["5", "7"]).summary
         with pytest.raises(Exception, match=r"target layer 'stage9' does not exist"):
             client.predict(handle_file(str(bird.path)), "embedded:cnn", PREDICTED, "gradcam", 0.6, 3, "nearest",
                            "mean", "stage9", api_name="/explain")

@@ -166,8 +166,14 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--layer", help="target layer (default: the model's recommended layer, else auto)")
     explain.add_argument("--method", default="gradcam", choices=sorted(METHODS))
     explain.add_argument("--target", help="class index or name to explain (default: the top prediction)")
-    explain.add_argument("--references", default="nearest", choices=["nearest", "top", "weights"])
-    explain.add_argument("--num-references", type=_positive_int, default=3)
+    explain.add_argument("--references", choices=["nearest", "top", "weights"],
+                         help="how the reference classes are chosen (default: nearest)")
+    explain.add_argument("--num-references", type=_positive_int, help="how many reference classes (default: 3)")
+    explain.add_argument(
+        "--versus", action="append", metavar="CLASS",
+        help="a reference class to contrast with, by index or name (repeat for several): why the explained class "
+        "and not this one; instead of --references and --num-references",
+    )
     explain.add_argument("--gamma", type=_gamma, default=DEFAULT_GAMMA)
     explain.add_argument("--aggregation", default="mean", choices=["mean", "softmax"])
     explain.add_argument(

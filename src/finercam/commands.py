@@ -13,7 +13,7 @@ from torch import nn
 
 from finercam.errors import InvalidArgumentError
 from finercam.images import ImageFolder, load_image, train_val_folders
-from finercam.models import LoadedBackbone
+from finercam.models import LoadedBackbone, LoadedModel
 from finercam.runtime import resolve_device
 
 
@@ -27,27 +27,42 @@ def run_explain(args: argparse.Namespace) -> int:
     from finercam.explain_image import display_image, explain_image, parse_target, save_figure
     from finercam.models import load_model
 
+    if args.versus and (args.references is not None or args.num_references is not None):
+        given = "--references" if args.references is not None else "--num-references"
+        raise InvalidArgumentError(
+            f"--versus gives the reference classes themselves; {given} chooses them: give one or the other"
+        )
+    references = args.references or "nearest"
     out = figure_file(args.out, f"{Path(args.image).stem}.finercam.png", Path("finercam-out"), inputs=[args.image])
     device = resolve_device(args.device)
     loaded = load_model(args.model, weights=args.weights, head=args.head, preprocess=args.preprocess, device=device)
     pixels = loaded.preprocess(load_image(args.image)).to(device)
+    versus = None
+    if args.versus:
+        versus = [parse_target(name, loaded.class_names, "--versus") for name in args.versus]
+        _check_classes(versus, loaded, "--versus")
+    target = parse_target(args.target, loaded.class_names)
+    if target is not None:
+        _check_classes([target], loaded, "--target")
     explanation = explain_image(
         loaded,
         pixels,
         layer=args.layer,
         method=args.method,
-        target=parse_target(args.target, loaded.class_names),
-        references=args.references,
-        num_references=args.num_references,
+        target=target,
+        references=references,
+        num_references=args.num_references or 3,
         gamma=args.gamma,
         aggregation=args.aggregation,
+        versus=versus,  # type: ignore[arg-type]
     )
     _say(f"model: {args.model}   layer: {explanation.layer}   method: {args.method}   input: {tuple(pixels.shape)}")
     _say(f"prediction: {explanation.prediction}")
     if explanation.target.index != explanation.prediction.index:
         _say(f"explained:  {explanation.target}")
     if explanation.references:
-        _say(f"references ({args.references}, gamma {args.gamma:g}, {args.aggregation}):")
+        chosen = "given with --versus" if versus else references
+        _say(f"references ({chosen}, gamma {args.gamma:g}, {args.aggregation}):")
         for reference in explanation.references:
             _say(f"  {reference}")
     else:
@@ -56,6 +71,17 @@ def run_explain(args: argparse.Namespace) -> int:
     written = save_figure(out, display, explanation, args.method, args.gamma)
     _say(f"wrote {written}")
     return 0
+
+
+def _check_classes(indices: list[int], loaded: LoadedModel, option: str) -> None:
+    """Refuse a class index outside the model's classes (when their number is known without running it)."""
+    from finercam.explain_image import known_num_classes
+
+    count = known_num_classes(loaded)
+    for index in indices:
+        if index < 0 or (count is not None and index >= count):
+            known = f"0..{count - 1} or a class name" if count is not None else "a class index >= 0 or a class name"
+            raise InvalidArgumentError(f"{option} {index} is not a class of {loaded.spec}: give {known}")
 
 
 def _layers_model(args: argparse.Namespace) -> tuple[nn.Module, str | None, tuple[int, int] | None]:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from finercam.capture import extract_logits
 from finercam.errors import InvalidArgumentError
 from finercam.explain import FinerCAM
 from finercam.images import load_image
@@ -110,14 +111,22 @@ def explain_image(
     gamma: float = 0.6,
     aggregation: str = "mean",
     other_gammas: Sequence[float] = (),
+    versus: Sequence[int] | None = None,
 ) -> ImageExplanation:
     """Explain one preprocessed image ``(3, H, W)`` with Finer-CAM, at ``gamma`` and at ``other_gammas`` too.
 
+    ``versus`` gives the reference classes ``d_t`` themselves (then ``references`` and ``num_references`` are not
+    used): "why this class rather than *that* one".
+
     Raises:
-        InvalidArgumentError: ``references="weights"`` for a model without a linear classifier (errors are phrased
-            for the command line: ``--references``).
+        InvalidArgumentError: ``references="weights"`` for a model without a linear classifier, or a ``versus`` class
+            that is the explained one or is repeated (errors are phrased for the command line: ``--references``,
+            ``--versus``).
     """
     chosen_layer = layer or loaded.target_layer or "auto"
+    if versus is not None:
+        return _explain_versus(loaded, pixels, chosen_layer, method, target, list(versus), gamma, aggregation,
+                               other_gammas)
     weights = None
     if references == "weights":
         weights = last_linear(loaded.model)
@@ -141,6 +150,45 @@ def explain_image(
             f"has {weights.out_features} rows, not one per class of the model's output: it is not the classifier. "
             "Use --references nearest or --references top"
         ) from None
+    return _explanation(loaded, cam, sweep)
+
+
+def _explain_versus(
+    loaded: LoadedModel, pixels: Tensor, layer: str, method: str, target: int | None, versus: list[int],
+    gamma: float, aggregation: str, other_gammas: Sequence[float],
+) -> ImageExplanation:
+    """:func:`explain_image` with the reference classes given (``--versus``)."""
+    names = loaded.class_names
+    repeated = sorted({index for index in versus if versus.count(index) > 1})
+    if not versus or repeated:
+        raise InvalidArgumentError(
+            "--versus needs one or more different classes" + (
+                f"; {class_name(names, repeated[0])!r} (class {repeated[0]}) is given twice" if repeated else "")
+        )
+
+    def own_reference(explained: int, how: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"--versus {class_name(names, explained)!r} (class {explained}) is {how}: a class cannot be its own "
+            "reference. Give --versus other classes, or --target another class to explain"
+        )
+
+    if target is not None and target in versus:
+        raise own_reference(target, "the class given with --target")
+    cam = FinerCAM(loaded.model, layer, method)
+    try:
+        sweep = cam.sweep(pixels[None], gammas=(gamma, *other_gammas), targets=target, references=[versus],
+                          aggregation=aggregation)
+    except InvalidArgumentError as error:
+        if target is not None or "a class cannot be its own reference" not in str(error):
+            raise
+        with torch.no_grad():  # only on this error path: which class the model predicts
+            predicted = int(extract_logits(loaded.model(pixels[None])).argmax())
+        raise own_reference(predicted, "the top prediction, explained by default") from None
+    return _explanation(loaded, cam, sweep)
+
+
+def _explanation(loaded: LoadedModel, cam: FinerCAM, sweep: SweepResult) -> ImageExplanation:
+    """The :class:`ImageExplanation` of a one-image sweep: prediction, target and references with probabilities."""
     result = sweep.at(0)
     probabilities = result.probabilities[0]
     names = loaded.class_names

@@ -78,12 +78,12 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
         return gr.update(choices=target_choices(loaded.class_names, known_num_classes(loaded)), value=PREDICTED)
 
     def explain(image: Any, label: str, target: str, method: str, gamma: float, count: float, references: str,
-                aggregation: str, layer: str = "") -> tuple[Any, ...]:
+                aggregation: str, layer: str = "", versus: str = "") -> tuple[Any, ...]:
         def run() -> ExplainView:
             with models.use(label) as loaded:
                 return explain_view(loaded, image, method=method, gamma=float(gamma), num_references=int(count),
                                     references=references, aggregation=aggregation, target=target,
-                                    layer=(layer or "").strip() or None)
+                                    layer=(layer or "").strip() or None, versus=versus)
 
         view = _shown_errors(gr, run)
         return _gallery(view.panels), view.probabilities, view.summary, _gallery(view.strip)
@@ -107,6 +107,8 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
                                            label="aggregation (mean: paper; softmax: official library)")
                     layer = gr.Textbox(value="", label="layer (empty: the model's own, else found automatically)",
                                        placeholder="e.g. layer4, blocks.-1.norm1")
+                    versus = gr.Textbox(value="", label="versus: reference classes, names or indices separated by "
+                                        "commas (empty: chosen by 'references' and T)", placeholder="e.g. 3, 5")
                     run = gr.Button("Explain", variant="primary")
                 with gr.Column(scale=2):
                     panels = gr.Gallery(label="image, base CAM, Finer-CAM", columns=3, rows=1, height=340,
@@ -117,7 +119,7 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
                                        object_fit="contain", format="png")
             if examples:
                 gr.Examples([[str(example.path)] for example in examples], inputs=[image], label="synthetic birds")
-            inputs = [image, model, target, method, gamma, count, references, aggregation, layer]
+            inputs = [image, model, target, method, gamma, count, references, aggregation, layer, versus]
             run.click(explain, inputs, [panels, probabilities, summary, strip], api_name="explain")
             model.change(choices, [model], [target], api_name=False)
         if clips is not None:

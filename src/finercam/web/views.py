@@ -180,11 +180,13 @@ def explain_view(
     aggregation: str = "mean",
     target: str | None = PREDICTED,
     layer: str | None = None,
+    versus: str | Sequence[str] | None = None,
 ) -> ExplainView:
     """Explain ``image`` (PIL or ``uint8`` array) with ``loaded`` (a :class:`~finercam.models.LoadedModel`).
 
-    ``target`` is :data:`PREDICTED` (or ``None``), a class name or a class index as text; the other arguments are
-    those of ``finercam explain``.
+    ``target`` is :data:`PREDICTED` (or ``None``), a class name or a class index as text; ``versus`` the reference
+    classes themselves (names or indices, in one box separated by commas, or a list; empty: chosen by
+    ``references``); the other arguments are those of ``finercam explain``.
     """
     from finercam.models import LoadedModel
 
@@ -194,10 +196,11 @@ def explain_view(
     device, _ = infer_device_dtype(loaded.model)
     pixels = loaded.preprocess(rgb).to(device)
     chosen = None if target in (None, PREDICTED) else parse_target(str(target), loaded.class_names, "the class")
+    given = _versus_classes(versus, loaded.class_names)
     others = tuple(g for g in GAMMA_STRIP if g != gamma)
     explanation = explain_image(
         loaded, pixels, layer=layer, method=method, target=chosen, references=references,
-        num_references=int(num_references), gamma=gamma, aggregation=aggregation, other_gammas=others,
+        num_references=int(num_references), gamma=gamma, aggregation=aggregation, other_gammas=others, versus=given,
     )
     display = display_image(rgb, loaded.preprocess)
     result, sweep = explanation.result, explanation.sweep
@@ -223,12 +226,20 @@ def explain_view(
         "**Versus** " + (", ".join(f"{r.name} ({_percent(r.probability)})" for r in explanation.references)
                          or "nothing: the model has a single class, so the base CAM is shown"),
         f"**Method** {title} at `{explanation.layer}`, γ = {gamma:g}, {aggregation} of {len(explanation.references)} "
-        f"{references} reference(s); input {tuple(pixels.shape[-2:])}",
+        f"{'given' if given else references} reference(s); input {tuple(pixels.shape[-2:])}",
     ]
     if float(result.raw_maps.max()) <= 0:
         lines.append("The Finer-CAM map is negative everywhere: nothing in the image favours the explained class over "
                      "its references at this γ.")
     return ExplainView(panels, strip, shown, "  \n".join(lines), explanation)
+
+
+def _versus_classes(versus: str | Sequence[str] | None, names: tuple[str, ...] | None) -> list[int] | None:
+    """The reference classes typed in the versus box (``None`` when it is empty)."""
+    if versus is None or (isinstance(versus, str) and not versus.strip()):
+        return None
+    typed = _SEPARATORS.split(versus) if isinstance(versus, str) else [str(name) for name in versus]
+    return [parse_target(name.strip(), names, "--versus") for name in typed if name.strip()] or None  # type: ignore[misc]
 
 
 def parse_prompts(text: object, what: str = "--versus") -> list[str]:
