@@ -189,3 +189,37 @@ def test_train_probe_beats_chance_caches_features_and_its_head_loads(
     )
     assert status == 0, errors
     assert any(f"prediction: {name} (class" in printed for name in classes), printed
+
+
+def test_explain_classes_explains_the_top_predictions_in_rows(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from finercam import FinerCAM
+    from finercam.explain_image import explain_top_classes
+    from finercam.models import load_model
+    from finercam.synth import generate
+
+    picture = tmp_path / "bird.png"
+    Image.fromarray((generate(1, seed=5).images[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy()).save(picture)
+    loaded = load_model("embedded:cnn")
+    argv = ["explain", str(picture), "--model", "embedded:cnn", "--out", str(tmp_path / "top.png")]
+    status, printed, errors = run_cli([*argv, "--classes", "3"], capsys)
+    assert status == 0, errors
+    pixels = loaded.preprocess(Image.open(picture).convert("RGB"))
+    top = loaded.model(pixels[None]).topk(3).indices[0].tolist()
+    explained = [int(m) for m in re.findall(r"explained: .*\(class (\d+),", printed)]
+    assert explained == top and printed.count("references (nearest, gamma 0.6, mean):") == 3
+    width, height = Image.open(tmp_path / "top.png").size
+    assert height > width  # three rows of three panels (one row is three times wider than tall)
+    rows = explain_top_classes(loaded, pixels, 3)
+    with FinerCAM(loaded.model, "stage3") as cam:
+        for k, row in enumerate(rows):
+            torch.testing.assert_close(row.result.maps, cam(pixels[None], targets=top[k]).maps)
+    for extra, message in (
+        (["--classes", "25"], "--classes 25 asks for the top 25 predictions, but embedded:cnn has 24 classes"),
+        (["--classes", "2", "--target", "1"], "--classes explains the top predictions, each against its own "
+                                              "references; --target names one class"),
+        (["--classes", "2", "--versus", "1"], "--classes explains the top predictions, each against its own "
+                                              "references; --versus names one class"),
+    ):
+        status, _, errors = run_cli([*argv, *extra], capsys)
+        assert status == 2 and errors.startswith(f"finercam explain: {message}"), (extra, errors)

@@ -12,29 +12,7 @@ from finercam.capture import forward_with_capture
 from finercam.errors import ModelOutputError, ModelShapeError
 from finercam.layers import resolve_layers
 from finercam.methods import METHODS
-
-
-def _snapshot(model: nn.Module) -> dict[str, object]:
-    return {
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for m in model.modules()
-        ],
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "grad_mode": torch.is_grad_enabled(),
-    }
-
-
-def _assert_unchanged(model: nn.Module, before: dict[str, object]) -> None:
-    after = _snapshot(model)
-    for key in ("training", "requires_grad", "hooks", "grad_mode"):
-        assert after[key] == before[key], key
-    assert all(g is None for g in after["grads"])  # type: ignore[union-attr]
-    for name, value in before["state"].items():  # type: ignore[union-attr]
-        assert torch.equal(after["state"][name], value), name  # type: ignore[index]
+from model_state import assert_unchanged, snapshot
 
 
 def _mixed_state(model: nn.Module) -> nn.Module:
@@ -47,20 +25,20 @@ def _mixed_state(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_model_is_left_exactly_as_found(tiny_net: nn.Module, images: Tensor, method: str) -> None:
     model = _mixed_state(tiny_net)
-    before = _snapshot(model)
+    before = snapshot(model)
     with FinerCAM(model, "features", method) as cam:
         cam(images)
         cam.sweep(images, gammas=[0.0, 1.0], aggregation="softmax")
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_model_is_restored_when_an_exception_is_raised(tiny_net: nn.Module, images: Tensor) -> None:
     model = _mixed_state(tiny_net)
-    before = _snapshot(model)
+    before = snapshot(model)
     cam = FinerCAM(model, "features")
     with pytest.raises(InvalidArgumentError, match="target class 99"):
         cam(images, targets=99)  # fails after the forward pass, with hooks and a graph in place
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
     class Boom(RuntimeError):
         pass
@@ -73,7 +51,7 @@ def test_model_is_restored_when_an_exception_is_raised(tiny_net: nn.Module, imag
         cam(images)
     assert isinstance(raised.value.__cause__, Boom)  # the model's own error, chained
     handle.remove()
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 def test_context_manager_never_swallows_errors(tiny_net: nn.Module, images: Tensor) -> None:
@@ -259,11 +237,11 @@ class _SharedConv(nn.Module):
 
 def test_a_layer_that_runs_twice_is_refused() -> None:
     model = _SharedConv().eval()
-    before = _snapshot(model)
+    before = snapshot(model)
     for method in ("gradcam", "scorecam"):
         with pytest.raises(ModelOutputError, match="'shared' ran 2 times in one forward pass"):
             FinerCAM(model, "shared", method)(torch.randn(2, 3, 8, 8))
-    _assert_unchanged(model, before)
+    assert_unchanged(model, before)
 
 
 class _NoGradHead(nn.Module):

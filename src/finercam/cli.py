@@ -174,6 +174,11 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
         help="a reference class to contrast with, by index or name (repeat for several): why the explained class "
         "and not this one; instead of --references and --num-references",
     )
+    explain.add_argument(
+        "--classes", type=_positive_int, metavar="K",
+        help="explain each of the K top predictions against its own references, one row of the figure each, from "
+        "one forward pass (instead of --target)",
+    )
     explain.add_argument("--gamma", type=_gamma, default=DEFAULT_GAMMA)
     explain.add_argument("--aggregation", default="mean", choices=["mean", "softmax"])
     explain.add_argument(

@@ -24,14 +24,17 @@ def _say(line: str) -> None:
 def run_explain(args: argparse.Namespace) -> int:
     """``finercam explain IMAGE --model SPEC``."""
     from finercam.cli import figure_file
-    from finercam.explain_image import display_image, explain_image, parse_target, save_figure
+    from finercam.explain_image import (
+        display_image,
+        explain_image,
+        explain_top_classes,
+        known_num_classes,
+        parse_target,
+        save_figure,
+    )
     from finercam.models import load_model
 
-    if args.versus and (args.references is not None or args.num_references is not None):
-        given = "--references" if args.references is not None else "--num-references"
-        raise InvalidArgumentError(
-            f"--versus gives the reference classes themselves; {given} chooses them: give one or the other"
-        )
+    _check_explain_options(args)
     references = args.references or "nearest"
     out = figure_file(args.out, f"{Path(args.image).stem}.finercam.png", Path("finercam-out"), inputs=[args.image])
     device = resolve_device(args.device)
@@ -44,33 +47,50 @@ def run_explain(args: argparse.Namespace) -> int:
     target = parse_target(args.target, loaded.class_names)
     if target is not None:
         _check_classes([target], loaded, "--target")
-    explanation = explain_image(
-        loaded,
-        pixels,
-        layer=args.layer,
-        method=args.method,
-        target=target,
-        references=references,
-        num_references=args.num_references or 3,
-        gamma=args.gamma,
-        aggregation=args.aggregation,
-        versus=versus,  # type: ignore[arg-type]
-    )
-    _say(f"model: {args.model}   layer: {explanation.layer}   method: {args.method}   input: {tuple(pixels.shape)}")
-    _say(f"prediction: {explanation.prediction}")
-    if explanation.target.index != explanation.prediction.index:
-        _say(f"explained:  {explanation.target}")
-    if explanation.references:
-        chosen = "given with --versus" if versus else references
-        _say(f"references ({chosen}, gamma {args.gamma:g}, {args.aggregation}):")
-        for reference in explanation.references:
-            _say(f"  {reference}")
+    options = {"layer": args.layer, "method": args.method, "references": references,
+               "num_references": args.num_references or 3, "gamma": args.gamma, "aggregation": args.aggregation}
+    if args.classes:
+        count = known_num_classes(loaded)
+        if count is not None and args.classes > count:
+            raise InvalidArgumentError(
+                f"--classes {args.classes} asks for the top {args.classes} predictions, but {loaded.spec} has {count} "
+                f"classes; give 1..{count}"
+            )
+        explanations = explain_top_classes(loaded, pixels, args.classes, **options)
     else:
-        _say("references: none (the model has a single class): the base CAM of y_c is shown")
+        explanations = (explain_image(loaded, pixels, target=target, versus=versus, **options),)  # type: ignore[arg-type]
+    first = explanations[0]
+    _say(f"model: {args.model}   layer: {first.layer}   method: {args.method}   input: {tuple(pixels.shape)}")
+    _say(f"prediction: {first.prediction}")
+    for explanation in explanations:
+        if len(explanations) > 1 or explanation.target.index != explanation.prediction.index:
+            _say(f"explained:  {explanation.target}")
+        if explanation.references:
+            chosen = "given with --versus" if versus else references
+            _say(f"references ({chosen}, gamma {args.gamma:g}, {args.aggregation}):")
+            for reference in explanation.references:
+                _say(f"  {reference}")
+        else:
+            _say("references: none (the model has a single class): the base CAM of y_c is shown")
     display = display_image(args.image, loaded.preprocess)
-    written = save_figure(out, display, explanation, args.method, args.gamma)
+    written = save_figure(out, display, explanations, args.method, args.gamma)
     _say(f"wrote {written}")
     return 0
+
+
+def _check_explain_options(args: argparse.Namespace) -> None:
+    """Refuse options of ``explain`` that contradict each other, before anything is loaded."""
+    if args.versus and (args.references is not None or args.num_references is not None):
+        given = "--references" if args.references is not None else "--num-references"
+        raise InvalidArgumentError(
+            f"--versus gives the reference classes themselves; {given} chooses them: give one or the other"
+        )
+    if args.classes and (args.target is not None or args.versus):
+        given = "--target" if args.target is not None else "--versus"
+        raise InvalidArgumentError(
+            f"--classes explains the top predictions, each against its own references; {given} names one class: "
+            "give one or the other"
+        )
 
 
 def _check_classes(indices: list[int], loaded: LoadedModel, option: str) -> None:

@@ -32,10 +32,12 @@ from finercam.methods import get_method
 from finercam.objectives import (
     AGGREGATIONS,
     ClassifierWeights,
+    ClassSets,
     References,
     Targets,
     classifier_matrix,
     contrast_terms,
+    resolve_class_sets,
     resolve_targets,
     select_references,
 )
@@ -205,7 +207,6 @@ class FinerCAM:
         Returns:
             A :class:`SweepResult` whose ``maps`` is ``(G, B, H, W)``. Arguments are those of :meth:`__call__`.
         """
-        images = _check_images(images)
         if isinstance(gammas, numbers.Real) or (isinstance(gammas, Tensor) and gammas.ndim == 0):
             raise InvalidTypeError("gammas must be a sequence of numbers, e.g. [0, 0.6, 2]; use cam(...) for one")
         if isinstance(gammas, Tensor) or hasattr(gammas, "__array__"):  # torch.linspace(0, 2, 5), a NumPy array
@@ -213,17 +214,70 @@ class FinerCAM:
         gamma_values = tuple(_check_gamma(g) for g in gammas)
         if not gamma_values:
             raise InvalidArgumentError("gammas is empty; give at least one comparison strength")
+        return self._run(images, gamma_values, lambda _logits: [targets], references, num_references, aggregation,
+                         classifier_weights)[0]
+
+    def explain_classes(
+        self,
+        images: Tensor,
+        classes: ClassSets = 3,
+        references: str = "nearest",
+        num_references: int = DEFAULT_NUM_REFERENCES,
+        gamma: float = DEFAULT_GAMMA,
+        aggregation: str = "mean",
+        classifier_weights: ClassifierWeights | None = None,
+    ) -> tuple[CAMResult, ...]:
+        r"""Explain several classes of every image from one forward pass.
+
+        ``results[k]`` explains class ``classes[b, k]`` of each image ``b`` against that class's own references,
+        exactly as ``cam(images, targets=classes[:, k], ...)`` would, but the forward pass (and, for Score-CAM, the
+        masked forwards) is shared by all ``K`` classes: only the vector-Jacobian products grow with ``K``.
+
+        Args:
+            images: ``(B, C, H, W)`` preprocessed images.
+            classes: an int ``K`` (each image's ``K`` top predictions, best first; the default 3), a list of ``K``
+                classes for every image, ``B`` lists of ``K`` classes, or a ``(B, K)`` integer tensor.
+            references: a strategy (``"nearest"``, ``"top"``, ``"weights"``), chosen for each class separately.
+            num_references, gamma, aggregation, classifier_weights: as for :meth:`__call__`.
+
+        Returns:
+            ``K`` :class:`CAMResult`, one per class slot.
+        """
+        if not isinstance(references, str):
+            raise InvalidArgumentError(
+                "explain_classes chooses the references of each class with a strategy (references='nearest', 'top' "
+                f"or 'weights'); got {type(references).__name__}. For references of your own, call cam(images, "
+                "targets=..., references=...) once per class"
+            )
+        value = _check_gamma(gamma)
+        sweeps = self._run(
+            images, (value,), lambda logits: list(resolve_class_sets(classes, logits).unbind(1)), references,
+            num_references, aggregation, classifier_weights,
+        )
+        return tuple(sweep.at(0) for sweep in sweeps)
+
+    def _run(
+        self,
+        images: Tensor,
+        gammas: tuple[float, ...],
+        target_sets: Callable[[Tensor], list[Targets]],
+        references: ReferenceSpec,
+        num_references: int,
+        aggregation: str,
+        classifier_weights: ClassifierWeights | None,
+    ) -> list[SweepResult]:
+        """Check the shared arguments, then explain each target set of ``target_sets(logits)`` in one pass."""
+        images = _check_images(images)
         if aggregation not in AGGREGATIONS:
             raise InvalidArgumentError(f"unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}")
         if isinstance(num_references, bool) or not isinstance(num_references, int) or num_references < 1:
             raise InvalidArgumentError(f"num_references must be an int >= 1; got {num_references!r}")
-
         device, dtype = infer_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype or images.dtype)
         with torch.inference_mode(False), preserved_model(self.model):
             self._resolve_layers(images)
             return self._explain(
-                images, gamma_values, targets, references, num_references, aggregation,
+                images, gammas, target_sets, references, num_references, aggregation,
                 classifier_weights if classifier_weights is not None else self.classifier_weights,
             )
 
@@ -231,18 +285,22 @@ class FinerCAM:
         self,
         images: Tensor,
         gammas: tuple[float, ...],
-        targets: Targets,
+        target_sets: Callable[[Tensor], list[Targets]],
         references: ReferenceSpec,
         num_references: int,
         aggregation: str,
         classifier_weights: ClassifierWeights | None,
-    ) -> SweepResult:
+    ) -> list[SweepResult]:
         method = self.method
         capture = forward_with_capture(self.model, images, self.layers, record_graph=method.uses_gradients)
         logits = capture.logits
-        target_classes = resolve_targets(targets, logits)
         weights = classifier_matrix(classifier_weights, logits.shape[1])
-        chosen = select_references(references, logits, target_classes, num_references, weights)
+        objectives = []
+        for targets in target_sets(logits):
+            target_classes = resolve_targets(targets, logits)
+            objectives.append(
+                (target_classes, select_references(references, logits, target_classes, num_references, weights))
+            )
         gamma = torch.tensor(gammas, dtype=logits.dtype, device=logits.device)
         if not bool(gamma.isfinite().all()):
             too_large = [g for g, value in zip(gammas, gamma.tolist(), strict=True) if not math.isfinite(value)]
@@ -253,29 +311,28 @@ class FinerCAM:
 
         reshapes = self._reshapes(capture.activations, images)
         if method.uses_gradients:
-            raw, baseline = self._gradient_maps(
-                capture.activations, reshapes, logits, target_classes, chosen, aggregation, gamma
-            )
+            per_objective = self._gradient_maps(capture.activations, reshapes, logits, objectives, aggregation, gamma)
         else:
-            raw, baseline = self._score_maps(
-                capture.activations, reshapes, images, target_classes, chosen, aggregation, gamma
-            )
+            per_objective = self._score_maps(capture.activations, reshapes, images, objectives, aggregation, gamma)
 
         size = (images.shape[-2], images.shape[-1])
-        return SweepResult(
-            maps=fuse_layers(raw, size),
-            baseline_maps=fuse_layers(baseline, size),
-            logits=logits.detach(),
-            targets=target_classes,
-            references=chosen.indices,
-            method=method.name,
-            aggregation=aggregation,
-            reference_strategy=chosen.strategy,
-            layers=tuple(layer.name for layer in self.layers),
-            layer_raw_maps=tuple(raw),
-            layer_baseline_raw_maps=tuple(baseline),
-            gammas=gammas,
-        )
+        return [
+            SweepResult(
+                maps=fuse_layers(raw, size),
+                baseline_maps=fuse_layers(baseline, size),
+                logits=logits.detach(),
+                targets=target_classes,
+                references=chosen.indices,
+                method=method.name,
+                aggregation=aggregation,
+                reference_strategy=chosen.strategy,
+                layers=tuple(layer.name for layer in self.layers),
+                layer_raw_maps=tuple(raw),
+                layer_baseline_raw_maps=tuple(baseline),
+                gammas=gammas,
+            )
+            for (target_classes, chosen), (raw, baseline) in zip(objectives, per_objective, strict=True)
+        ]
 
     def _reshapes(self, activations: tuple[Tensor, ...], images: Tensor) -> list[Reshape | None]:
         """The reshape of each layer: the user's, or inferred from its activation and the image size."""
@@ -297,52 +354,56 @@ class FinerCAM:
         activations: tuple[Tensor, ...],
         reshapes: list[Reshape | None],
         logits: Tensor,
-        targets: Tensor,
-        references: References,
+        objectives: list[tuple[Tensor, References]],
         aggregation: str,
         gamma: Tensor,
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Raw maps ``(G, B, h, w)`` and baseline raw maps ``(B, h, w)`` per layer, from two or three VJPs."""
-        u, v = contrast_terms(logits, targets, references, aggregation)
-        rows = [u, v]
-        if aggregation != "mean":  # with "mean", u is y_c itself
-            rows.append(logits.gather(1, targets[:, None]).squeeze(1).to(u.dtype))
+    ) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """For each (targets, references) objective: raw maps ``(G, B, h, w)`` and baseline raw maps ``(B, h, w)``
+        per layer, from two or three VJPs per objective over the one recorded graph."""
+        rows = []
+        for targets, references in objectives:
+            u, v = contrast_terms(logits, targets, references, aggregation)
+            rows += [u, v]
+            if aggregation != "mean":  # with "mean", u is y_c itself
+                rows.append(logits.gather(1, targets[:, None]).squeeze(1).to(u.dtype))
         gradients = vector_jacobian_products(torch.stack(rows), activations, [layer.name for layer in self.layers])
         compute = self.method.compute
         assert compute is not None
-        raw_per_layer, baseline_per_layer = [], []
+        width = len(rows) // len(objectives)
+        results: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in objectives]
         for activation, gradient, reshape in zip(activations, gradients, reshapes, strict=True):
             maps = to_maps(activation.detach(), reshape)
-            grads = self._stacked_maps(gradient, reshape)
-            if self.method.linear_in_gradient:
-                terms = compute(maps, grads)
-                raw = terms[0] - gamma[:, None, None, None] * terms[1]
-                baseline = terms[0] if aggregation == "mean" else terms[2]
-            else:
-                raw = compute(maps, grads[0] - gamma[:, None, None, None, None] * grads[1])
-                baseline = compute(maps, grads[0] if aggregation == "mean" else grads[2])
-            raw_per_layer.append(raw)
-            baseline_per_layer.append(baseline)
-        return raw_per_layer, baseline_per_layer
+            stacked = self._stacked_maps(gradient, reshape)
+            for index, (raw_per_layer, baseline_per_layer) in enumerate(results):
+                grads = stacked[index * width:(index + 1) * width]
+                if self.method.linear_in_gradient:
+                    terms = compute(maps, grads)
+                    raw = terms[0] - gamma[:, None, None, None] * terms[1]
+                    baseline = terms[0] if aggregation == "mean" else terms[2]
+                else:
+                    raw = compute(maps, grads[0] - gamma[:, None, None, None, None] * grads[1])
+                    baseline = compute(maps, grads[0] if aggregation == "mean" else grads[2])
+                raw_per_layer.append(raw)
+                baseline_per_layer.append(baseline)
+        return results
 
     def _score_maps(
         self,
         activations: tuple[Tensor, ...],
         reshapes: list[Reshape | None],
         images: Tensor,
-        targets: Tensor,
-        references: References,
+        objectives: list[tuple[Tensor, References]],
         aggregation: str,
         gamma: Tensor,
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Score-CAM raw maps per layer: one set of masked forwards serves every gamma and the baseline."""
+    ) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """Score-CAM raw maps per layer and objective: one set of masked forwards serves every objective, every
+        gamma and the baseline."""
         forward: Callable[[Tensor], Tensor] = lambda batch: extract_logits(self.model(batch))  # noqa: E731
-        raw_per_layer, baseline_per_layer = [], []
+        results: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in objectives]
         for activation, reshape in zip(activations, reshapes, strict=True):
             maps = to_maps(activation, reshape)
-            u, v, target_logit = channel_scores(
-                forward, images, maps, targets, references, aggregation, self.score_batch_size
-            )
-            raw_per_layer.append(score_cam_maps(maps, u - gamma[:, None, None] * v))
-            baseline_per_layer.append(score_cam_maps(maps, target_logit))
-        return raw_per_layer, baseline_per_layer
+            scores = channel_scores(forward, images, maps, objectives, aggregation, self.score_batch_size)
+            for (raw_per_layer, baseline_per_layer), (u, v, target_logit) in zip(results, scores, strict=True):
+                raw_per_layer.append(score_cam_maps(maps, u - gamma[:, None, None] * v))
+                baseline_per_layer.append(score_cam_maps(maps, target_logit))
+        return results

@@ -41,7 +41,7 @@ class ImageExplanation:
     Attributes:
         result: the explanation at the chosen gamma.
         sweep: the same target and references at the chosen gamma and every other one asked for (``sweep.gammas[0]``
-            is the chosen one), all from the same forward pass.
+            is the chosen one), all from the same forward pass; ``None`` from :func:`explain_top_classes`.
     """
 
     prediction: ClassScore
@@ -49,7 +49,7 @@ class ImageExplanation:
     references: tuple[ClassScore, ...]
     result: CAMResult
     layer: str
-    sweep: SweepResult
+    sweep: SweepResult | None
 
 
 def class_name(names: tuple[str, ...] | None, index: int) -> str:
@@ -127,15 +127,7 @@ def explain_image(
     if versus is not None:
         return _explain_versus(loaded, pixels, chosen_layer, method, target, list(versus), gamma, aggregation,
                                other_gammas)
-    weights = None
-    if references == "weights":
-        weights = last_linear(loaded.model)
-        if weights is None:
-            raise InvalidArgumentError(
-                "--references weights needs a model whose last layer is a linear classifier (torch.nn.Linear), whose "
-                f"weight rows give the class similarities; {loaded.spec} has none (a TorchScript or wrapped model "
-                "hides it). Use --references nearest or --references top"
-            )
+    weights = _classifier_rows(loaded, references)
     cam = FinerCAM(loaded.model, chosen_layer, method)
     try:
         sweep = cam.sweep(
@@ -143,14 +135,58 @@ def explain_image(
             num_references=num_references, aggregation=aggregation, classifier_weights=weights,
         )
     except InvalidArgumentError as error:
-        if weights is None or "classifier_weights" not in str(error):
-            raise
+        raise _not_the_classifier(loaded, weights, error) from None
+    return _explanation(loaded, cam, sweep.at(0), sweep)
+
+
+def explain_top_classes(
+    loaded: LoadedModel,
+    pixels: Tensor,
+    count: int,
+    *,
+    layer: str | None = None,
+    method: str = "gradcam",
+    references: str = "nearest",
+    num_references: int = 3,
+    gamma: float = 0.6,
+    aggregation: str = "mean",
+) -> tuple[ImageExplanation, ...]:
+    """Explain each of the ``count`` top predictions of one image ``(3, H, W)`` against its own references, from one
+    forward pass (:meth:`FinerCAM.explain_classes`); best first. Their ``sweep`` is ``None``."""
+    weights = _classifier_rows(loaded, references)
+    cam = FinerCAM(loaded.model, layer or loaded.target_layer or "auto", method)
+    try:
+        results = cam.explain_classes(pixels[None], classes=count, references=references,
+                                      num_references=num_references, gamma=gamma, aggregation=aggregation,
+                                      classifier_weights=weights)
+    except InvalidArgumentError as error:
+        raise _not_the_classifier(loaded, weights, error) from None
+    return tuple(_explanation(loaded, cam, result) for result in results)
+
+
+def _classifier_rows(loaded: LoadedModel, references: str) -> nn.Linear | None:
+    """The last linear layer for ``references="weights"`` (else ``None``), or an error when the model has none."""
+    if references != "weights":
+        return None
+    weights = last_linear(loaded.model)
+    if weights is None:
         raise InvalidArgumentError(
-            f"--references weights takes the rows of the last linear layer of {loaded.spec} as the classes, but it "
-            f"has {weights.out_features} rows, not one per class of the model's output: it is not the classifier. "
-            "Use --references nearest or --references top"
-        ) from None
-    return _explanation(loaded, cam, sweep)
+            "--references weights needs a model whose last layer is a linear classifier (torch.nn.Linear), whose "
+            f"weight rows give the class similarities; {loaded.spec} has none (a TorchScript or wrapped model "
+            "hides it). Use --references nearest or --references top"
+        )
+    return weights
+
+
+def _not_the_classifier(loaded: LoadedModel, weights: nn.Linear | None, error: InvalidArgumentError) -> Exception:
+    """``error``, or, when the last linear layer's rows are not one per class, an error that says so."""
+    if weights is None or "classifier_weights" not in str(error):
+        return error
+    return InvalidArgumentError(
+        f"--references weights takes the rows of the last linear layer of {loaded.spec} as the classes, but it "
+        f"has {weights.out_features} rows, not one per class of the model's output: it is not the classifier. "
+        "Use --references nearest or --references top"
+    )
 
 
 def _explain_versus(
@@ -184,12 +220,13 @@ def _explain_versus(
         with torch.no_grad():  # only on this error path: which class the model predicts
             predicted = int(extract_logits(loaded.model(pixels[None])).argmax())
         raise own_reference(predicted, "the top prediction, explained by default") from None
-    return _explanation(loaded, cam, sweep)
+    return _explanation(loaded, cam, sweep.at(0), sweep)
 
 
-def _explanation(loaded: LoadedModel, cam: FinerCAM, sweep: SweepResult) -> ImageExplanation:
-    """The :class:`ImageExplanation` of a one-image sweep: prediction, target and references with probabilities."""
-    result = sweep.at(0)
+def _explanation(
+    loaded: LoadedModel, cam: FinerCAM, result: CAMResult, sweep: SweepResult | None = None
+) -> ImageExplanation:
+    """The :class:`ImageExplanation` of one image's result: prediction, target and references with probabilities."""
     probabilities = result.probabilities[0]
     names = loaded.class_names
 
@@ -206,24 +243,35 @@ def _explanation(loaded: LoadedModel, cam: FinerCAM, sweep: SweepResult) -> Imag
     )
 
 
-def save_figure(path: Path, display: Tensor, explanation: ImageExplanation, method: str, gamma: float) -> Path:
-    """Image | base CAM | Finer-CAM, titled with the classes and probabilities."""
+def save_figure(
+    path: Path, display: Tensor, explanation: ImageExplanation | Sequence[ImageExplanation], method: str,
+    gamma: float,
+) -> Path:
+    """Image | base CAM | Finer-CAM, titled with the classes and probabilities; one row per explanation (several:
+    the classes of :func:`explain_top_classes`)."""
     from finercam import viz
 
+    explanations = [explanation] if isinstance(explanation, ImageExplanation) else list(explanation)
     title = get_method(method).title
-    result = explanation.result
     size = display.shape[-2:]
-    maps = [
-        torch.nn.functional.interpolate(m[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-        for m in (result.baseline_maps, result.maps)
-    ]
-    versus = ", ".join(f"{r.name} ({r.probability:.2f})" for r in explanation.references) or "no reference class"
+
+    def upsampled(maps: Tensor) -> Tensor:
+        return torch.nn.functional.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+    def versus(one: ImageExplanation) -> str:
+        return ", ".join(f"{r.name} ({r.probability:.2f})" for r in one.references) or "no reference class"
+
     columns = [
-        viz.Column("image", captions=[f"predicted: {explanation.prediction}"]),
-        viz.Column(f"{title}", maps[0].cpu(), captions=[f"explains {explanation.target.name}"]),
-        viz.Column(f"Finer-CAM γ={gamma:g}", maps[1].cpu(), captions=[f"vs {versus}"]),
+        viz.Column("image", captions=[f"predicted: {one.prediction}" if row == 0 else f"prediction {row + 1}"
+                                      for row, one in enumerate(explanations)]),
+        viz.Column(f"{title}", torch.cat([upsampled(one.result.baseline_maps) for one in explanations]).cpu(),
+                   captions=[f"explains {one.target}" if len(explanations) > 1 else f"explains {one.target.name}"
+                             for one in explanations]),
+        viz.Column(f"Finer-CAM γ={gamma:g}", torch.cat([upsampled(one.result.maps) for one in explanations]).cpu(),
+                   captions=[f"vs {versus(one)}" for one in explanations]),
     ]
-    return viz.save_comparison(path, display[None].cpu(), columns, panel_inches=3.2)
+    pictures = display[None].expand(len(explanations), -1, -1, -1).cpu()
+    return viz.save_comparison(path, pictures, columns, panel_inches=3.2)
 
 
 def display_image(image: str | Path | Image.Image, preprocess: Preprocess) -> Tensor:

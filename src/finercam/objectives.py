@@ -113,6 +113,61 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
     return resolved
 
 
+ClassSets = int | Tensor | Sequence[int] | Sequence[Sequence[int]]
+
+
+def resolve_class_sets(classes: ClassSets, logits: Tensor) -> Tensor:
+    """The ``(B, K)`` classes to explain per image for :meth:`finercam.FinerCAM.explain_classes`.
+
+    Args:
+        classes: an int ``K`` (each image's ``K`` top predictions, best first), a list of ``K`` classes for every
+            image, a list of ``B`` lists of ``K`` classes, or a ``(B, K)`` integer tensor.
+        logits: the class scores ``(B, C)``.
+    """
+    batch, num_classes = logits.shape
+    if _is_integer(_scalar(classes)):
+        count = int(_scalar(classes))  # type: ignore[call-overload]
+        if not 1 <= count <= num_classes:
+            raise InvalidArgumentError(
+                f"classes={count} asks for the top {count} predictions, but the model has {num_classes} classes; "
+                f"give 1..{num_classes}, or the classes themselves"
+            )
+        return logits.detach().float().topk(count, dim=1).indices
+    if hasattr(classes, "__array__") and not isinstance(classes, Tensor):
+        classes = torch.as_tensor(classes)  # type: ignore[arg-type]
+    if isinstance(classes, Sequence) and not isinstance(classes, str | bytes):
+        rows = [[_scalar(c) for c in row] if isinstance(row, Sequence) else _scalar(row) for row in classes]
+        if rows and all(_is_integer(row) for row in rows):
+            rows = [rows] * batch  # the same classes for every image
+        if not rows or not all(isinstance(row, list) and row and all(_is_integer(c) for c in row) for row in rows):
+            raise InvalidTypeError(
+                f"classes must be an int K (top-K predictions), a list of classes, a list of {batch} lists of "
+                f"classes or a (B, K) integer tensor; got {classes!r}"
+            )
+        if len(rows) != batch or len({len(row) for row in rows}) != 1:  # type: ignore[arg-type]
+            raise InvalidArgumentError(
+                f"classes gives {len(rows)} lists of lengths {sorted({len(row) for row in rows})}; expected {batch} "  # type: ignore[arg-type]
+                "lists (one per image) of the same length K, or one list for every image"
+            )
+        classes = torch.tensor(rows, dtype=torch.long)
+    if not isinstance(classes, Tensor):
+        raise InvalidTypeError(
+            f"classes must be an int, a list of classes or a (B, K) integer tensor; got {type(classes).__name__}"
+        )
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise InvalidTypeError(f"classes must hold integer class indices; got a tensor of dtype {classes.dtype}")
+    if classes.ndim == 1:
+        classes = classes[None].expand(batch, -1)
+    if classes.ndim != 2 or classes.shape[0] != batch or classes.shape[1] < 1:
+        raise InvalidArgumentError(
+            f"classes has shape {tuple(classes.shape)}; expected (B, K) = ({batch}, K) with K >= 1, or (K,) for "
+            "every image"
+        )
+    resolved = classes.to(device=logits.device, dtype=torch.long)
+    _check_classes(resolved, num_classes, "class")
+    return resolved
+
+
 def _ranked_excluding_target(
     keys: Tensor, targets: Tensor, count: int, logits: Tensor, *, descending: bool
 ) -> Tensor:

@@ -11,7 +11,7 @@ Masked inputs of all images and channels are evaluated together in batches of ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,33 +27,32 @@ def channel_scores(
     forward: Callable[[Tensor], Tensor],
     images: Tensor,
     activation_maps: Tensor,
-    targets: Tensor,
-    references: References,
+    objectives: Sequence[tuple[Tensor, References]],
     aggregation: str,
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
-    """Scores of every channel-masked input.
+    """Scores of every channel-masked input, for each objective, from one set of masked forwards.
 
     Args:
         forward: ``images -> logits`` (no hooks, no grad).
         images: ``(B, 3, H, W)``.
         activation_maps: ``A`` of shape ``(B, K, h, w)``.
-        targets: ``(B,)`` target classes.
-        references: the images' reference classes.
+        objectives: ``(targets, references)`` pairs: ``(B,)`` target classes and the images' reference classes.
         aggregation: see :func:`finercam.objectives.contrast_terms`.
         batch_size: masked inputs per forward pass.
         progress: optional callback ``(done, total)``.
 
     Returns:
-        ``(3, B, K)``: the terms ``u`` and ``v`` of the contrastive score and the target logit ``y_c``.
+        ``(N, 3, B, K)`` for ``N`` objectives: the terms ``u`` and ``v`` of the contrastive score and the target
+        logit ``y_c``.
     """
     batch, channels = activation_maps.shape[:2]
     size = images.shape[-2:]
     total = batch * channels
     image_index = torch.arange(batch, device=images.device).repeat_interleave(channels)
     channel_index = torch.arange(channels, device=images.device).repeat(batch)
-    scores = torch.empty(3, total, dtype=activation_maps.dtype, device=activation_maps.device)
+    scores = torch.empty(len(objectives), 3, total, dtype=activation_maps.dtype, device=activation_maps.device)
     with torch.no_grad():
         for start in range(0, total, batch_size):
             rows = slice(start, min(start + batch_size, total))
@@ -62,14 +61,15 @@ def channel_scores(
             masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
             masks = minmax(masks, CHANNEL_NORMALISATION_EPS)
             logits = forward(images[owners] * masks)
-            owner_references = References(references.indices[owners], references.strategy)
-            u, v = contrast_terms(logits, targets[owners], owner_references, aggregation)
-            scores[0, rows] = u
-            scores[1, rows] = v
-            scores[2, rows] = logits.gather(1, targets[owners][:, None]).squeeze(1)
+            for index, (targets, references) in enumerate(objectives):
+                owner_references = References(references.indices[owners], references.strategy)
+                u, v = contrast_terms(logits, targets[owners], owner_references, aggregation)
+                scores[index, 0, rows] = u
+                scores[index, 1, rows] = v
+                scores[index, 2, rows] = logits.gather(1, targets[owners][:, None]).squeeze(1)
             if progress is not None:
                 progress(rows.stop, total)
-    return scores.reshape(3, batch, channels)
+    return scores.reshape(len(objectives), 3, batch, channels)
 
 
 def score_cam_maps(activation_maps: Tensor, channel_score: Tensor) -> Tensor:

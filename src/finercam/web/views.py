@@ -204,6 +204,7 @@ def explain_view(
     )
     display = display_image(rgb, loaded.preprocess)
     result, sweep = explanation.result, explanation.sweep
+    assert sweep is not None  # explain_image always sweeps
     title = get_method(method).title
     versus = ", ".join(r.name for r in explanation.references) or "no reference class"
     predicted = explanation.prediction
