@@ -93,7 +93,7 @@ def test_results_without_values_are_strict_json() -> None:
     text = json.dumps(strict_json({"rows": summary.rows}), allow_nan=False)
     assert _strict(text)["rows"][0]["metrics"]["pointing"] == {"mean": None, "low": None, "high": None, "n": 0}
     pointing = next(line for line in csv_text(summary).splitlines() if line.startswith("gradcam,0,False,pointing"))
-    assert pointing == "gradcam,0,False,pointing,True,,,,0,,,"  # empty cells, not "nan"
+    assert pointing == "gradcam,0,False,pointing,True,,,,0,,,,0.000000"  # empty cells, not "nan"
 
 
 # 2. localization without annotations

@@ -10,9 +10,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def whole_number(text: str, rule: str) -> int:
+    """``text`` as an ``int``, or an error stating ``rule`` (what the option accepts) for text that is not one."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}") from None
+
+
+def number(text: str, rule: str) -> float:
+    """``text`` as a ``float``, or an error stating ``rule`` for text that is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """A whole number >= 1."""
-    value = int(text)
+    value = whole_number(text, "must be a whole number >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
     return value
@@ -20,7 +36,7 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """A whole number >= 0."""
-    value = int(text)
+    value = whole_number(text, "must be a whole number >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
     return value
@@ -28,15 +44,16 @@ def non_negative_int(text: str) -> int:
 
 def gamma(text: str) -> float:
     """A comparison strength: a finite number >= 0 (0 explains the target alone)."""
-    value = float(text)
+    rule = "must be a finite number >= 0 (0 is the base CAM)"
+    value = number(text, rule)
     if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 is the base CAM), got {text}")
+        raise argparse.ArgumentTypeError(f"{rule}, got {text}")
     return value
 
 
 def finite_float(text: str) -> float:
     """A finite number (not NaN or infinite)."""
-    value = float(text)
+    value = number(text, "must be a finite number")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value

@@ -30,6 +30,7 @@ from finercam.argtypes import (
     non_negative_float,
     output_dir,
     output_file,
+    whole_number,
 )
 from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import non_negative_int as _non_negative_int
@@ -51,12 +52,12 @@ def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """An argument type for a whole number from ``low`` to ``high`` (the bound named in the error)."""
 
     def parse(text: str) -> int:
-        value = int(text)
+        rule = f"must be a whole number from {low} to {high}"
+        value = whole_number(text, rule)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text}")
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
         return value
 
-    parse.__name__ = "int"  # argparse names the type when int() refuses the text: "invalid int value: 'x'"
     return parse
 
 

@@ -244,7 +244,7 @@ def _headline(runs: Sequence[ModelRun], ks: Sequence[float]) -> str:
 
 
 def _protocol(runs: Sequence[ModelRun], args: argparse.Namespace) -> str:
-    ks = ", ".join(f"{k:.0%}" for k in args.ks)
+    ks = ", ".join(f"{100 * k:g}%" for k in args.ks)
     config = runs[0].test.config
     models = "".join(
         f"<li><code>{html.escape(run.spec.name)}</code>: accuracy on this test set {run.accuracy:.1%}; target layer "

@@ -20,11 +20,12 @@ the resize and crop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -65,6 +66,10 @@ class Regions(Protocol):
     description: str
     root: Path  # image paths are matched relative to this folder
 
+    def identity(self) -> dict[str, Any]:
+        """What the regions are (kind, radius, source and a hash of the annotations): recorded with the results, and a
+        resumed evaluation must have the same."""
+
     def annotated(self, paths: Sequence[Path]) -> list[bool]:
         """Whether each image has a region; raises :class:`InvalidArgumentError` for one that cannot fit its image."""
 
@@ -92,6 +97,11 @@ def _transform_points(points: Tensor, item: ImageItem, preprocess: Preprocess) -
     return points.double() * scale + shift
 
 
+def _digest(value: object) -> str:
+    """A short SHA-256 of a JSON-like value (the annotations as read), the same for the same content."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _relative(path: Path, root: Path) -> str | None:
     try:
         return path.resolve().relative_to(root.resolve()).as_posix()
@@ -115,6 +125,10 @@ class SynthRegions:
         size = self.config.image_size
         self._maps = {record["path"]: record["part_map"] for record in annotation["images"]}
         self._decode = lambda text: torch.from_numpy(decode_part_map(text, size).copy())
+        self._identity = {"kind": "difference", "source": str(path.resolve()), "sha256": _digest(annotation)}
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self._identity)
 
     def annotated(self, paths: Sequence[Path]) -> list[bool]:
         """Whether each image is one of the dataset's (its path relative to the annotations' folder is listed)."""
@@ -158,6 +172,11 @@ class BoxKeypointRegions:
         self.root, self.entries, self.kind, self.radius = root, entries, kind, keypoint_radius
         self.description, self.source, self.tail = description, source, tail
         self._checked: dict[Path, bool] = {}
+        self._digest = _digest(entries)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "keypoint_radius": self.radius if self.kind == "parts" else None,
+                "source": self.source, "root": str(self.root.resolve()), "sha256": self._digest}
 
     def _entry(self, path: Path) -> tuple[str | None, dict | None]:
         """The image's key and its entry when it has a region of this kind. The key is the path relative to

@@ -23,10 +23,10 @@ import torch
 import finercam
 from finercam.argtypes import gamma, non_negative_float, non_negative_int, output_dir, positive_float, positive_int
 from finercam.errors import InvalidArgumentError, MissingDependencyError
-from finercam.evaluation.annotations import REGION_KINDS, check_coverage, load_regions
+from finercam.evaluation.annotations import REGION_KINDS, Regions, check_coverage, load_regions
 from finercam.evaluation.inputs import check_arguments, linear_head, metric_groups
 from finercam.evaluation.runner import TARGETS, EvaluationOptions, evaluate_dataset
-from finercam.evaluation.scoring import METRIC_GROUPS, ScoreOptions, normalised_zero
+from finercam.evaluation.scoring import METRIC_GROUPS, ScoreOptions, normalised_zero, pixel_fill
 from finercam.evaluation.summary import csv_text, markdown, strict_json, summarize
 from finercam.images import image_folder
 from finercam.methods import METHODS
@@ -47,7 +47,10 @@ def _fill(text: str) -> str | float:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], e.g. 0.05; got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], e.g. 0.05; got {text}")
     return value
@@ -83,7 +86,8 @@ def add_command(
     parser.add_argument("--ks", nargs="+", type=_fraction, default=list(DEFAULT_KS), help="RD fractions")
     parser.add_argument("--fill", type=_fill, default="mean",
                         help=f"what removed pixels become: {', '.join(FILLS)} or a number (default: mean, i.e. zero "
-                        "in the model's normalised space)")
+                        "in the model's normalised space; zero is black and a number a pixel value in [0, 1], "
+                        "whatever the normalisation)")
     parser.add_argument("--blur-sigma", type=positive_float,
                         help="for --fill blur, pixels > 0 (default 2.5%% of the longer side)")
     parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="deletion / insertion steps")
@@ -120,6 +124,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from finercam.explain_image import known_num_classes
     from finercam.models import load_model
 
     check_arguments(args)  # everything that can be checked before the model loads and the images are read
@@ -145,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.fill == "mean" and fill_mean is None:
         raise InvalidArgumentError("the model's normalisation is unknown, so --fill mean (zero in normalised space) "
                                    "is undefined; give --fill zero, image-mean, blur or a number")
-    score = replace(score, fill_mean=fill_mean)
+    score = replace(score, fill_mean=fill_mean,
+                    fill_pixels=pixel_fill(args.fill, loaded.preprocess.mean, loaded.preprocess.std))
     options = EvaluationOptions(
         methods=tuple(dict.fromkeys(args.methods)), gammas=tuple(args.gammas), target=args.target,
         references=args.references, num_references=args.num_references, aggregation=args.aggregation,
@@ -159,33 +165,50 @@ def _run(args: argparse.Namespace) -> int:
     print(f"finercam evaluate: {len(items)} images from {args.data}, model {args.model}, methods "
           f"{list(options.methods)}, gammas {list(options.gammas)}, metrics {score.names(regions is not None)}",
           flush=True)
-    for line in (note and f"{note}; accuracy is not reported for them", coverage):
+    classes = known_num_classes(loaded)
+    if classes is not None and args.num_references > classes - 1:
+        note_lines = [f"--num-references {args.num_references} is more than the {classes - 1} other classes: each "
+                      f"image is contrasted with all {classes - 1}"]
+    else:
+        note_lines = []
+    for line in (note and f"{note}; accuracy is not reported for them", coverage, *note_lines):
         if line:
             print(f"note: {line}", flush=True)
     records = evaluate_dataset(
         loaded.model, loaded.preprocess, items, out, options, class_names=loaded.class_names, regions=regions,
         workers=args.workers, restart=args.restart, data_description=data, classifier_weights=head,
-        model_description=model,
+        model_description=model, log=lambda line: print(f"note: {line}", flush=True),
     )
     summary = summarize(records, options.methods, options.gammas, correct_only=options.correct_only,
                         resamples=args.resamples, seed=args.seed)
-    written = _write(out, summary, options, args, regions.description if regions else None, description)
+    written = _write(out, summary, options, args, regions, description)
+    if summary.n_images == 0 and summary.skipped:
+        for item in summary.skipped[:5]:
+            print(f"  skipped {item['path']}: {item['reason']}", file=sys.stderr)
+        raise InvalidArgumentError(
+            f"no image could be evaluated: all {len(summary.skipped)} files of {args.data} are unreadable (the "
+            "first are listed above; every one is in results.json)"
+        )
     print(markdown(summary))
     if summary.accuracy is not None:
-        print(f"accuracy {summary.accuracy:.1%}; skipped {len(summary.skipped)} unreadable files")
+        print(f"accuracy {summary.accuracy:.1%}")
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} unreadable file(s), e.g. {summary.skipped[0]['path']}: "
+              f"{summary.skipped[0]['reason']} (all in results.json)")
     for path in written:
         print(f"wrote {path}")
     return 0
 
 
-def _write(out: Path, summary: Any, options: EvaluationOptions, args: argparse.Namespace, regions: str | None,
+def _write(out: Path, summary: Any, options: EvaluationOptions, args: argparse.Namespace, regions: Regions | None,
            description: str) -> list[Path]:
     from finercam.evaluation.plots import curves_figure, gamma_figure
 
     result = {
         "finercam_version": finercam.__version__, "torch_version": torch.__version__, "data": description,
         "model": args.model, "weights": args.weights, "head": args.head, "preprocess": args.preprocess,
-        "options": asdict(options), "regions": regions, "n_images": summary.n_images,
+        "options": asdict(options), "regions": regions.description if regions else None,
+        "regions_source": regions.identity() if regions else None, "n_images": summary.n_images,
         "accuracy": summary.accuracy, "skipped": summary.skipped, "confidence_level": summary.level,
         "bootstrap": {"resamples": args.resamples, "seed": args.seed}, "rows": summary.rows,
         "curves": summary.curves,

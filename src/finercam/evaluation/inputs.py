@@ -47,6 +47,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_apart(data, args.out, "evaluation")
     if args.blur_sigma is not None and args.fill != "blur":
         raise InvalidArgumentError(f"--blur-sigma applies to --fill blur only, but --fill is {args.fill!r}")
+    for option, value in (("--regions", args.regions), ("--keypoint-radius", args.keypoint_radius)):
+        if value is not None and not args.annotations:
+            raise InvalidArgumentError(f"{option} chooses among the regions of --annotations, which is not given")
+    repeated = sorted({k for k in args.ks if args.ks.count(k) > 1})
+    if repeated:
+        raise InvalidArgumentError(f"--ks repeats {repeated}: give each RD fraction once")
 
 
 def linear_head(model: nn.Module, spec: str, num_classes: int | None) -> nn.Linear:

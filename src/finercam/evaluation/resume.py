@@ -11,29 +11,67 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from finercam.errors import InvalidArgumentError
 from finercam.mappings import differences
 
-PROGRESS, PROGRESS_CONFIG = "progress.jsonl", "progress-config.json"
+PROGRESS, PROGRESS_CONFIG, LOCK = "progress.jsonl", "progress-config.json", ".lock"
 FREE_OPTIONS = ("batch_size", "score_batch_size", "correct_only")
 """Options that do not change per-image results, so a resumed evaluation may change them."""
 FREE_SCORE_OPTIONS = ("pass_size",)
+SCORE_OPTIONS_OF = {"ks": ("rd",), "steps": ("deletion", "insertion"), "tolerance": ("pointing",),
+                    "fill": ("rd", "deletion", "insertion"), "fill_mean": ("rd", "deletion", "insertion"),
+                    "fill_pixels": ("rd", "deletion", "insertion"), "blur_sigma": ("rd", "deletion", "insertion")}
+"""The metric groups each score option affects: an option none of the computed groups uses may change on resume."""
+_RESTART = "pass --restart to discard it, or choose another --out"
 
 
 def comparable(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON view of ``asdict(EvaluationOptions)`` without the options a resumed evaluation may change."""
+    """The JSON view of ``asdict(EvaluationOptions)`` without the options a resumed evaluation may change (batch
+    sizes, and score options of metric groups it does not compute)."""
     view = json.loads(json.dumps(options, default=str))
-    score = {k: v for k, v in view.get("score", {}).items() if k not in FREE_SCORE_OPTIONS}
+    metrics = set(view.get("score", {}).get("metrics", ()))
+    score = {k: v for k, v in view.get("score", {}).items()
+             if k not in FREE_SCORE_OPTIONS and metrics & set(SCORE_OPTIONS_OF.get(k, metrics))}
     return {**{k: v for k, v in view.items() if k not in FREE_OPTIONS}, "score": score}
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` while an evaluation writes to ``out``: a second one into the same folder (another terminal,
+    a job started twice) is refused instead of appending the same images again. Where ``fcntl`` is missing
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOCK).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidArgumentError(
+                f"another finercam evaluate is writing to {str(out)!r}; wait for it to finish (then rerun to resume), "
+                "or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_progress(out: Path) -> list[dict[str, Any]]:
     """The finished batches in ``out/progress.jsonl``; a last line cut short by a crash is dropped (and truncated
-    away so that appending goes on cleanly)."""
+    away so that appending goes on cleanly).
+
+    Raises:
+        InvalidArgumentError: another line is not a batch record (the file was edited or damaged), naming the line.
+    """
     path = out / PROGRESS
     if not path.is_file():
         return []
@@ -42,7 +80,33 @@ def read_progress(out: Path) -> list[dict[str, Any]]:
     if len(complete) != len(data):
         with path.open("r+b") as handle:
             handle.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(complete.decode(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidArgumentError(f"{str(path)!r} line {number} is not JSON ({error.msg}); {_RESTART}") from None
+        missing = [key for key in ("batch", "images", "values", "skipped") if not isinstance(record, dict)
+                   or key not in record]
+        if missing or not isinstance(record["batch"], int):
+            raise InvalidArgumentError(f"{str(path)!r} line {number} is not a batch record (it lacks "
+                                       f"{missing or ['an integer batch']}); {_RESTART}")
+        records.append(record)
+    return records
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(
+            f"{str(path)!r} is not the JSON an evaluation writes ({error}); {_RESTART}"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("options", {}), dict):
+        raise InvalidArgumentError(f"{str(path)!r} is not the JSON an evaluation writes (no options); {_RESTART}")
+    return config
 
 
 def done_indices(records: list[dict[str, Any]], batch_size: int, total: int) -> set[int]:
@@ -75,8 +139,8 @@ def prepare_out(out: Path, options: Mapping[str, Any], extra: Mapping[str, Any],
     elif progress_path.is_file():
         if not config_path.is_file():
             raise InvalidArgumentError(f"{str(out)!r} holds {PROGRESS} but not {PROGRESS_CONFIG}, so its options are "
-                                       "unknown; pass --restart to discard it, or choose another --out")
-        previous = json.loads(config_path.read_text())
+                                       f"unknown; {_RESTART}")
+        previous = _read_config(config_path)
         done = done_indices(read_progress(out), int(previous.get("options", {}).get("batch_size", 1)), total)
         changed = differences(comparable(previous.get("options", {})), comparable(record["options"]))
         changed += differences(_extra(previous, extra), _extra(record, extra))

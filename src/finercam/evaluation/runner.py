@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from finercam.errors import InvalidArgumentError
 from finercam.evaluation.annotations import ImageItem, Regions
-from finercam.evaluation.resume import PROGRESS, PROGRESS_CONFIG, comparable, prepare_out, read_progress
-from finercam.evaluation.scoring import LOCALIZATION, ScoreOptions, score_sweep
+from finercam.evaluation.resume import PROGRESS, PROGRESS_CONFIG, comparable, exclusive, prepare_out, read_progress
+from finercam.evaluation.scoring import LOCALIZATION, ScoreOptions, gamma_key, score_sweep
 from finercam.explain import FinerCAM
 from finercam.images import ImageReadError, load_image
 from finercam.models.preprocess import Preprocess
@@ -114,10 +114,6 @@ def _collate(rows: list) -> list:
     return rows
 
 
-def _gamma_key(gamma: float) -> str:
-    return f"{gamma:g}"
-
-
 def evaluate_dataset(
     model: torch.nn.Module,
     preprocess: Preprocess,
@@ -133,6 +129,7 @@ def evaluate_dataset(
     model_description: Mapping[str, Any] | None = None,
     classifier_weights: ClassifierWeights | None = None,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``items`` (image path, label or ``None``); return every finished batch's record (see
     :func:`read_progress`), resuming from ``out`` when it holds a partial run of the same options, data and model
@@ -141,11 +138,14 @@ def evaluate_dataset(
     Images that cannot be read are skipped and listed with their reason in the batch records; images without a
     region in ``regions`` are left out of the localization metrics (``None`` values). ``data_description`` and
     ``model_description`` (e.g. the model's spec and weights files) are recorded and must match on resume.
-    ``classifier_weights`` (the linear head) is needed for ``references="weights"``.
+    ``classifier_weights`` (the linear head) is needed for ``references="weights"``. The regions'
+    :meth:`~finercam.evaluation.annotations.Regions.identity` is recorded too when localization is scored. ``log``
+    receives a line when the evaluation resumes. While it runs, ``out`` is locked: a second evaluation into it is
+    refused.
 
     Raises:
-        InvalidArgumentError: localization metrics without ``regions``, or ``out`` holds an evaluation with other
-            options (each difference is named).
+        InvalidArgumentError: localization metrics without ``regions``, ``out`` holds an evaluation with other
+            options, data, model or regions (each difference is named), or another evaluation is writing to it.
     """
     wanted = sorted(set(LOCALIZATION) & set(options.score.metrics))
     if wanted and regions is None:
@@ -154,8 +154,22 @@ def evaluate_dataset(
         raise InvalidArgumentError("references='weights' needs classifier_weights: the linear head whose rows are "
                                    "the classes (e.g. model.fc)")
     out = Path(out)
-    extra = {"data": data_description, "images": len(items), "model": dict(model_description or {})}
-    done = prepare_out(out, asdict(options), extra, restart, len(items))
+    extra = {"data": data_description, "images": len(items), "model": dict(model_description or {}),
+             "regions": regions.identity() if wanted and regions is not None else None}
+    with exclusive(out):
+        done = prepare_out(out, asdict(options), extra, restart, len(items))
+        if done and log is not None:
+            log(f"resuming the evaluation in {str(out)!r}: {len(done)} of {len(items)} images already done")
+        return _evaluate_left(model, preprocess, items, out, options, done, class_names, regions, workers,
+                              classifier_weights, progress)
+
+
+def _evaluate_left(
+    model: torch.nn.Module, preprocess: Preprocess, items: Sequence[tuple[Path, int | None]], out: Path,
+    options: EvaluationOptions, done: set[int], class_names: Sequence[str] | None, regions: Regions | None,
+    workers: int, classifier_weights: ClassifierWeights | None, progress: bool,
+) -> list[dict[str, Any]]:
+    """The loop of :func:`evaluate_dataset` over the images not ``done``."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size,
                              classifier_weights=classifier_weights)
@@ -267,8 +281,8 @@ def _evaluate_group(
                     value = torch.where(valid, value, torch.full_like(value, float("nan")))
                 values[name] = [round(float(v), 6) if v == v else None for v in value]
             values["empty"] = [float(v) for v in scores.empty[g].float().cpu()]
-            per_gamma[_gamma_key(gamma)] = values
-            curve_sums[_gamma_key(gamma)] = {
+            per_gamma[gamma_key(gamma)] = values
+            curve_sums[gamma_key(gamma)] = {
                 mode: {"all": curve.cpu().double().sum(dim=0).tolist(),
                        "correct": curve.cpu().double()[correct].sum(dim=0).tolist()}
                 for mode, curve in scores.curves[g].items()  # float64 sums: the same whatever the batches

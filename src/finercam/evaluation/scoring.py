@@ -29,6 +29,13 @@ CURVE_METRICS = {"deletion": ("deletion", "deletion_ref"), "insertion": ("insert
 METRIC_GROUPS = ("pointing", "energy", "rd", "deletion", "insertion")
 
 
+def gamma_key(gamma: float) -> str:
+    """The name of a gamma in records and tables: ``"0.6"``, ``"1"`` (``:g``), or every digit when ``:g`` would
+    round it (``0.6000001``), so that two gammas never share a name."""
+    short = f"{gamma:g}"
+    return short if float(short) == gamma else repr(float(gamma))
+
+
 @dataclass(frozen=True)
 class ScoreOptions:
     """How a batch is scored; every field is recorded with the results.
@@ -38,6 +45,9 @@ class ScoreOptions:
             ground-truth regions).
         ks: RD fractions. fill: what removed pixels become (:data:`finercam.metrics.FILLS`, or a number).
         fill_mean: the input-space value that is zero in normalised space (for ``fill="mean"``).
+        fill_pixels: for ``fill="zero"`` or a number, the input-space values of that pixel value (in ``[0, 1]``;
+            zero is black) under the model's normalisation (:func:`pixel_fill`); ``None``: the fill is taken in the
+            input space as it is.
         blur_sigma: for ``fill="blur"``, in pixels (default: 2.5% of the longer side).
         steps: deletion / insertion steps. tolerance: pointing-game tolerance in pixels.
         pass_size: images per forward pass for the masked variants.
@@ -47,6 +57,7 @@ class ScoreOptions:
     ks: tuple[float, ...] = DEFAULT_KS
     fill: str | float = "mean"
     fill_mean: tuple[float, ...] | None = None
+    fill_pixels: tuple[float, ...] | None = None
     blur_sigma: float | None = None
     steps: int = DEFAULT_STEPS
     tolerance: int = 2
@@ -58,6 +69,14 @@ class ScoreOptions:
             raise InvalidArgumentError(f"unknown metrics {unknown or '(none given)'}; choose among "
                                        f"{list(METRIC_GROUPS)}")
         check_fill(self.fill, self.blur_sigma)
+        repeated = sorted({k for k in self.ks if list(self.ks).count(k) > 1})
+        if repeated:
+            raise InvalidArgumentError(f"ks repeats {repeated}: give each RD fraction once")
+
+    @property
+    def input_fill(self) -> str | float | tuple[float, ...]:
+        """The fill in the model's input space, as :func:`finercam.metrics.fill_images` takes it."""
+        return self.fill_pixels if self.fill_pixels is not None else self.fill
 
     def names(self, localization: bool) -> list[str]:
         """The metric names these options produce (``pointing``, ``energy``, ``rd@0.05``, ``deletion``, ...)."""
@@ -108,7 +127,7 @@ def score_sweep(
             values["energy"] = mask_energy(maps, regions).float()
         if "rd" in wants:
             drops = relative_confidence_drop(
-                model, images, maps, sweep.targets, d, options.ks, options.fill, options.fill_mean,
+                model, images, maps, sweep.targets, d, options.ks, options.input_fill, options.fill_mean,
                 clean_logits=sweep.logits, blur_sigma=options.blur_sigma,
             )
             values.update({rd_name(k): drop for k, drop in drops.items()})
@@ -117,7 +136,7 @@ def score_sweep(
             if mode not in wants:
                 continue
             curve = deletion_insertion(
-                model, images, maps, sweep.targets, d, mode, options.steps, options.fill, options.fill_mean,
+                model, images, maps, sweep.targets, d, mode, options.steps, options.input_fill, options.fill_mean,
                 batch_size=options.pass_size, blur_sigma=options.blur_sigma,
             )
             name, reference_name = CURVE_METRICS[mode]
@@ -128,6 +147,20 @@ def score_sweep(
         scores.curves.append(curves)
         scores.empty.append(maps.flatten(1).amax(dim=1) <= 0)
     return scores
+
+
+def pixel_fill(
+    fill: str | float, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[float, ...] | None:
+    """For ``fill="zero"`` (black) or a number (a pixel value in ``[0, 1]``, e.g. 0.5 for grey): its value in the
+    model's input space, ``(v - mean) / std`` per channel when the preprocessing normalises, else ``v`` (the model
+    takes ``[0, 1]`` pixels, normalising inside or not); ``None`` for the other fills."""
+    if isinstance(fill, str) and fill != "zero":
+        return None
+    value = 0.0 if isinstance(fill, str) else float(fill)
+    if mean is None or std is None:
+        return (value,) * 3
+    return tuple((value - m) / s for m, s in zip(mean, std, strict=True))
 
 
 def normalised_zero(model: nn.Module, preprocess_mean: Sequence[float] | None) -> tuple[float, ...] | None:

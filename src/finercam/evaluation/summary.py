@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from finercam.errors import InvalidArgumentError
+from finercam.evaluation.scoring import gamma_key
 from finercam.methods import METHODS
 from finercam.metrics import DEFAULT_LEVEL, bootstrap, metric_info
 
@@ -53,6 +55,13 @@ def summarize(
     evaluation gives the same intervals as an uninterrupted one.
     """
     images = [image for record in records for image in record["images"]]
+    twice = sorted(index for index, count in Counter(image.get("index") for image in images).items()
+                   if index is not None and count > 1)
+    if twice:
+        raise InvalidArgumentError(
+            f"the evaluation's records hold {len(twice)} image(s) twice (e.g. index {twice[0]}): two evaluations wrote "
+            "to the same folder at once (finercam now refuses that). Rerun with --restart to evaluate them once"
+        )
     order = _dataset_order(images)
     images = [images[i] for i in order]
     skipped = sorted((item for record in records for item in record["skipped"]), key=lambda item: item.get("index", 0))
@@ -68,16 +77,16 @@ def summarize(
     for method in methods:
         columns: dict[str, dict[str, list[float]]] = {}
         for gamma in gammas:
-            key = f"{gamma:g}"
+            key = gamma_key(gamma)
             merged: dict[str, list[float]] = {}
             for record in records:
                 for name, values in record["values"].get(method, {}).get(key, {}).items():
                     merged.setdefault(name, []).extend(math.nan if v is None else v for v in values)
             columns[key] = {name: [values[i] for i in order] for name, values in merged.items()}
-        names = names or [name for name in columns[f"{gammas[0]:g}"] if name != "empty"]
-        base = columns[f"{0.0:g}"]
+        names = names or [name for name in columns[gamma_key(gammas[0])] if name != "empty"]
+        base = columns[gamma_key(0.0)]
         for gamma in gammas:
-            key = f"{gamma:g}"
+            key = gamma_key(gamma)
             estimates, deltas = [], []
             if names:
                 table = torch.tensor([columns[key][name] for name in names], dtype=torch.float64).T[keep]
@@ -146,6 +155,10 @@ def _arrow(name: str) -> str:
     return "↑" if metric_info(name).higher_is_better else "↓"
 
 
+def _label(row: dict[str, Any]) -> str:
+    return f"Finer-{row['method_title']}" if row["finer"] else row["method_title"]
+
+
 def markdown(summary: Summary, title: str = "finercam evaluate") -> str:
     """The results as Markdown: a table of means with 95% intervals, and one of the differences to the base CAM."""
     names = summary.metric_names
@@ -156,18 +169,22 @@ def markdown(summary: Summary, title: str = "finercam evaluate") -> str:
         if counted < summary.n_images:
             lines[-1:-1] = [f"{name}: over {counted} of {summary.n_images} images (the others have no ground-truth "
                             "region)."]
+    empty = [f"{_label(row)} γ {gamma_key(row['gamma'])} {row['empty_maps']:.1%}" for row in summary.rows
+             if row.get("empty_maps", 0) > 0]
+    if empty:
+        lines[-1:-1] = [f"Empty maps (no positive evidence: they point nowhere, and remove pixels in an arbitrary "
+                        f"order): {', '.join(empty)}."]
     lines += ["| method | gamma | " + " | ".join(f"{n} {_arrow(n)}" for n in names) + " |",
               "|---|---|" + "---|" * len(names)]
     for row in summary.rows:
         cells = [_cell(row["metrics"][n], n.startswith("rd@")) for n in names]
-        label = f"Finer-{row['method_title']}" if row["finer"] else row["method_title"]
-        lines.append(f"| {label} | {row['gamma']:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(row)} | {gamma_key(row['gamma'])} | " + " | ".join(cells) + " |")
     lines += ["", "Finer-CAM minus the base CAM on the same images (paired bootstrap):", "",
               "| method | gamma | " + " | ".join(f"Δ {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
     for row in summary.rows:
         if row["finer"]:
             cells = [_cell(row["delta"][n], True) for n in names]
-            lines.append(f"| Finer-{row['method_title']} | {row['gamma']:g} | " + " | ".join(cells) + " |")
+            lines.append(f"| Finer-{row['method_title']} | {gamma_key(row['gamma'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,13 +199,14 @@ def csv_text(summary: Summary) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", "gamma", "finer", "metric", "higher_is_better", "mean", "low", "high", "n",
-                     "delta_mean", "delta_low", "delta_high"])
+                     "delta_mean", "delta_low", "delta_high", "empty_maps"])
     for row in summary.rows:
         for name in summary.metric_names:
             estimate, delta = row["metrics"][name], row["delta"].get(name)
             writer.writerow([
-                row["method"], f"{row['gamma']:g}", row["finer"], name, metric_info(name).higher_is_better,
+                row["method"], f"{gamma_key(row['gamma'])}", row["finer"], name, metric_info(name).higher_is_better,
                 *(_number(estimate[k]) for k in ("mean", "low", "high")), estimate["n"],
                 *((_number(delta[k]) for k in ("mean", "low", "high")) if delta else ("", "", "")),
+                _number(row.get("empty_maps", 0.0)),
             ])
     return buffer.getvalue()

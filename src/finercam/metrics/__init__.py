@@ -41,13 +41,15 @@ class MetricInfo:
 
 
 def rd_name(k: float) -> str:
-    """The name of RD at fraction ``k``: ``rd@0.05``, ``rd@0.10``."""
-    return f"rd@{k:.2f}"
+    """The name of RD at fraction ``k``: ``rd@0.05``, ``rd@0.10`` (two decimals when they are exact, else every
+    digit: ``rd@0.025``, so that two fractions never share a name)."""
+    two = f"{k:.2f}"
+    return f"rd@{two}" if float(two) == k else f"rd@{float(k)!r}"
 
 
 def _rd_info(k: float) -> MetricInfo:
-    return MetricInfo(rd_name(k), True, f"relative confidence drop when the top {k:.0%} of the map's pixels are "
-                      "masked: (p_c - p*_c) - (p_d - p*_d), d the most similar reference")
+    return MetricInfo(rd_name(k), True, f"relative confidence drop when the top {100 * k:g}% of the map's pixels "
+                      "are masked: (p_c - p*_c) - (p_d - p*_d), d the most similar reference")
 
 
 METRICS = {

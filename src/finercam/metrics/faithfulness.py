@@ -9,7 +9,9 @@ r"""Faithfulness metrics: what happens to the model's confidence when the pixels
   deletion, higher for insertion.
 
 Every masked variant of a batch is built by broadcasting (no per-pixel loops) and goes through the model in large
-batched forward passes without gradients; the model is run as it is (put it in eval mode first).
+batched forward passes without gradients, in eval mode as the explanations are (every module's train/eval flag is
+restored afterwards): a model left in train mode would otherwise score the masked images with batch statistics and
+update its BatchNorm buffers.
 
 Fills (what removed pixels become), :data:`FILLS`:
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finercam.capture import extract_logits
+from finercam.capture import extract_logits, preserved_model
 from finercam.errors import InvalidArgumentError
 
 DEFAULT_KS = (0.05, 0.10)
@@ -216,7 +218,7 @@ def relative_confidence_drop(
     fractions = [_check_fraction(k) for k in ks]
     pair = _pairs(targets, references, images.shape[0], images.device)
     value = fill_images(images, fill, mean, blur_sigma)
-    with torch.no_grad():
+    with torch.no_grad(), preserved_model(model):
         clean = (
             _pair_probabilities(model, images, pair, None) if clean_logits is None
             else torch.softmax(clean_logits.float(), dim=1).gather(1, pair.to(clean_logits.device))
@@ -292,7 +294,7 @@ def deletion_insertion(
     counts = (fractions * pixels).round().long()
     per_pass = max(1, (batch if batch_size is None else batch_size) // batch)  # steps per forward pass
     probabilities = []
-    with torch.no_grad():
+    with torch.no_grad(), preserved_model(model):
         for first in range(0, steps + 1, per_pass):  # batched passes over several steps, never one per pixel
             chosen = counts[first : first + per_pass]
             selected = (ranks[None] < chosen[:, None, None, None])[:, :, None]  # (s, B, 1, H, W)

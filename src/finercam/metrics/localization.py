@@ -21,12 +21,14 @@ from finercam.errors import InvalidArgumentError
 def pointing_hits(maps: Tensor, masks: Tensor, dilation: int = 1) -> Tensor:
     """``(B,)`` bool: whether each map's maximum falls inside its mask dilated by ``dilation`` pixels.
 
-    An empty mask is never hit. Among equal maxima the first in row-major order is the peak.
+    An empty mask is never hit, nor is it by a flat map (e.g. all zero: no evidence, so no peak). Among equal maxima
+    the first in row-major order is the peak.
     """
     _check_pair(maps, masks)
     grown = F.max_pool2d(masks[:, None].float(), 2 * dilation + 1, 1, dilation)[:, 0] > 0 if dilation else masks
-    peaks = maps.flatten(1).argmax(dim=1)
-    return grown.flatten(1).gather(1, peaks[:, None]).squeeze(1).bool()
+    flat = maps.flatten(1)
+    hits = grown.flatten(1).gather(1, flat.argmax(dim=1)[:, None]).squeeze(1).bool()
+    return hits & (flat.amax(dim=1) > flat.amin(dim=1))
 
 
 def mask_energy(maps: Tensor, masks: Tensor) -> Tensor:

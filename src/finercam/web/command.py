@@ -17,6 +17,8 @@ import tempfile
 import time
 from typing import Any
 
+from finercam.argtypes import whole_number
+
 COMMAND = "web"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -24,13 +26,11 @@ EXAMPLES = 6
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    rule = "must be a port number from 1 to 65535"
+    value = whole_number(text, rule)
     if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text}")
+        raise argparse.ArgumentTypeError(f"{rule}, got {text}")
     return value
-
-
-_port.__name__ = "int"  # argparse names the type when int() refuses the text
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
