@@ -73,6 +73,9 @@ def test_a_second_writer_is_refused_and_duplicates_are_never_summarised(syntheti
         assert _evaluate(synthetic / "test", out, "--metrics", "rd") == 2
     assert f"another finercam evaluate is writing to {str(out)!r}" in capsys.readouterr().err
     assert _evaluate(synthetic / "test", out, "--metrics", "rd") == 0  # the lock is released with the run
+    assert _evaluate(synthetic / "test", out, "--metrics", "rd", "--steps", "7") == 0  # no curve: steps are moot
+    assert _evaluate(synthetic / "test", out, "--metrics", "rd", "--ks", "0.2") == 2  # but RD's own options count
+    assert "score.ks: was [0.05, 0.1], now [0.2]" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / PROGRESS).read_text().splitlines()]
     with pytest.raises(InvalidArgumentError, match=r"hold 4 image\(s\) twice \(e\.g\. index 0\).*--restart"):
         summarize([*records, records[0]], ("gradcam",), (0.0, 0.6))

@@ -9,14 +9,21 @@ Two rules, searched over the whole module tree (so a backbone wrapped with a hea
    its output still holds one token per patch, and it feeds the last attention that mixes them into the logits.
    Hierarchical transformers (Swin) have one stack of blocks per stage; the choice is again the last block's first
    norm, which sits in the last stage (stride 32, channel-last ``(B, h, w, C)`` in timm and torchvision).
-   When several stacks exist (stages, or a text and an image tower), a dry run keeps those that ran on the image.
+   When several stacks exist (stages, or a text and an image tower), a dry run keeps those that ran on the image,
+   and tells res-post-norm blocks (Swin V2: ``x + norm1(attn(x))``, the norm reads the attention's output, not the
+   block's input) apart: for those the block's own output is chosen.
 2. **CNNs.** A dry run (one forward pass without gradients on a zero image, or on the user's first image) records
    every module's output. The choice is the module that finishes last with a 4-D output larger than 1 x 1, ignoring
    modules run more than once and trivial ones (identity, activations, dropout, flatten, adaptive pooling). Of the
    modules that emitted that very tensor (a stage and its last block), the shallowest one that is not a container of
    several resolutions is named: ``layer4`` for a ResNet, ``stages.3`` for a timm ConvNeXt, ``features.7`` for a
    torchvision ConvNeXt. The result depends on the image size: at inputs so small that the last stage is 1 x 1,
-   the stage before it is chosen.
+   the stage before it is chosen. Outputs whose first dimension is not the one image (patches folded into the
+   batch, as in MobileViT's blocks) are never chosen.
+3. **Token models without attention blocks** (MLP-Mixer, ResMLP, gMLP, TNT): when modules emitting one image's
+   tokens ``(1, N, D)`` finish after the last spatial map, and ``N`` makes exactly one patch grid of the image (plus
+   up to 16 prefix tokens; as the engine will lay it out), the last of them is chosen (the shallowest of the modules
+   that emitted that tensor).
 
 Names are canonical (``model.named_modules()``), e.g. ``blocks.11.norm1``; :func:`finercam.layers.resolve_layer`
 accepts them. Dry runs leave the model exactly as found (see :func:`finercam.capture.dry_run`).
@@ -31,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from finercam.capture import ModuleRecord, dry_run
-from finercam.errors import AutoLayerError, InvalidArgumentError, InvalidTypeError, ModelOutputError
-from finercam.grids import plausible_grid
+from finercam.errors import AutoLayerError, InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
+from finercam.grids import declared_batch_first, fits_token_grid, grid_reshape, plausible_grid
 from finercam.layers import check_model, infer_device_dtype, int_pair
 
 FIRST_NORM_NAMES = ("norm1", "ln_1", "layernorm_before", "layer_norm1")
@@ -59,7 +66,8 @@ class LayerCandidate:
     Attributes:
         name: canonical dotted name, accepted by ``FinerCAM(model, target_layer=name)``.
         kind: ``"vit-block-<norm>"`` (first norm of a ViT block), ``"swin-block-<norm>"`` (of a hierarchical
-            transformer block) or ``"cnn-stage"`` (last module at one spatial resolution).
+            transformer block), ``"cnn-stage"`` (last module at one spatial resolution) or ``"token-layer"`` (the
+            last layer of patch tokens of a model without attention blocks).
         output_shape: its output shape for one image (batch dimension 1), ``None`` when no dry run was made.
         recommended: whether ``target_layer="auto"`` picks it (exactly one candidate).
         description: a short human explanation.
@@ -191,6 +199,7 @@ def _is_spatial(record: ModuleRecord, image_size: tuple[int, int]) -> bool:
         and record.calls == 1
         and shape is not None
         and len(shape) == 4
+        and shape[0] == 1  # one image in, one row out: not patches folded into the batch (MobileViT, TNT)
         and (shape[-1] > 1 or shape[-2] > 1)
         and plausible_grid(shape[-2], shape[-1], image_size)
         and not _is_trivial(record.module)
@@ -203,13 +212,23 @@ class _Tree:
     def __init__(self, records: list[ModuleRecord], image_size: tuple[int, int]) -> None:
         self.maps = [record for record in records if _is_spatial(record, image_size)]
         sizes = {record.name: record.shape[-2:] for record in self.maps if record.shape is not None}
-        self.spanning = {record.name for record in records if self._child_sizes(record, sizes) > 1}
+        ran = {record.name for record in records}
+        self.spanning = {record.name for record in records if self._child_sizes(record, sizes, ran) > 1}
 
     @staticmethod
-    def _child_sizes(record: ModuleRecord, sizes: dict[str, tuple[int, ...]]) -> int:
-        """How many spatial sizes ``record``'s direct children emitted."""
-        names = (f"{record.name}.{child}" if record.name else child for child, _ in record.module.named_children())
-        return len({sizes[name] for name in names if name in sizes})
+    def _child_sizes(record: ModuleRecord, sizes: dict[str, tuple[int, ...]], ran: set[str]) -> int:
+        """How many spatial sizes ``record``'s children emitted; a child that never runs itself (a ``ModuleList``
+        of stages, as in transformers' ConvNeXt and ResNet encoders) is looked through."""
+        found: set[tuple[int, ...]] = set()
+        pending = [(f"{record.name}.{child}" if record.name else child, module)
+                   for child, module in record.module.named_children()]
+        while pending:
+            name, module = pending.pop()
+            if name in sizes:
+                found.add(sizes[name])
+            elif name not in ran:
+                pending += [(f"{name}.{child}", grandchild) for child, grandchild in module.named_children()]
+        return len(found)
 
     def depth(self, record: ModuleRecord) -> int:
         """Ancestors (below the model) at a single resolution: 0 for a backbone's stages, 1 for their blocks."""
@@ -230,8 +249,42 @@ class _Tree:
         return next((r for r in same if r.name not in self.spanning), same[0])
 
 
+def _is_token_layer(model: nn.Module, record: ModuleRecord, image_size: tuple[int, int]) -> bool:
+    """Whether ``record`` emitted one image's tokens ``(1, N, D)`` (and ran once) that make exactly one patch grid
+    of the image, as the engine will lay them out (:func:`finercam.grids.grid_reshape`)."""
+    shape = record.shape
+    if not (bool(record.name) and record.calls == 1 and shape is not None and len(shape) == 3 and shape[0] == 1
+            and fits_token_grid(shape[1], image_size) and not _is_trivial(record.module)):
+        return False
+    try:
+        grid_reshape(model, record.module, shape, image_size, batch_size=1)
+    except ModelShapeError:  # no grid, or several: not a layer to pick without asking
+        return False
+    return True
+
+
+def _token_candidate(
+    model: nn.Module, records: list[ModuleRecord], image_size: tuple[int, int], after: int
+) -> LayerCandidate | None:
+    """The last token layer finishing after ``after`` (the last spatial map's order): token models without attention
+    blocks (MLP-Mixer, ResMLP, gMLP, TNT) keep their patch tokens to the end. Of the modules that emitted that very
+    tensor, the shallowest is named."""
+    later = [record for record in records if record.order > after]
+    last = next((record for record in reversed(later) if _is_token_layer(model, record, image_size)), None)
+    if last is None:
+        return None
+    same = sorted((r for r in later if r.identity == last.identity and _is_token_layer(model, r, image_size)),
+                  key=lambda r: r.name.count("."))
+    return LayerCandidate(same[0].name, "token-layer", same[0].shape, True,
+                          "the last layer of patch tokens (after every spatial map)")
+
+
 def _cnn_candidates(model: nn.Module, records: list[ModuleRecord], example: Tensor) -> list[LayerCandidate]:
-    tree = _Tree(records, (int(example.shape[-2]), int(example.shape[-1])))
+    size = (int(example.shape[-2]), int(example.shape[-1]))
+    tree = _Tree(records, size)
+    tokens = _token_candidate(model, records, size, max((record.order for record in tree.maps), default=-1))
+    if not tree.maps and tokens is not None:
+        return [tokens]
     if not tree.maps:
         raise AutoLayerError(
             f"target_layer='auto' found no layer in {type(model).__name__}: no transformer block (a child named "
@@ -246,21 +299,34 @@ def _cnn_candidates(model: nn.Module, records: list[ModuleRecord], example: Tens
     groups = list(per_size.values())
     chosen = [tree.stage(group, final=index == len(groups) - 1) for index, group in enumerate(groups)]
     stages = list({stage.name: stage for stage in chosen}.values())
+    final = stages[-1] if tokens is None else None
     return [
-        LayerCandidate(
-            stage.name, "cnn-stage", stage.shape, stage is stages[-1],
+        *(LayerCandidate(
+            stage.name, "cnn-stage", stage.shape, stage is final,
             "last stage at this resolution" + (" (the last spatial layer)" if stage is stages[-1] else ""),
-        )
-        for stage in stages
+        ) for stage in stages),
+        *([tokens] if tokens is not None else []),
     ]
 
 
+def _one_row(model: nn.Module, record: ModuleRecord | None) -> bool:
+    """Whether a dry run's record (of one image) kept one row: a batch dimension of 1, first, or second for tokens
+    ``(N, 1, D)`` next to an attention declared ``batch_first=False``; or no record to tell. MobileViT's folded
+    ``(P, N, C)`` (pixels of a patch in the batch) is not one row."""
+    shape = record.shape if record is not None else None
+    if shape is None or (len(shape) > 0 and shape[0] == 1):
+        return True
+    return record is not None and len(shape) == 3 and shape[1] == 1 and (
+        declared_batch_first(model, record.module) is False)
+
+
 def _transformer_candidates(
-    blocks: list[TransformerBlock], records: list[ModuleRecord] | None
+    model: nn.Module, blocks: list[TransformerBlock], records: list[ModuleRecord] | None
 ) -> list[LayerCandidate]:
     ran = {record.name: record for record in records} if records is not None else None
-    if ran is not None:
-        blocks = sorted((b for b in blocks if b.name in ran), key=lambda b: ran[b.name].order)
+    if ran is not None:  # blocks that ran on the image, with one row per image (not patches folded into the batch)
+        blocks = sorted((b for b in blocks if b.name in ran and _one_row(model, ran.get(b.layer))),
+                        key=lambda b: ran[b.name].order)
     if not blocks:
         return []
     stacks = list(dict.fromkeys(block.stack for block in blocks))
@@ -269,14 +335,25 @@ def _transformer_candidates(
     candidates = []
     for index, block in enumerate(blocks):
         last = index == len(blocks) - 1
+        where = ("last " if last else "") + ("stage's " if hierarchical else "") + "block"
         record = ran.get(block.layer) if ran is not None else None
+        if ran is not None and _post_norm(ran[block.name], record):
+            candidates.append(LayerCandidate(block.name, f"{family}-block-output", ran[block.name].shape, last,
+                                             f"output of the {where} (its {block.norm} follows the attention)"))
+            continue
         candidates.append(
-            LayerCandidate(
-                block.layer, f"{family}-block-{block.norm}", record.shape if record else None, last,
-                "first norm of the " + ("last " if last else "") + ("stage's " if hierarchical else "") + "block",
-            )
+            LayerCandidate(block.layer, f"{family}-block-{block.norm}", record.shape if record else None, last,
+                           f"first norm of the {where}")
         )
     return candidates
+
+
+def _post_norm(block: ModuleRecord, norm: ModuleRecord | None) -> bool:
+    """Whether the block's first norm reads something other than the block's input: a res-post-norm block
+    (``x + norm1(attn(x))``: Swin V2 in timm, torchvision and transformers), whose norm holds the attention's update,
+    not the block's features."""
+    return (norm is not None and block.input_storage is not None and norm.input_storage is not None
+            and norm.input_storage != block.input_storage)
 
 
 def candidate_layers(
@@ -304,7 +381,7 @@ def candidate_layers(
     batch = _example_input(model, size) if example is None else example[:1]
     if not single_stack or size is not None or not synthesized:
         records = _run(model, batch, synthesized)
-    candidates = _transformer_candidates(blocks, records) if blocks else []
+    candidates = _transformer_candidates(model, blocks, records) if blocks else []
     if candidates:
         return candidates
     assert records is not None  # without a dry run every block is a candidate

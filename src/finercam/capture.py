@@ -9,7 +9,8 @@ Guarantees (each is tested):
   the graph above the target layers.
 * The model is left exactly as found: every module's train/eval flag, the global grad mode, and no hooks left behind,
   also when an exception is raised. ``requires_grad`` flags are never touched. Frozen models and in-place operations
-  after the target layer work (the model continues on a copy of the recorded activation).
+  on the target layer's output work (the model continues on a copy of the recorded activation), as do in-place
+  ReLUs; an in-place change, further up, of a tensor autograd saved is a :class:`ModelOutputError` naming the fix.
 
 :func:`dry_run` records every module's output shape in one pass without gradients, for ``target_layer="auto"``; it
 leaves the model as found in the same way.
@@ -217,11 +218,20 @@ def vector_jacobian_products(scores: Tensor, activations: Sequence[Tensor], name
     rows = scores.shape[0]
     per_row: list[tuple[Tensor | None, ...]] = []
     for row in range(rows):
-        per_row.append(
-            torch.autograd.grad(
-                scores[row].sum(), list(activations), retain_graph=row < rows - 1, allow_unused=True
+        try:
+            per_row.append(
+                torch.autograd.grad(
+                    scores[row].sum(), list(activations), retain_graph=row < rows - 1, allow_unused=True
+                )
             )
-        )
+        except RuntimeError as error:
+            if "modified by an inplace operation" not in str(error):
+                raise
+            raise ModelOutputError(
+                f"the model changes in place, after target layer(s) {list(names)}, a tensor that the gradient needs "
+                "(e.g. y.mul_(2) on a sigmoid's output), so gradients cannot be computed. Make that operation "
+                "out-of-place, pick a layer after it, or use method='scorecam' (no gradients)"
+            ) from error
     gradients: list[Tensor] = []
     for index, activation in enumerate(activations):
         parts = [grads[index] for grads in per_row]
@@ -248,6 +258,9 @@ class ModuleRecord:
         shape: the shape of its primary output tensor, ``None`` when it emitted none.
         identity: ``(tensor number, version)``: modules with equal identities emitted the very same tensor in the
             same state (an in-place operation after a module changes the version).
+        input_storage: the storage address of its first positional input tensor, ``None`` when it had none: a
+            module whose input shares the storage of its parent's input (a view of it, or itself) reads the parent's
+            input, e.g. a pre-norm block's first norm (a post-norm block's reads the attention's output instead).
     """
 
     name: str
@@ -256,6 +269,7 @@ class ModuleRecord:
     calls: int = 0
     shape: tuple[int, ...] | None = None
     identity: tuple[int, int] | None = field(default=None, repr=False)
+    input_storage: int | None = field(default=None, repr=False)
 
     @property
     def depth(self) -> int:
@@ -281,11 +295,13 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
     numbers: dict[int, int] = {}
     finished = [0]
 
-    def hook(module: nn.Module, _inputs: object, output: object) -> None:
+    def hook(module: nn.Module, inputs: object, output: object) -> None:
         record = records[id(module)]
         record.calls += 1
         record.order = finished[0]
         finished[0] += 1
+        given = first_tensor(inputs)
+        record.input_storage = given.untyped_storage().data_ptr() if given is not None else None
         tensor = first_tensor(output)
         if tensor is None:
             record.shape, record.identity = None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from finercam.autolayer import auto_layer
 from finercam.capture import extract_logits, forward_with_capture, preserved_model, vector_jacobian_products
-from finercam.errors import InvalidArgumentError, InvalidTypeError
+from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
 from finercam.grids import grid_reshape
 from finercam.layers import (
     LayerSpec,
@@ -81,6 +82,22 @@ def _check_images(images: object) -> Tensor:
     if images.shape[0] == 0:
         raise InvalidArgumentError("images is an empty batch (B = 0)")
     return images
+
+
+def _check_batch_independent(model: nn.Module, batch: int) -> None:
+    """Refuse a batch of several images for a model whose eval-mode forward mixes them: a batch norm without running
+    statistics normalises with the batch's own, so each image's scores, and the gradients read per image, depend on
+    the other images."""
+    if batch < 2:
+        return
+    coupled = [name for name, module in model.named_modules()
+               if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None]
+    if coupled:
+        raise ModelOutputError(
+            f"the model normalises with the statistics of the batch even in eval mode (batch norm without running "
+            f"statistics: {coupled[:3]}), so each of the {batch} images' scores depends on the others and its map "
+            "would mix theirs. Explain one image at a time (a batch of 1; --batch-size 1 on the command line)"
+        )
 
 
 def _is_auto(target_layer: object) -> bool:
@@ -268,10 +285,16 @@ class FinerCAM:
     ) -> list[SweepResult]:
         """Check the shared arguments, then explain each target set of ``target_sets(logits)`` in one pass."""
         images = _check_images(images)
+        given_references = num_references
         if aggregation not in AGGREGATIONS:
             raise InvalidArgumentError(f"unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}")
-        if isinstance(num_references, bool) or not isinstance(num_references, int) or num_references < 1:
-            raise InvalidArgumentError(f"num_references must be an int >= 1; got {num_references!r}")
+        try:
+            num_references = operator.index(num_references) if not isinstance(num_references, bool) else 0
+        except TypeError:
+            num_references = 0
+        if num_references < 1:
+            raise InvalidArgumentError(f"num_references must be an int >= 1; got {given_references!r}")
+        _check_batch_independent(self.model, images.shape[0])
         device, dtype = infer_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype or images.dtype)
         with torch.inference_mode(False), preserved_model(self.model):
@@ -310,6 +333,7 @@ class FinerCAM:
             )
 
         reshapes = self._reshapes(capture.activations, images)
+        self._check_batch(capture.activations, reshapes, images.shape[0])
         if method.uses_gradients:
             per_objective = self._gradient_maps(capture.activations, reshapes, logits, objectives, aggregation, gamma)
         else:
@@ -333,6 +357,26 @@ class FinerCAM:
             )
             for (target_classes, chosen), (raw, baseline) in zip(objectives, per_objective, strict=True)
         ]
+
+    def _check_batch(self, activations: tuple[Tensor, ...], reshapes: list[Reshape | None], batch: int) -> None:
+        """Refuse a layer whose maps are not one per image (a model that folds patches or windows into the batch,
+        as MobileViT and TNT do inside their blocks)."""
+        for layer, activation, reshape in zip(self.layers, activations, reshapes, strict=True):
+            maps = to_maps(activation.detach(), reshape)
+            if maps.shape[0] == batch and maps.shape[-2:] == (1, 1):
+                raise ModelShapeError(
+                    f"target layer {layer.name!r} emits 1 x 1 maps ({tuple(activation.shape)}): a CAM there has no "
+                    "spatial extent, so every map would be flat. Pick a layer before the global pooling "
+                    "(finercam.candidate_layers(model) lists the choices)"
+                )
+            if maps.shape[0] != batch:
+                raise ModelShapeError(
+                    f"target layer {layer.name!r} emits {tuple(activation.shape)} for {batch} image(s), "
+                    f"{maps.shape[0]} maps: its batch dimension is not the images' (the model folds patches or "
+                    "windows into it there), so its maps "
+                    "cannot be told apart per image. Pick a layer whose output is (B, ...), e.g. the output of the "
+                    "stage or block around it (finercam.candidate_layers(model) lists the choices)"
+                )
 
     def _reshapes(self, activations: tuple[Tensor, ...], images: Tensor) -> list[Reshape | None]:
         """The reshape of each layer: the user's, or inferred from its activation and the image size."""

@@ -222,6 +222,12 @@ def _factorisations(num_tokens: int, image_size: tuple[int, int], prefixes: rang
     return found
 
 
+def fits_token_grid(num_tokens: int, image_size: tuple[int, int]) -> bool:
+    """Whether ``num_tokens`` tokens can be a patch grid of an ``(H, W)`` image (one integer stride, with
+    ``0..MAX_PREFIX_TOKENS`` prefix tokens): the test :mod:`finercam.autolayer` applies to a token layer's output."""
+    return num_tokens > 1 and bool(_factorisations(num_tokens, image_size, range(MAX_PREFIX_TOKENS + 1)))
+
+
 def _describe(grids: set[Grid]) -> str:
     return ", ".join(f"{h}x{w} + {p} prefix" for h, w, p in sorted(grids, key=lambda g: (g[2], g[0])))
 
@@ -309,10 +315,17 @@ def _four_d_layout(
     last_ok = plausible_grid(shape[1], shape[2], image_size)
     evidence = _layer_evidence(layer_module, shape)
     where = f"layer {type(layer_module).__name__} emits {shape} for a {image_size[0]}x{image_size[1]} input"
+    if not first_ok and not last_ok:
+        raise GridInferenceError(
+            f"{where}: neither channels-first (B, C, h, w) nor channel-last (B, h, w, C) is a map of the image (a "
+            "layer of blocks of tokens, such as NesT's (B, blocks, tokens, C), is neither). Pick a layer that emits "
+            "maps or tokens of the whole image, or pass reshape= a callable that returns (B, K, h, w)."
+        )
     if evidence == "last" and not last_ok and first_ok:
         raise AmbiguousLayoutError(
             f"{where}: its type says channel-last (B, h, w, C) but only the channels-first reading (B, C, h, w) fits "
-            "the image. Pass reshape=None (channels-first) or reshape=finercam.grids.ChannelsLast() explicitly."
+            "the image. Pass reshape=None (channels-first) or reshape=finercam.grids.ChannelsLast() explicitly if "
+            "one of them is right, else pick another layer."
         )
     if evidence == "last" or (evidence is None and last_ok and not first_ok):
         return ChannelsLast()

@@ -207,8 +207,17 @@ def weight_references(logits: Tensor, targets: Tensor, count: int, weights: Tens
             "references='weights' needs the classifier: pass classifier_weights=<the (C, D) weight matrix or the "
             "linear head module, e.g. model.fc>"
         )
-    rows = torch.nn.functional.normalize(weights.detach().to(logits.device, torch.float32), dim=1)
-    similarity = rows[targets] @ rows.T
+    matrix = weights.detach().to(logits.device, torch.float32)
+    usable = matrix.isfinite().all(dim=1) & (matrix.abs().amax(dim=1) > 0)
+    bad = targets[~usable[targets]]
+    if bad.numel():
+        what = "all zero" if bool(matrix[bad[0]].isfinite().all()) else "not finite"
+        raise InvalidArgumentError(
+            f"references='weights': the classifier row of target class {int(bad[0])} is {what} (a head still at its "
+            "zero initialisation?), so its cosine similarity ranks no class; use references='nearest' or 'top'"
+        )
+    rows = torch.nn.functional.normalize(matrix.nan_to_num(0.0, 0.0, 0.0), dim=1)
+    similarity = (rows[targets] @ rows.T).masked_fill(~usable[None], float("nan"))  # unusable rows rank last
     return _ranked_excluding_target(similarity, targets, count, logits, descending=True)
 
 
