@@ -12,6 +12,7 @@ import math
 import numbers
 import operator
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +83,19 @@ def _check_images(images: object) -> Tensor:
     if images.shape[0] == 0:
         raise InvalidArgumentError("images is an empty batch (B = 0)")
     return images
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What one call asks for: the gammas, the target sets (from the logits: one per class slot), and how
+    references are chosen and aggregated."""
+
+    gammas: tuple[float, ...]
+    target_sets: Callable[[Tensor], list[Targets]]
+    references: ReferenceSpec
+    num_references: int
+    aggregation: str
+    classifier_weights: ClassifierWeights | None
 
 
 def _check_batch_independent(model: nn.Module, batch: int) -> None:
@@ -231,8 +245,9 @@ class FinerCAM:
         gamma_values = tuple(_check_gamma(g) for g in gammas)
         if not gamma_values:
             raise InvalidArgumentError("gammas is empty; give at least one comparison strength")
-        return self._run(images, gamma_values, lambda _logits: [targets], references, num_references, aggregation,
-                         classifier_weights)[0]
+        request = _Request(gamma_values, lambda _logits: [targets], references, num_references, aggregation,
+                           classifier_weights)
+        return self._run(images, request)[0]
 
     def explain_classes(
         self,
@@ -267,63 +282,41 @@ class FinerCAM:
                 "targets=..., references=...) once per class"
             )
         value = _check_gamma(gamma)
-        sweeps = self._run(
-            images, (value,), lambda logits: list(resolve_class_sets(classes, logits).unbind(1)), references,
-            num_references, aggregation, classifier_weights,
-        )
-        return tuple(sweep.at(0) for sweep in sweeps)
+        request = _Request((value,), lambda logits: list(resolve_class_sets(classes, logits).unbind(1)), references,
+                           num_references, aggregation, classifier_weights)
+        return tuple(sweep.at(0) for sweep in self._run(images, request))
 
-    def _run(
-        self,
-        images: Tensor,
-        gammas: tuple[float, ...],
-        target_sets: Callable[[Tensor], list[Targets]],
-        references: ReferenceSpec,
-        num_references: int,
-        aggregation: str,
-        classifier_weights: ClassifierWeights | None,
-    ) -> list[SweepResult]:
-        """Check the shared arguments, then explain each target set of ``target_sets(logits)`` in one pass."""
+    def _run(self, images: Tensor, request: _Request) -> list[SweepResult]:
+        """Check the shared arguments, then explain each target set of the request in one pass."""
         images = _check_images(images)
-        given_references = num_references
-        if aggregation not in AGGREGATIONS:
-            raise InvalidArgumentError(f"unknown aggregation {aggregation!r}; use one of {list(AGGREGATIONS)}")
+        if request.aggregation not in AGGREGATIONS:
+            raise InvalidArgumentError(
+                f"unknown aggregation {request.aggregation!r}; use one of {list(AGGREGATIONS)}"
+            )
         try:
-            num_references = operator.index(num_references) if not isinstance(num_references, bool) else 0
+            count = 0 if isinstance(request.num_references, bool) else operator.index(request.num_references)
         except TypeError:
-            num_references = 0
-        if num_references < 1:
-            raise InvalidArgumentError(f"num_references must be an int >= 1; got {given_references!r}")
+            count = 0
+        if count < 1:
+            raise InvalidArgumentError(f"num_references must be an int >= 1; got {request.num_references!r}")
         _check_batch_independent(self.model, images.shape[0])
         device, dtype = infer_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype or images.dtype)
+        weights = request.classifier_weights if request.classifier_weights is not None else self.classifier_weights
         with torch.inference_mode(False), preserved_model(self.model):
             self._resolve_layers(images)
-            return self._explain(
-                images, gammas, target_sets, references, num_references, aggregation,
-                classifier_weights if classifier_weights is not None else self.classifier_weights,
-            )
+            return self._explain(images, replace(request, num_references=count, classifier_weights=weights))
 
-    def _explain(
-        self,
-        images: Tensor,
-        gammas: tuple[float, ...],
-        target_sets: Callable[[Tensor], list[Targets]],
-        references: ReferenceSpec,
-        num_references: int,
-        aggregation: str,
-        classifier_weights: ClassifierWeights | None,
-    ) -> list[SweepResult]:
-        method = self.method
+    def _explain(self, images: Tensor, request: _Request) -> list[SweepResult]:
+        method, gammas, aggregation = self.method, request.gammas, request.aggregation
         capture = forward_with_capture(self.model, images, self.layers, record_graph=method.uses_gradients)
         logits = capture.logits
-        weights = classifier_matrix(classifier_weights, logits.shape[1])
+        weights = classifier_matrix(request.classifier_weights, logits.shape[1])
         objectives = []
-        for targets in target_sets(logits):
+        for targets in request.target_sets(logits):
             target_classes = resolve_targets(targets, logits)
-            objectives.append(
-                (target_classes, select_references(references, logits, target_classes, num_references, weights))
-            )
+            objectives.append((target_classes, select_references(request.references, logits, target_classes,
+                                                                 request.num_references, weights)))
         gamma = torch.tensor(gammas, dtype=logits.dtype, device=logits.device)
         if not bool(gamma.isfinite().all()):
             too_large = [g for g, value in zip(gammas, gamma.tolist(), strict=True) if not math.isfinite(value)]
