@@ -113,6 +113,14 @@ def test_inference_mode_inputs_and_context(tiny_net: nn.Module, images: Tensor) 
         frozen = images.clone()
         result = FinerCAM(tiny_net, "features")(frozen)
     torch.testing.assert_close(result.raw_maps, expected)
+    with torch.inference_mode():  # classes and references read from a prediction made in inference mode
+        top = tiny_net(images).topk(3, dim=1).indices
+    cam = FinerCAM(tiny_net, "features")
+    given = cam(images, targets=top[:, 1], references=top[:, 2:])
+    same = cam(images, targets=top[:, 1].clone(), references=top[:, 2:].clone())
+    torch.testing.assert_close(given.raw_maps, same.raw_maps)
+    torch.testing.assert_close(cam.explain_classes(images, classes=top)[2].raw_maps,
+                               cam(images, targets=top[:, 2].clone()).raw_maps)
 
 
 def test_no_host_copies_in_the_hot_path(tiny_net: nn.Module, images: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,6 +48,13 @@ def _is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _as_index(classes: Tensor, device: torch.device) -> Tensor:
+    """Class indices as a long tensor on ``device``; a tensor made under ``torch.inference_mode()`` (e.g. the argmax
+    of a prediction made there) is copied, since autograd cannot save inference tensors for the backward pass."""
+    indices = classes.to(device=device, dtype=torch.long)
+    return indices.clone() if indices.is_inference() else indices
+
+
 def _scalar(value: object) -> object:
     """A 0-d integer tensor or array as a Python int; anything else as it is (checked by the caller)."""
     if isinstance(value, Tensor) or (hasattr(value, "__array__") and not isinstance(value, Sequence)):
@@ -95,7 +102,7 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
                 f"targets has shape {tuple(targets.shape)}, but the batch has {batch} images; give one class per "
                 f"image (shape ({batch},)), one int for all, or None for the top prediction"
             )
-        resolved = targets.to(device=logits.device, dtype=torch.long)
+        resolved = _as_index(targets, logits.device)
     elif isinstance(targets, Sequence) and not isinstance(targets, str):
         if not all(_is_integer(t) for t in targets):
             raise InvalidTypeError(f"targets must be integer class indices; got {list(targets)!r}")
@@ -163,7 +170,7 @@ def resolve_class_sets(classes: ClassSets, logits: Tensor) -> Tensor:
             f"classes has shape {tuple(classes.shape)}; expected (B, K) = ({batch}, K) with K >= 1, or (K,) for "
             "every image"
         )
-    resolved = classes.to(device=logits.device, dtype=torch.long)
+    resolved = _as_index(classes, logits.device)
     _check_classes(resolved, num_classes, "class")
     return resolved
 
@@ -308,7 +315,7 @@ def _explicit_references(references: object, targets: Tensor, num_classes: int) 
                 f"references has shape {tuple(given.shape)}; expected (B, T) = ({batch}, T) with T >= 1, "
                 f"a list of {batch} lists, or a strategy name {sorted(REFERENCE_STRATEGIES)}"
             )
-        indices = given.to(device=targets.device, dtype=torch.long)
+        indices = _as_index(given, targets.device)
         _check_classes(indices, num_classes, "reference class")
     else:
         if len(given) != batch:
