@@ -17,13 +17,15 @@ from finercam.compat import import_torchvision
 
 tv = import_torchvision()  # before pytorch_grad_cam and torchcam, which import torchvision
 
-VARIANTS = ("forward", "finercam", "sweep", "gradcam-lib", "torchcam-lib")
+VARIANTS = ("forward", "finercam", "sweep", "classes", "separate", "gradcam-lib", "torchcam-lib")
 LIBRARY_VARIANTS = ("gradcam-lib", "torchcam-lib")
 """The other libraries' Finer-CAM, after which the parameters' ``.grad`` is dropped (grad-cam's ``backward()`` writes
 it; torchcam 0.5 differentiates the layer's output only and writes none, so dropping is a no-op there)."""
 SWEEP_GAMMAS = [0.0, 0.3, 0.6, 1.0, 2.0]
 GAMMA = 0.6
 NUM_REFERENCES = 3
+CLASSES = 3
+"""``classes``: ``cam.explain_classes(x, classes=3)``; ``separate``: the same three classes with three ``cam`` calls."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,23 @@ def make_variant(name: str, variant: str, model: nn.Module, size: int) -> Callab
                 return model(x)
 
         return forward
-    if variant in ("finercam", "sweep"):
+    if variant in ("finercam", "sweep", "classes", "separate"):
         cam = finercam.FinerCAM(model, spec.layer, "gradcam", reshape=spec.finercam_reshape(size))
         if variant == "finercam":
             return lambda x: cam(x, references="nearest", num_references=NUM_REFERENCES, gamma=GAMMA)
+        if variant == "classes":
+            return lambda x: cam.explain_classes(x, classes=CLASSES, num_references=NUM_REFERENCES, gamma=GAMMA)
+        if variant == "separate":
+            top: dict[int, Tensor] = {}  # the classes, known before timing: the separate calls get them for free
+
+            def separate(x: Tensor) -> object:
+                if id(x) not in top:
+                    with torch.inference_mode():
+                        top[id(x)] = model(x).topk(CLASSES, dim=1).indices
+                return [cam(x, targets=top[id(x)][:, k], num_references=NUM_REFERENCES, gamma=GAMMA)
+                        for k in range(CLASSES)]
+
+            return separate
         return lambda x: cam.sweep(x, gammas=SWEEP_GAMMAS)
     if variant == "gradcam-lib":
         from pytorch_grad_cam import FinerCAM as LibFinerCAM
