@@ -217,9 +217,9 @@ def test_explain_classes_explains_the_top_predictions_in_rows(tmp_path: Path,
     for extra, message in (
         (["--classes", "25"], "--classes 25 asks for the top 25 predictions, but embedded:cnn has 24 classes"),
         (["--classes", "2", "--target", "1"], "--classes explains the top predictions, each against its own "
-                                              "references; --target names one class"),
+                                              "references; --target names the one class to explain"),
         (["--classes", "2", "--versus", "1"], "--classes explains the top predictions, each against its own "
-                                              "references; --versus names one class"),
+                                              "references; --versus gives the references of one explained class"),
     ):
         status, _, errors = run_cli([*argv, *extra], capsys)
         assert status == 2 and errors.startswith(f"finercam explain: {message}"), (extra, errors)

@@ -189,11 +189,13 @@ def test_bad_cub_lines_are_named(tmp_path: Path, table: str, line: str, message:
 
 def test_fills_must_be_finite_and_blurs_wide(synthetic: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    for option in (["--fill", "nan"], ["--fill", "inf"], ["--fill", "blur", "--blur-sigma", "0"],
-                   ["--fill", "blur", "--blur-sigma", "-1"]):
+    for option, message in ((["--fill", "nan"], "a pixel value in [0, 1]"), (["--fill", "inf"], "a pixel value"),
+                            (["--fill=7"], "a pixel value in [0, 1]"), (["--fill=-3"], "a pixel value in [0, 1]"),
+                            (["--fill", "blur", "--blur-sigma", "0"], "a finite number"),
+                            (["--fill", "blur", "--blur-sigma", "-1"], "a finite number")):
         with pytest.raises(SystemExit):
             _evaluate(synthetic / "test", tmp_path / "ev", "--metrics", "rd", *option)
-        assert "a finite number" in capsys.readouterr().err, option
+        assert message in capsys.readouterr().err, option
     assert _evaluate(synthetic / "test", tmp_path / "ev", "--metrics", "rd", "--blur-sigma", "2") == 2
     assert "--blur-sigma applies to --fill blur only, but --fill is 'mean'" in capsys.readouterr().err
     with pytest.raises(InvalidArgumentError, match="a fill value must be a finite number"):

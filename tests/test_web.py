@@ -87,8 +87,21 @@ def test_explain_view_targets_by_name_or_index(cnn: LoadedModel, examples: list[
     assert "given reference(s)" in given.summary
     empty = explain_view(cnn, image, versus=" ").explanation  # an empty box: the references are chosen
     assert empty.references == explain_view(cnn, image).explanation.references
-    with pytest.raises(InvalidArgumentError, match=r"is the top prediction, explained by default"):
-        explain_view(cnn, image, versus=str(predicted.index))
+    with pytest.raises(InvalidArgumentError, match=r"^the versus box '.*' \(class \d+\) is the top prediction, "
+                                                   r"explained by default.*to explain with the class box"):
+        explain_view(cnn, image, versus=predicted.index)  # an int, as a client may send
+    assert [r.index for r in explain_view(cnn, image, versus=[str(others[0])]).explanation.references] == others[:1]
+
+
+def test_the_versus_box_keeps_class_names_with_commas(cnn: LoadedModel, examples: list[Any]) -> None:
+    from finercam.web.views import _versus_classes
+
+    names = ("tench, Tinca tinca", "goldfish", "great white shark")
+    assert _versus_classes("tench, Tinca tinca", names) == [0]
+    assert _versus_classes("goldfish, great white shark", names) == [1, 2]
+    assert _versus_classes("tench, Tinca tinca; 2", names) == [0, 2]
+    with pytest.raises(InvalidArgumentError, match=r"the versus class 'tench' is neither a class index nor"):
+        _versus_classes("tench", names)
 
 
 def test_explain_view_leaves_the_model_as_found(cnn: LoadedModel, examples: list[Any]) -> None:

@@ -4,14 +4,15 @@ Two rules, searched over the whole module tree (so a backbone wrapped with a hea
 
 1. **Transformers.** A *transformer block* is a module with a LayerNorm-like first norm child (``norm1``: timm ViT,
    DeiT, DINOv2 with or without registers, Swin, HF DINOv2; ``ln_1``: torchvision ViT, open_clip; ``layernorm_before``:
-   HF ViT and Swin; ``layer_norm1``: HF CLIP) next to an attention child (its name contains ``attn`` or
-   ``attention``). The choice is the **last block's first norm**, the layer of the Finer-CAM paper and of CLIP-ES:
-   its output still holds one token per patch, and it feeds the last attention that mixes them into the logits.
+   HF ViT and Swin; ``layer_norm1``: HF CLIP; ``norm_out``: TNT's outer tokens) next to an attention child (its
+   name contains ``attn`` or ``attention``). The choice is the **last block's first norm**, the layer of the
+   Finer-CAM paper and of CLIP-ES: its output still holds one token per patch, and it feeds the last attention that
+   mixes them into the logits.
    Hierarchical transformers (Swin) have one stack of blocks per stage; the choice is again the last block's first
    norm, which sits in the last stage (stride 32, channel-last ``(B, h, w, C)`` in timm and torchvision).
    When several stacks exist (stages, or a text and an image tower), a dry run keeps those that ran on the image,
-   and tells res-post-norm blocks (Swin V2: ``x + norm1(attn(x))``, the norm reads the attention's output, not the
-   block's input) apart: for those the block's own output is chosen.
+   and tells res-post-norm blocks (Swin V2: ``x + norm1(attn(x))``, the norm runs after the attention, on its
+   output) apart: for those the block's own output is chosen.
 2. **CNNs.** A dry run (one forward pass without gradients on a zero image, or on the user's first image) records
    every module's output. The choice is the module that finishes last with a 4-D output larger than 1 x 1, ignoring
    modules run more than once and trivial ones (identity, activations, dropout, flatten, adaptive pooling). Of the
@@ -20,10 +21,10 @@ Two rules, searched over the whole module tree (so a backbone wrapped with a hea
    torchvision ConvNeXt. The result depends on the image size: at inputs so small that the last stage is 1 x 1,
    the stage before it is chosen. Outputs whose first dimension is not the one image (patches folded into the
    batch, as in MobileViT's blocks) are never chosen.
-3. **Token models without attention blocks** (MLP-Mixer, ResMLP, gMLP, TNT): when modules emitting one image's
-   tokens ``(1, N, D)`` finish after the last spatial map, and ``N`` makes exactly one patch grid of the image (plus
-   up to 16 prefix tokens; as the engine will lay it out), the last of them is chosen (the shallowest of the modules
-   that emitted that tensor).
+3. **Token models without attention blocks** (MLP-Mixer, ResMLP, gMLP): when modules emitting one image's patch
+   tokens ``(1, N, D)`` (no class token: the head pools the patches) finish after the last spatial map, and ``N``
+   makes exactly one patch grid of the image (as the engine will lay it out), the last of them is chosen (the
+   shallowest of the modules that emitted that tensor).
 
 Names are canonical (``model.named_modules()``), e.g. ``blocks.11.norm1``; :func:`finercam.layers.resolve_layer`
 accepts them. Dry runs leave the model exactly as found (see :func:`finercam.capture.dry_run`).
@@ -40,9 +41,9 @@ from torch import Tensor, nn
 from finercam.capture import ModuleRecord, dry_run
 from finercam.errors import AutoLayerError, InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
 from finercam.grids import declared_batch_first, fits_token_grid, grid_reshape, plausible_grid
-from finercam.layers import check_model, infer_device_dtype, int_pair
+from finercam.layers import TokenGrid, check_model, infer_device_dtype, int_pair
 
-FIRST_NORM_NAMES = ("norm1", "ln_1", "layernorm_before", "layer_norm1")
+FIRST_NORM_NAMES = ("norm1", "ln_1", "layernorm_before", "layer_norm1", "norm_out")
 DEFAULT_IMAGE_SIZE = (224, 224)
 _TRIVIAL_NAMES = frozenset(
     {"Identity", "DropPath", "Flatten", "Unflatten", "GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "Mish",
@@ -251,16 +252,17 @@ class _Tree:
 
 def _is_token_layer(model: nn.Module, record: ModuleRecord, image_size: tuple[int, int]) -> bool:
     """Whether ``record`` emitted one image's tokens ``(1, N, D)`` (and ran once) that make exactly one patch grid
-    of the image, as the engine will lay them out (:func:`finercam.grids.grid_reshape`)."""
+    of the image with no prefix token, as the engine will lay them out (:func:`finercam.grids.grid_reshape`)."""
     shape = record.shape
     if not (bool(record.name) and record.calls == 1 and shape is not None and len(shape) == 3 and shape[0] == 1
             and fits_token_grid(shape[1], image_size) and not _is_trivial(record.module)):
         return False
     try:
-        grid_reshape(model, record.module, shape, image_size, batch_size=1)
+        reshape = grid_reshape(model, record.module, shape, image_size, batch_size=1)
     except ModelShapeError:  # no grid, or several: not a layer to pick without asking
         return False
-    return True
+    # Only patch tokens alone: beside a class token, the head reads that token and the patches get no gradient.
+    return isinstance(reshape, TokenGrid) and reshape.prefix_tokens == 0
 
 
 def _token_candidate(
@@ -320,12 +322,22 @@ def _one_row(model: nn.Module, record: ModuleRecord | None) -> bool:
         declared_batch_first(model, record.module) is False)
 
 
+def _map_like(record: ModuleRecord | None, image_size: tuple[int, int] | None) -> bool:
+    """False for a block norm's 4-D output that is not channel-last maps ``(B, h, w, C)`` of the image (the layout of
+    a norm over the channels: Swin), such as NesT's blocks of tokens ``(B, blocks, tokens, C)``; tokens pass."""
+    if record is None or record.shape is None or len(record.shape) != 4 or image_size is None:
+        return True
+    return plausible_grid(record.shape[1], record.shape[2], image_size)
+
+
 def _transformer_candidates(
-    model: nn.Module, blocks: list[TransformerBlock], records: list[ModuleRecord] | None
+    model: nn.Module, blocks: list[TransformerBlock], records: list[ModuleRecord] | None,
+    image_size: tuple[int, int] | None = None,
 ) -> list[LayerCandidate]:
     ran = {record.name: record for record in records} if records is not None else None
     if ran is not None:  # blocks that ran on the image, with one row per image (not patches folded into the batch)
-        blocks = sorted((b for b in blocks if b.name in ran and _one_row(model, ran.get(b.layer))),
+        blocks = sorted((b for b in blocks if b.name in ran and _one_row(model, ran.get(b.layer))
+                         and _map_like(ran.get(b.layer), image_size)),
                         key=lambda b: ran[b.name].order)
     if not blocks:
         return []
@@ -337,7 +349,7 @@ def _transformer_candidates(
         last = index == len(blocks) - 1
         where = ("last " if last else "") + ("stage's " if hierarchical else "") + "block"
         record = ran.get(block.layer) if ran is not None else None
-        if ran is not None and _post_norm(ran[block.name], record):
+        if ran is not None and _post_norm(model, block, ran):
             candidates.append(LayerCandidate(block.name, f"{family}-block-output", ran[block.name].shape, last,
                                              f"output of the {where} (its {block.norm} follows the attention)"))
             continue
@@ -348,12 +360,17 @@ def _transformer_candidates(
     return candidates
 
 
-def _post_norm(block: ModuleRecord, norm: ModuleRecord | None) -> bool:
-    """Whether the block's first norm reads something other than the block's input: a res-post-norm block
-    (``x + norm1(attn(x))``: Swin V2 in timm, torchvision and transformers), whose norm holds the attention's update,
-    not the block's features."""
-    return (norm is not None and block.input_storage is not None and norm.input_storage is not None
-            and norm.input_storage != block.input_storage)
+def _post_norm(model: nn.Module, block: TransformerBlock, ran: dict[str, ModuleRecord]) -> bool:
+    """Whether the block's first norm runs after its attention: a res-post-norm block (``x + norm1(attn(x))``: Swin
+    V2 in timm, torchvision and transformers), whose norm holds the attention's update, not the block's features.
+    (A pre-norm block's norm runs before the attention, whatever it reads: CaiT's class attention normalises
+    ``cat(cls, x)``.)"""
+    norm = ran.get(block.layer)
+    module = model.get_submodule(block.name) if block.name else model
+    attention = [ran[f"{block.name}.{name}" if block.name else name] for name, _ in module.named_children()
+                 if ("attn" in name.lower() or "attention" in name.lower())
+                 and (f"{block.name}.{name}" if block.name else name) in ran]
+    return norm is not None and bool(attention) and min(record.order for record in attention) < norm.order
 
 
 def candidate_layers(
@@ -381,7 +398,8 @@ def candidate_layers(
     batch = _example_input(model, size) if example is None else example[:1]
     if not single_stack or size is not None or not synthesized:
         records = _run(model, batch, synthesized)
-    candidates = _transformer_candidates(model, blocks, records) if blocks else []
+    size_run = (int(batch.shape[-2]), int(batch.shape[-1]))
+    candidates = _transformer_candidates(model, blocks, records, size_run) if blocks else []
     if candidates:
         return candidates
     assert records is not None  # without a dry run every block is a candidate

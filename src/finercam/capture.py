@@ -44,6 +44,13 @@ def preserved_model(model: nn.Module) -> Iterator[nn.Module]:
         torch.set_grad_enabled(grad_enabled)
 
 
+def batch_coupling(model: nn.Module) -> list[str]:
+    """The modules that make ``model``'s eval-mode forward mix the images of a batch: batch norms without running
+    statistics, which normalise with the batch's own. Empty for almost every model."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None]
+
+
 def extract_logits(output: object) -> Tensor:
     """The class logits ``(B, C)`` in a model's output: a tensor, the first tensor of a tuple, ``.logits`` or
     ``["logits"]``."""
@@ -258,9 +265,6 @@ class ModuleRecord:
         shape: the shape of its primary output tensor, ``None`` when it emitted none.
         identity: ``(tensor number, version)``: modules with equal identities emitted the very same tensor in the
             same state (an in-place operation after a module changes the version).
-        input_storage: the storage address of its first positional input tensor, ``None`` when it had none: a
-            module whose input shares the storage of its parent's input (a view of it, or itself) reads the parent's
-            input, e.g. a pre-norm block's first norm (a post-norm block's reads the attention's output instead).
     """
 
     name: str
@@ -269,7 +273,6 @@ class ModuleRecord:
     calls: int = 0
     shape: tuple[int, ...] | None = None
     identity: tuple[int, int] | None = field(default=None, repr=False)
-    input_storage: int | None = field(default=None, repr=False)
 
     @property
     def depth(self) -> int:
@@ -295,13 +298,11 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
     numbers: dict[int, int] = {}
     finished = [0]
 
-    def hook(module: nn.Module, inputs: object, output: object) -> None:
+    def hook(module: nn.Module, _inputs: object, output: object) -> None:
         record = records[id(module)]
         record.calls += 1
         record.order = finished[0]
         finished[0] += 1
-        given = first_tensor(inputs)
-        record.input_storage = given.untyped_storage().data_ptr() if given is not None else None
         tensor = first_tensor(output)
         if tensor is None:
             record.shape, record.identity = None, None

@@ -86,10 +86,10 @@ def _check_explain_options(args: argparse.Namespace) -> None:
             f"--versus gives the reference classes themselves; {given} chooses them: give one or the other"
         )
     if args.classes and (args.target is not None or args.versus):
-        given = "--target" if args.target is not None else "--versus"
+        given = ("--target names the one class to explain" if args.target is not None
+                 else "--versus gives the references of one explained class")
         raise InvalidArgumentError(
-            f"--classes explains the top predictions, each against its own references; {given} names one class: "
-            "give one or the other"
+            f"--classes explains the top predictions, each against its own references; {given}: give one or the other"
         )
 
 

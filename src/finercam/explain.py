@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from finercam.autolayer import auto_layer
-from finercam.capture import extract_logits, forward_with_capture, preserved_model, vector_jacobian_products
+from finercam.capture import (
+    batch_coupling,
+    extract_logits,
+    forward_with_capture,
+    preserved_model,
+    vector_jacobian_products,
+)
 from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
 from finercam.grids import grid_reshape
 from finercam.layers import (
@@ -104,8 +110,7 @@ def _check_batch_independent(model: nn.Module, batch: int) -> None:
     the other images."""
     if batch < 2:
         return
-    coupled = [name for name, module in model.named_modules()
-               if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None]
+    coupled = batch_coupling(model)
     if coupled:
         raise ModelOutputError(
             f"the model normalises with the statistics of the batch even in eval mode (batch norm without running "
@@ -436,10 +441,12 @@ class FinerCAM:
         """Score-CAM raw maps per layer and objective: one set of masked forwards serves every objective, every
         gamma and the baseline."""
         forward: Callable[[Tensor], Tensor] = lambda batch: extract_logits(self.model(batch))  # noqa: E731
+        # a model that normalises with the batch's statistics would mix the masked inputs: one at a time
+        pass_size = 1 if batch_coupling(self.model) else self.score_batch_size
         results: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in objectives]
         for activation, reshape in zip(activations, reshapes, strict=True):
             maps = to_maps(activation, reshape)
-            scores = channel_scores(forward, images, maps, objectives, aggregation, self.score_batch_size)
+            scores = channel_scores(forward, images, maps, objectives, aggregation, pass_size)
             for (raw_per_layer, baseline_per_layer), (u, v, target_logit) in zip(results, scores, strict=True):
                 raw_per_layer.append(score_cam_maps(maps, u - gamma[:, None, None] * v))
                 baseline_per_layer.append(score_cam_maps(maps, target_logit))

@@ -205,7 +205,7 @@ def _explain_versus(
     def own_reference(explained: int, how: str) -> InvalidArgumentError:
         return InvalidArgumentError(
             f"--versus {class_name(names, explained)!r} (class {explained}) is {how}: a class cannot be its own "
-            "reference. Give --versus other classes, or --target another class to explain"
+            "reference. Pick other classes with --versus, or another class to explain with --target"
         )
 
     if target is not None and target in versus:

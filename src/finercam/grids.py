@@ -315,11 +315,12 @@ def _four_d_layout(
     last_ok = plausible_grid(shape[1], shape[2], image_size)
     evidence = _layer_evidence(layer_module, shape)
     where = f"layer {type(layer_module).__name__} emits {shape} for a {image_size[0]}x{image_size[1]} input"
-    if not first_ok and not last_ok:
+    if evidence == "last" and not first_ok and not last_ok:
         raise GridInferenceError(
-            f"{where}: neither channels-first (B, C, h, w) nor channel-last (B, h, w, C) is a map of the image (a "
-            "layer of blocks of tokens, such as NesT's (B, blocks, tokens, C), is neither). Pick a layer that emits "
-            "maps or tokens of the whole image, or pass reshape= a callable that returns (B, K, h, w)."
+            f"{where}: its type says channel-last, but neither channels-first (B, C, h, w) nor channel-last "
+            "(B, h, w, C) is a map of the image (a layer of blocks of tokens, such as NesT's (B, blocks, tokens, C), "
+            "is neither). Pick a layer that emits maps or tokens of the whole image, or pass reshape= a callable "
+            "that returns (B, K, h, w) (reshape=None if it is channels-first after all)."
         )
     if evidence == "last" and not last_ok and first_ok:
         raise AmbiguousLayoutError(

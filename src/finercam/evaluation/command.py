@@ -41,8 +41,9 @@ def _fill(text: str) -> str | float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be one of {list(FILLS)} or a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be one of {list(FILLS)} or a finite number, got {text!r}")
+    if not math.isfinite(value) or not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be one of {list(FILLS)} or a pixel value in [0, 1] (0 black, 0.5 "
+                                         f"grey, 1 white), got {text!r}")
     return value
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finercam.capture import extract_logits, preserved_model
+from finercam.capture import batch_coupling, extract_logits, preserved_model
 from finercam.errors import InvalidArgumentError
 
 DEFAULT_KS = (0.05, 0.10)
@@ -172,8 +172,11 @@ def _pairs(targets: Tensor, references: Tensor, batch: int, device: torch.device
 
 
 def _pair_probabilities(model: nn.Module, images: Tensor, pair: Tensor, batch_size: int | None) -> Tensor:
-    """``(N, 2)`` softmax probabilities of ``pair``'s classes, ``pair`` repeated over the ``N / B`` variants."""
+    """``(N, 2)`` softmax probabilities of ``pair``'s classes, ``pair`` repeated over the ``N / B`` variants (one
+    variant per pass for a model whose eval forward mixes a batch: :func:`finercam.capture.batch_coupling`)."""
     size = images.shape[0] if batch_size is None else batch_size
+    if batch_coupling(model):
+        size = 1
     rows = pair.repeat(images.shape[0] // pair.shape[0], 1)
     chunks = [
         torch.softmax(extract_logits(model(images[i : i + size])).float(), dim=1).gather(1, rows[i : i + size])

@@ -198,10 +198,14 @@ def explain_view(
     chosen = None if target in (None, PREDICTED) else parse_target(str(target), loaded.class_names, "the class")
     given = _versus_classes(versus, loaded.class_names)
     others = tuple(g for g in GAMMA_STRIP if g != gamma)
-    explanation = explain_image(
-        loaded, pixels, layer=layer, method=method, target=chosen, references=references,
-        num_references=int(num_references), gamma=gamma, aggregation=aggregation, other_gammas=others, versus=given,
-    )
+    try:
+        explanation = explain_image(
+            loaded, pixels, layer=layer, method=method, target=chosen, references=references,
+            num_references=int(num_references), gamma=gamma, aggregation=aggregation, other_gammas=others,
+            versus=given,
+        )
+    except InvalidArgumentError as error:  # phrased for the command line: in the page's terms
+        raise InvalidArgumentError(page_terms(str(error))) from None
     display = display_image(rgb, loaded.preprocess)
     result, sweep = explanation.result, explanation.sweep
     assert sweep is not None  # explain_image always sweeps
@@ -235,12 +239,35 @@ def explain_view(
     return ExplainView(panels, strip, shown, "  \n".join(lines), explanation)
 
 
-def _versus_classes(versus: str | Sequence[str] | None, names: tuple[str, ...] | None) -> list[int] | None:
-    """The reference classes typed in the versus box (``None`` when it is empty)."""
+_PAGE_TERMS = (("--versus", "the versus box"), ("--target", "the class box"), ("--references", "the references choice"))
+
+
+def page_terms(message: str) -> str:
+    """An error phrased for the command line (``--versus``, ``--target``, ``--references``) in the page's terms."""
+    for option, box in _PAGE_TERMS:
+        message = message.replace(option, box)
+    return message
+
+
+def _versus_classes(versus: object, names: tuple[str, ...] | None) -> list[int] | None:
+    """The reference classes typed in the versus box (``None`` when it is empty): names or indices separated by
+    semicolons or new lines, or by commas where the pieces are not a class name themselves (ImageNet's
+    ``"tench, Tinca tinca"`` stays one class)."""
+    if isinstance(versus, int) and not isinstance(versus, bool):
+        versus = str(versus)
     if versus is None or (isinstance(versus, str) and not versus.strip()):
         return None
-    typed = _SEPARATORS.split(versus) if isinstance(versus, str) else [str(name) for name in versus]
-    return [parse_target(name.strip(), names, "--versus") for name in typed if name.strip()] or None  # type: ignore[misc]
+    if isinstance(versus, str):
+        typed = []
+        for piece in (part.strip() for part in re.split(r"[;\n]", versus)):
+            whole = piece in (names or ()) or piece.lstrip("-").isdigit()
+            typed += [piece] if whole else piece.split(",")
+    elif isinstance(versus, Sequence):
+        typed = [str(name) for name in versus]
+    else:
+        raise InvalidTypeError(f"versus must be text or a list of class names; got {type(versus).__name__}")
+    chosen = [parse_target(name.strip(), names, "the versus class") for name in typed if name.strip()]
+    return [index for index in chosen if index is not None] or None
 
 
 def parse_prompts(text: object, what: str = "--versus") -> list[str]:
