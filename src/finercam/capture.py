@@ -51,6 +51,21 @@ def batch_coupling(model: nn.Module) -> list[str]:
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None]
 
 
+def check_batch_independent(model: nn.Module, batch: int) -> None:
+    """Refuse a batch of several images for a model whose eval-mode forward mixes them: a batch norm without running
+    statistics normalises with the batch's own, so each image's scores, and the gradients read per image, depend on
+    the other images."""
+    if batch < 2:
+        return
+    coupled = batch_coupling(model)
+    if coupled:
+        raise ModelOutputError(
+            f"the model normalises with the statistics of the batch even in eval mode (batch norm without running "
+            f"statistics: {coupled[:3]}), so each of the {batch} images' scores depends on the others and its map "
+            "would mix theirs. Explain one image at a time (a batch of 1; --batch-size 1 on the command line)"
+        )
+
+
 def extract_logits(output: object) -> Tensor:
     """The class logits ``(B, C)`` in a model's output: a tensor, the first tensor of a tuple, ``.logits`` or
     ``["logits"]``."""

@@ -20,12 +20,13 @@ from torch import Tensor, nn
 from finercam.autolayer import auto_layer
 from finercam.capture import (
     batch_coupling,
+    check_batch_independent,
     extract_logits,
     forward_with_capture,
     preserved_model,
     vector_jacobian_products,
 )
-from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
+from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelShapeError
 from finercam.grids import grid_reshape
 from finercam.layers import (
     LayerSpec,
@@ -102,21 +103,6 @@ class _Request:
     num_references: int
     aggregation: str
     classifier_weights: ClassifierWeights | None
-
-
-def _check_batch_independent(model: nn.Module, batch: int) -> None:
-    """Refuse a batch of several images for a model whose eval-mode forward mixes them: a batch norm without running
-    statistics normalises with the batch's own, so each image's scores, and the gradients read per image, depend on
-    the other images."""
-    if batch < 2:
-        return
-    coupled = batch_coupling(model)
-    if coupled:
-        raise ModelOutputError(
-            f"the model normalises with the statistics of the batch even in eval mode (batch norm without running "
-            f"statistics: {coupled[:3]}), so each of the {batch} images' scores depends on the others and its map "
-            "would mix theirs. Explain one image at a time (a batch of 1; --batch-size 1 on the command line)"
-        )
 
 
 def _is_auto(target_layer: object) -> bool:
@@ -304,7 +290,7 @@ class FinerCAM:
             count = 0
         if count < 1:
             raise InvalidArgumentError(f"num_references must be an int >= 1; got {request.num_references!r}")
-        _check_batch_independent(self.model, images.shape[0])
+        check_batch_independent(self.model, images.shape[0])
         device, dtype = infer_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype or images.dtype)
         weights = request.classifier_weights if request.classifier_weights is not None else self.classifier_weights
