@@ -140,6 +140,9 @@ def test_nothing_readable_is_an_error_and_options_without_their_subject_are_refu
     for option, value in (("--regions", "box"), ("--keypoint-radius", "3")):
         assert _evaluate(tmp_path / "data", tmp_path / "ev2", option, value) == 2
         assert f"{option} chooses among the regions of --annotations, which is not given" in capsys.readouterr().err
+    assert _evaluate(tmp_path / "data", tmp_path / "ev2", "--tolerance", "3") == 2
+    assert "--tolerance applies to the pointing game, which this evaluation does not compute" in (
+        capsys.readouterr().err)
 
 
 def test_a_flat_map_points_nowhere_and_empty_maps_are_reported() -> None:

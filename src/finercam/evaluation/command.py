@@ -24,7 +24,7 @@ import finercam
 from finercam.argtypes import gamma, non_negative_float, non_negative_int, output_dir, positive_float, positive_int
 from finercam.errors import InvalidArgumentError, MissingDependencyError
 from finercam.evaluation.annotations import REGION_KINDS, Regions, check_coverage, load_regions
-from finercam.evaluation.inputs import check_arguments, linear_head, metric_groups
+from finercam.evaluation.inputs import DEFAULT_TOLERANCE, check_arguments, linear_head, metric_groups
 from finercam.evaluation.runner import TARGETS, EvaluationOptions, evaluate_dataset
 from finercam.evaluation.scoring import METRIC_GROUPS, ScoreOptions, normalised_zero, pixel_fill
 from finercam.evaluation.summary import csv_text, markdown, strict_json, summarize
@@ -92,7 +92,8 @@ def add_command(
     parser.add_argument("--blur-sigma", type=positive_float,
                         help="for --fill blur, pixels > 0 (default 2.5%% of the longer side)")
     parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="deletion / insertion steps")
-    parser.add_argument("--tolerance", type=non_negative_int, default=2, help="pointing-game tolerance, pixels")
+    parser.add_argument("--tolerance", type=non_negative_int,
+                        help=f"pointing-game tolerance, pixels (default {DEFAULT_TOLERANCE})")
     parser.add_argument("--correct-only", action="store_true", help="aggregate only correctly classified images")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--score-batch-size", type=positive_int, default=256, help="Score-CAM masked inputs per pass")
@@ -131,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
     check_arguments(args)  # everything that can be checked before the model loads and the images are read
     metrics = metric_groups(args.metrics, args.annotations)
     score = ScoreOptions(metrics=metrics, ks=tuple(args.ks), fill=args.fill, blur_sigma=args.blur_sigma,
-                         steps=args.steps, tolerance=args.tolerance, pass_size=max(args.batch_size, 256))
+                         steps=args.steps, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+                         pass_size=max(args.batch_size, 256))
     folder = image_folder(args.data)
     paths = [path for path, _ in folder.samples][: args.limit]
     regions = load_regions(args.annotations, args.regions, args.keypoint_radius) if args.annotations else None

@@ -15,6 +15,9 @@ from finercam.errors import InvalidArgumentError
 from finercam.evaluation.scoring import LOCALIZATION, METRIC_GROUPS
 from finercam.images import check_apart
 
+DEFAULT_TOLERANCE = 2
+"""Pointing-game tolerance in pixels when ``--tolerance`` is not given."""
+
 
 def metric_groups(requested: Sequence[str] | None, annotations: str | None) -> tuple[str, ...]:
     """The metric groups to compute: ``requested``, or by default every group (pointing and energy only with
@@ -50,6 +53,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     for option, value in (("--regions", args.regions), ("--keypoint-radius", args.keypoint_radius)):
         if value is not None and not args.annotations:
             raise InvalidArgumentError(f"{option} chooses among the regions of --annotations, which is not given")
+    if args.tolerance is not None and "pointing" not in metric_groups(args.metrics, args.annotations):
+        raise InvalidArgumentError(
+            "--tolerance applies to the pointing game, which this evaluation does not compute (it needs "
+            "--annotations, and --metrics pointing when --metrics is given)"
+        )
     repeated = sorted({k for k in args.ks if args.ks.count(k) > 1})
     if repeated:
         raise InvalidArgumentError(f"--ks repeats {repeated}: give each RD fraction once")
