@@ -153,6 +153,19 @@ def test_resume_skips_done_chunks_and_cleans_temporaries(tree: Path, tmp_path: P
     assert_same_store(load_store(tmp_path / "s"), load_store(tmp_path / "full"))
 
 
+def test_the_same_shard_twice_is_refused(tree: Path, tmp_path: Path) -> None:
+    from finercam.locking import exclusive
+
+    out = tmp_path / "s"
+    with exclusive(out, "test", name=".lock-shard-0-of-1"), pytest.raises(
+        InvalidArgumentError, match=r"another finercam run of shard 0/1 is writing to .*rerun to resume"
+    ):
+        _run(tree, out)
+    with exclusive(out, "test", name=".lock-shard-1-of-2"):  # another shard may write into the same folder
+        assert _run(tree, out, shard=(0, 2)).processed > 0
+    assert _run(tree, out).already_done > 0  # released: the run resumes
+
+
 def test_resume_refuses_other_settings(tree: Path, tmp_path: Path) -> None:
     _run(tree, tmp_path / "s", chunk_size=16)
     with pytest.raises(StoreError, match=r"config\.method: store 'gradcam', now 'hirescam'"):

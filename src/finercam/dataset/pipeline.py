@@ -66,6 +66,7 @@ from finercam.errors import InvalidArgumentError
 from finercam.explain import FinerCAM
 from finercam.images import check_apart
 from finercam.layers import infer_device_dtype
+from finercam.locking import exclusive
 from finercam.models.preprocess import Preprocess
 from finercam.objectives import ClassifierWeights
 from finercam.progress import Progress
@@ -313,7 +314,8 @@ def run_dataset(
     if batches:
         positions = (position for batch in batches for position in batch)
         writer.commit(_preflight(explainer, source, preprocess, positions, settings.max_pixels))
-        _process(writer, explainer, source, preprocess, batches, settings, summary, log)
+        with exclusive(root, f"finercam run of shard {index}/{count}", name=f".lock-shard-{index}-of-{count}"):
+            _process(writer, explainer, source, preprocess, batches, settings, summary, log)
     else:
         writer.commit()
     _summarise(summary, root, source, mine, replace(settings, target=target))

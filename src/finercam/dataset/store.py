@@ -36,8 +36,10 @@ place with ``os.replace`` (then the folder is ``fsync``-ed), so a crash or ``kil
 file or none: never a corrupt one. Temporary files of an interrupted write are removed when the run resumes.
 
 **Resuming** a run (the same command again) reads which chunks exist and explains only the others (a chunk file
-whose header cannot be read, e.g. cut short by a copy, is renamed ``<name>.damaged`` and explained again); it refuses a
-store made with other settings or another listing. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
+whose header cannot be read, e.g. cut short by a copy, is renamed ``<name>.damaged`` and explained again); it refuses
+a store made with other settings or another listing. While a shard runs it holds ``OUT/.lock-shard-I-of-N`` (removed
+when it ends; a killed run's lock is released by the kernel), so the same shard started twice is refused rather than
+doing the work twice. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
 ``k mod N``; shards may write into one shared folder or into separate folders that
 :func:`finercam.dataset.store_reader.load_store` reads together. Chunks fix the batches, so interrupted, resumed
 and sharded runs give bitwise the same store as one uninterrupted run. 100,000 images with the default

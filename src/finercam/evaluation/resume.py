@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from finercam import locking
 from finercam.errors import InvalidArgumentError
 from finercam.mappings import differences
 
-PROGRESS, PROGRESS_CONFIG, LOCK = "progress.jsonl", "progress-config.json", ".lock"
+PROGRESS, PROGRESS_CONFIG = "progress.jsonl", "progress-config.json"
 FREE_OPTIONS = ("batch_size", "score_batch_size", "correct_only")
 """Options that do not change per-image results, so a resumed evaluation may change them."""
 FREE_SCORE_OPTIONS = ("pass_size",)
@@ -40,29 +41,10 @@ def comparable(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in view.items() if k not in FREE_OPTIONS}, "score": score}
 
 
-@contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold ``out/.lock`` while an evaluation writes to ``out``: a second one into the same folder (another terminal,
-    a job started twice) is refused instead of appending the same images again. Where ``fcntl`` is missing
-    (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on Linux or macOS
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / LOCK).open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InvalidArgumentError(
-                f"another finercam evaluate is writing to {str(out)!r}; wait for it to finish (then rerun to resume), "
-                "or choose another --out"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def exclusive(out: Path) -> AbstractContextManager[None]:
+    """Hold ``out/.lock`` while an evaluation writes to ``out`` (:func:`finercam.locking.exclusive`): a second one
+    into the same folder is refused instead of appending the same images again."""
+    return locking.exclusive(out, "finercam evaluate")
 
 
 def read_progress(out: Path) -> list[dict[str, Any]]:
