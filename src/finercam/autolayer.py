@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from finercam.capture import ModuleRecord, dry_run
 from finercam.errors import AutoLayerError, InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
-from finercam.grids import declared_batch_first, fits_token_grid, grid_reshape, plausible_grid
+from finercam.grids import declared_batch_first, grid_reshape, plausible_grid
 from finercam.layers import TokenGrid, check_model, infer_device_dtype, int_pair
 
 FIRST_NORM_NAMES = ("norm1", "ln_1", "layernorm_before", "layer_norm1", "norm_out")
@@ -116,8 +116,13 @@ def _first_norm(module: nn.Module) -> str | None:
     return None
 
 
+def _attention_children(module: nn.Module) -> list[str]:
+    """The names of ``module``'s attention children (a name containing ``attn`` or ``attention``)."""
+    return [name for name, _ in module.named_children() if "attn" in name.lower() or "attention" in name.lower()]
+
+
 def _has_attention(module: nn.Module) -> bool:
-    return any("attn" in name.lower() or "attention" in name.lower() for name, _ in module.named_children())
+    return bool(_attention_children(module))
 
 
 def transformer_blocks(model: nn.Module) -> list[TransformerBlock]:
@@ -255,7 +260,7 @@ def _is_token_layer(model: nn.Module, record: ModuleRecord, image_size: tuple[in
     of the image with no prefix token, as the engine will lay them out (:func:`finercam.grids.grid_reshape`)."""
     shape = record.shape
     if not (bool(record.name) and record.calls == 1 and shape is not None and len(shape) == 3 and shape[0] == 1
-            and fits_token_grid(shape[1], image_size) and not _is_trivial(record.module)):
+            and shape[1] > 1 and not _is_trivial(record.module)):
         return False
     try:
         reshape = grid_reshape(model, record.module, shape, image_size, batch_size=1)
@@ -269,7 +274,7 @@ def _token_candidate(
     model: nn.Module, records: list[ModuleRecord], image_size: tuple[int, int], after: int
 ) -> LayerCandidate | None:
     """The last token layer finishing after ``after`` (the last spatial map's order): token models without attention
-    blocks (MLP-Mixer, ResMLP, gMLP, TNT) keep their patch tokens to the end. Of the modules that emitted that very
+    blocks (MLP-Mixer, ResMLP, gMLP) keep their patch tokens to the end. Of the modules that emitted that very
     tensor, the shallowest is named."""
     later = [record for record in records if record.order > after]
     last = next((record for record in reversed(later) if _is_token_layer(model, record, image_size)), None)
@@ -322,17 +327,16 @@ def _one_row(model: nn.Module, record: ModuleRecord | None) -> bool:
         declared_batch_first(model, record.module) is False)
 
 
-def _map_like(record: ModuleRecord | None, image_size: tuple[int, int] | None) -> bool:
+def _map_like(record: ModuleRecord | None, image_size: tuple[int, int]) -> bool:
     """False for a block norm's 4-D output that is not channel-last maps ``(B, h, w, C)`` of the image (the layout of
     a norm over the channels: Swin), such as NesT's blocks of tokens ``(B, blocks, tokens, C)``; tokens pass."""
-    if record is None or record.shape is None or len(record.shape) != 4 or image_size is None:
+    if record is None or record.shape is None or len(record.shape) != 4:
         return True
     return plausible_grid(record.shape[1], record.shape[2], image_size)
 
 
 def _transformer_candidates(
-    model: nn.Module, blocks: list[TransformerBlock], records: list[ModuleRecord] | None,
-    image_size: tuple[int, int] | None = None,
+    model: nn.Module, blocks: list[TransformerBlock], records: list[ModuleRecord] | None, image_size: tuple[int, int]
 ) -> list[LayerCandidate]:
     ran = {record.name: record for record in records} if records is not None else None
     if ran is not None:  # blocks that ran on the image, with one row per image (not patches folded into the batch)
@@ -366,11 +370,10 @@ def _post_norm(model: nn.Module, block: TransformerBlock, ran: dict[str, ModuleR
     (A pre-norm block's norm runs before the attention, whatever it reads: CaiT's class attention normalises
     ``cat(cls, x)``.)"""
     norm = ran.get(block.layer)
-    module = model.get_submodule(block.name) if block.name else model
-    attention = [ran[f"{block.name}.{name}" if block.name else name] for name, _ in module.named_children()
-                 if ("attn" in name.lower() or "attention" in name.lower())
-                 and (f"{block.name}.{name}" if block.name else name) in ran]
-    return norm is not None and bool(attention) and min(record.order for record in attention) < norm.order
+    names = (f"{block.name}.{child}" if block.name else child
+             for child in _attention_children(model.get_submodule(block.name)))
+    orders = [ran[name].order for name in names if name in ran]
+    return norm is not None and bool(orders) and min(orders) < norm.order
 
 
 def candidate_layers(

@@ -317,7 +317,6 @@ class FinerCAM:
             )
 
         reshapes = self._reshapes(capture.activations, images)
-        self._check_batch(capture.activations, reshapes, images.shape[0])
         if method.uses_gradients:
             per_objective = self._gradient_maps(capture.activations, reshapes, logits, objectives, aggregation, gamma)
         else:
@@ -342,25 +341,25 @@ class FinerCAM:
             for (target_classes, chosen), (raw, baseline) in zip(objectives, per_objective, strict=True)
         ]
 
-    def _check_batch(self, activations: tuple[Tensor, ...], reshapes: list[Reshape | None], batch: int) -> None:
-        """Refuse a layer whose maps are not one per image (a model that folds patches or windows into the batch,
-        as MobileViT and TNT do inside their blocks)."""
-        for layer, activation, reshape in zip(self.layers, activations, reshapes, strict=True):
-            maps = to_maps(activation.detach(), reshape)
-            if maps.shape[0] == batch and maps.shape[-2:] == (1, 1):
-                raise ModelShapeError(
-                    f"target layer {layer.name!r} emits 1 x 1 maps ({tuple(activation.shape)}): a CAM there has no "
-                    "spatial extent, so every map would be flat. Pick a layer before the global pooling "
-                    "(finercam.candidate_layers(model) lists the choices)"
-                )
-            if maps.shape[0] != batch:
-                raise ModelShapeError(
-                    f"target layer {layer.name!r} emits {tuple(activation.shape)} for {batch} image(s), "
-                    f"{maps.shape[0]} maps: its batch dimension is not the images' (the model folds patches or "
-                    "windows into it there), so its maps "
-                    "cannot be told apart per image. Pick a layer whose output is (B, ...), e.g. the output of the "
-                    "stage or block around it (finercam.candidate_layers(model) lists the choices)"
-                )
+    def _layer_maps(self, index: int, activation: Tensor, reshape: Reshape | None, batch: int) -> Tensor:
+        """Layer ``index``'s activation as maps ``(B, K, h, w)``, refused when they are not one per image (a model
+        that folds patches or windows into the batch, as MobileViT and TNT do inside their blocks) or 1 x 1."""
+        maps = to_maps(activation, reshape)
+        name = self.layers[index].name
+        if maps.shape[0] != batch:
+            raise ModelShapeError(
+                f"target layer {name!r} emits {tuple(activation.shape)} for {batch} image(s), {maps.shape[0]} maps: "
+                "its batch dimension is not the images' (the model folds patches or windows into it there), so its "
+                "maps cannot be told apart per image. Pick a layer whose output is (B, ...), e.g. the output of the "
+                "stage or block around it (finercam.candidate_layers(model) lists the choices)"
+            )
+        if maps.shape[-2:] == (1, 1):
+            raise ModelShapeError(
+                f"target layer {name!r} emits 1 x 1 maps ({tuple(activation.shape)}): a CAM there has no spatial "
+                "extent, so every map would be flat. Pick a layer before the global pooling "
+                "(finercam.candidate_layers(model) lists the choices)"
+            )
+        return maps
 
     def _reshapes(self, activations: tuple[Tensor, ...], images: Tensor) -> list[Reshape | None]:
         """The reshape of each layer: the user's, or inferred from its activation and the image size."""
@@ -399,11 +398,11 @@ class FinerCAM:
         assert compute is not None
         width = len(rows) // len(objectives)
         results: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in objectives]
-        for activation, gradient, reshape in zip(activations, gradients, reshapes, strict=True):
-            maps = to_maps(activation.detach(), reshape)
+        for layer, (activation, gradient, reshape) in enumerate(zip(activations, gradients, reshapes, strict=True)):
+            maps = self._layer_maps(layer, activation.detach(), reshape, logits.shape[0])
             stacked = self._stacked_maps(gradient, reshape)
-            for index, (raw_per_layer, baseline_per_layer) in enumerate(results):
-                grads = stacked[index * width:(index + 1) * width]
+            for slot, (raw_per_layer, baseline_per_layer) in enumerate(results):
+                grads = stacked[slot * width:(slot + 1) * width]
                 if self.method.linear_in_gradient:
                     terms = compute(maps, grads)
                     raw = terms[0] - gamma[:, None, None, None] * terms[1]
@@ -430,8 +429,8 @@ class FinerCAM:
         # a model that normalises with the batch's statistics would mix the masked inputs: one at a time
         pass_size = 1 if batch_coupling(self.model) else self.score_batch_size
         results: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in objectives]
-        for activation, reshape in zip(activations, reshapes, strict=True):
-            maps = to_maps(activation, reshape)
+        for layer, (activation, reshape) in enumerate(zip(activations, reshapes, strict=True)):
+            maps = self._layer_maps(layer, activation, reshape, images.shape[0])
             scores = channel_scores(forward, images, maps, objectives, aggregation, pass_size)
             for (raw_per_layer, baseline_per_layer), (u, v, target_logit) in zip(results, scores, strict=True):
                 raw_per_layer.append(score_cam_maps(maps, u - gamma[:, None, None] * v))

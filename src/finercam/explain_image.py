@@ -124,17 +124,20 @@ def explain_image(
             ``--versus``).
     """
     chosen_layer = layer or loaded.target_layer or "auto"
-    if versus is not None:
-        return _explain_versus(loaded, pixels, chosen_layer, method, target, list(versus), gamma, aggregation,
-                               other_gammas)
-    weights = _classifier_rows(loaded, references)
+    given = _check_versus(loaded.class_names, list(versus), target) if versus is not None else None
+    weights = _classifier_rows(loaded, references) if given is None else None
     cam = FinerCAM(loaded.model, chosen_layer, method)
     try:
         sweep = cam.sweep(
-            pixels[None], gammas=(gamma, *other_gammas), targets=target, references=references,
-            num_references=num_references, aggregation=aggregation, classifier_weights=weights,
+            pixels[None], gammas=(gamma, *other_gammas), targets=target,
+            references=references if given is None else [given], num_references=num_references,
+            aggregation=aggregation, classifier_weights=weights,
         )
     except InvalidArgumentError as error:
+        if given is not None and target is None and "a class cannot be its own reference" in str(error):
+            with torch.no_grad():  # only on this error path: which class the model predicts
+                predicted = int(extract_logits(loaded.model(pixels[None])).argmax())
+            raise _own_reference(loaded.class_names, predicted, "the top prediction, explained by default") from None
         raise _not_the_classifier(loaded, weights, error) from None
     return _explanation(loaded, cam, sweep.at(0), sweep)
 
@@ -189,38 +192,24 @@ def _not_the_classifier(loaded: LoadedModel, weights: nn.Linear | None, error: I
     )
 
 
-def _explain_versus(
-    loaded: LoadedModel, pixels: Tensor, layer: str, method: str, target: int | None, versus: list[int],
-    gamma: float, aggregation: str, other_gammas: Sequence[float],
-) -> ImageExplanation:
-    """:func:`explain_image` with the reference classes given (``--versus``)."""
-    names = loaded.class_names
+def _check_versus(names: tuple[str, ...] | None, versus: list[int], target: int | None) -> list[int]:
+    """The ``--versus`` classes, refused when empty, repeated, or the class given with ``--target``."""
     repeated = sorted({index for index in versus if versus.count(index) > 1})
     if not versus or repeated:
         raise InvalidArgumentError(
             "--versus needs one or more different classes" + (
                 f"; {class_name(names, repeated[0])!r} (class {repeated[0]}) is given twice" if repeated else "")
         )
-
-    def own_reference(explained: int, how: str) -> InvalidArgumentError:
-        return InvalidArgumentError(
-            f"--versus {class_name(names, explained)!r} (class {explained}) is {how}: a class cannot be its own "
-            "reference. Pick other classes with --versus, or another class to explain with --target"
-        )
-
     if target is not None and target in versus:
-        raise own_reference(target, "the class given with --target")
-    cam = FinerCAM(loaded.model, layer, method)
-    try:
-        sweep = cam.sweep(pixels[None], gammas=(gamma, *other_gammas), targets=target, references=[versus],
-                          aggregation=aggregation)
-    except InvalidArgumentError as error:
-        if target is not None or "a class cannot be its own reference" not in str(error):
-            raise
-        with torch.no_grad():  # only on this error path: which class the model predicts
-            predicted = int(extract_logits(loaded.model(pixels[None])).argmax())
-        raise own_reference(predicted, "the top prediction, explained by default") from None
-    return _explanation(loaded, cam, sweep.at(0), sweep)
+        raise _own_reference(names, target, "the class given with --target")
+    return versus
+
+
+def _own_reference(names: tuple[str, ...] | None, explained: int, how: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"--versus {class_name(names, explained)!r} (class {explained}) is {how}: a class cannot be its own "
+        "reference. Pick other classes with --versus, or another class to explain with --target"
+    )
 
 
 def _explanation(

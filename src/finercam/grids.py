@@ -222,12 +222,6 @@ def _factorisations(num_tokens: int, image_size: tuple[int, int], prefixes: rang
     return found
 
 
-def fits_token_grid(num_tokens: int, image_size: tuple[int, int]) -> bool:
-    """Whether ``num_tokens`` tokens can be a patch grid of an ``(H, W)`` image (one integer stride, with
-    ``0..MAX_PREFIX_TOKENS`` prefix tokens): the test :mod:`finercam.autolayer` applies to a token layer's output."""
-    return num_tokens > 1 and bool(_factorisations(num_tokens, image_size, range(MAX_PREFIX_TOKENS + 1)))
-
-
 def _describe(grids: set[Grid]) -> str:
     return ", ".join(f"{h}x{w} + {p} prefix" for h, w, p in sorted(grids, key=lambda g: (g[2], g[0])))
 

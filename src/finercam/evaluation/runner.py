@@ -160,37 +160,27 @@ def evaluate_dataset(
         done = prepare_out(out, asdict(options), extra, restart, len(items))
         if done and log is not None:
             log(f"resuming the evaluation in {str(out)!r}: {len(done)} of {len(items)} images already done")
-        return _evaluate_left(model, preprocess, items, out, options, done, class_names, regions, workers,
-                              classifier_weights, progress)
-
-
-def _evaluate_left(
-    model: torch.nn.Module, preprocess: Preprocess, items: Sequence[tuple[Path, int | None]], out: Path,
-    options: EvaluationOptions, done: set[int], class_names: Sequence[str] | None, regions: Regions | None,
-    workers: int, classifier_weights: ClassifierWeights | None, progress: bool,
-) -> list[dict[str, Any]]:
-    """The loop of :func:`evaluate_dataset` over the images not ``done``."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size,
-                             classifier_weights=classifier_weights)
-            for method in options.methods}
-    left = [i for i in range(len(items)) if i not in done]
-    batches = [left[start : start + options.batch_size] for start in range(0, len(left), options.batch_size)]
-    first = 1 + max((record["batch"] for record in read_progress(out)), default=-1)
-    tracker = Progress(len(left), enabled=progress)  # the images left (all of them unless resuming)
-    setting = _Setting(model, cams, options, preprocess, class_names, regions, device, tracker.note)
-    loader = DataLoader(_Files([items[i] for i in left], preprocess), batch_size=options.batch_size,
-                        shuffle=False, num_workers=workers, collate_fn=_collate)
-    with (out / PROGRESS).open("a") as log:
-        for number, (indices, rows) in enumerate(zip(batches, _regrouped(loader, batches), strict=True), first):
-            tracker.begin(f"batch {number - first + 1}/{len(batches)}")
-            record = _evaluate_batch(setting, rows, [items[i] for i in indices], indices)
-            record["batch"] = number
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
-            tracker.update(len(rows), skipped=len(record["skipped"]))
-    return read_progress(out)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        cams = {method: FinerCAM(model, options.layer or "auto", method, score_batch_size=options.score_batch_size,
+                                 classifier_weights=classifier_weights)
+                for method in options.methods}
+        left = [i for i in range(len(items)) if i not in done]
+        batches = [left[start : start + options.batch_size] for start in range(0, len(left), options.batch_size)]
+        first = 1 + max((record["batch"] for record in read_progress(out)), default=-1)
+        tracker = Progress(len(left), enabled=progress)  # the images left (all of them unless resuming)
+        setting = _Setting(model, cams, options, preprocess, class_names, regions, device, tracker.note)
+        loader = DataLoader(_Files([items[i] for i in left], preprocess), batch_size=options.batch_size,
+                            shuffle=False, num_workers=workers, collate_fn=_collate)
+        with (out / PROGRESS).open("a") as journal:
+            for number, (indices, rows) in enumerate(zip(batches, _regrouped(loader, batches), strict=True), first):
+                tracker.begin(f"batch {number - first + 1}/{len(batches)}")
+                record = _evaluate_batch(setting, rows, [items[i] for i in indices], indices)
+                record["batch"] = number
+                journal.write(json.dumps(record) + "\n")
+                journal.flush()
+                os.fsync(journal.fileno())
+                tracker.update(len(rows), skipped=len(record["skipped"]))
+        return read_progress(out)
 
 
 def _regrouped(loader: DataLoader, batches: list[list[int]]) -> Iterator[list]:

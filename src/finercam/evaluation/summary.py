@@ -184,7 +184,7 @@ def markdown(summary: Summary, title: str = "finercam evaluate") -> str:
     for row in summary.rows:
         if row["finer"]:
             cells = [_cell(row["delta"][n], True) for n in names]
-            lines.append(f"| Finer-{row['method_title']} | {gamma_key(row['gamma'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(row)} | {gamma_key(row['gamma'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
