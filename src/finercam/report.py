@@ -60,11 +60,9 @@ def _short(name: str) -> str:
 
 def gamma_plot(runs: Sequence[ModelRun], ks: Sequence[float]) -> bytes:
     """A PNG: pointing, energy and RD@k against gamma, one row per model, one line per method."""
-    plt = viz.pyplot()
     metrics = ["pointing", "energy", *(rd_name(k) for k in ks)]
-    figure, axes = plt.subplots(len(runs), len(metrics), figsize=(3.3 * len(metrics), 2.7 * len(runs) + 0.4),
-                                squeeze=False)
-    try:
+    with viz.figure(figsize=(3.3 * len(metrics), 2.7 * len(runs) + 0.4)) as figure:
+        axes = figure.subplots(len(runs), len(metrics), squeeze=False)
         for row, run in enumerate(runs):
             for column, metric in enumerate(metrics):
                 axis = axes[row, column]
@@ -83,8 +81,6 @@ def gamma_plot(runs: Sequence[ModelRun], ks: Sequence[float]) -> bytes:
                 if row == 0 and column == 0:
                     axis.legend(fontsize=7)
         return _png(figure, dpi=100)
-    finally:
-        plt.close(figure)
 
 
 def sample_indices(run: ModelRun, count: int = SHOWN) -> list[int]:
@@ -127,10 +123,9 @@ def _grid(panels: list[list[dict[str, Any]]], headers: Sequence[str]) -> bytes:
     its peak marked, optional ``outline`` (H, W) bool drawn in white, and a ``caption``."""
     from finercam import viz
 
-    plt = viz.pyplot()
     rows, cols = len(panels), len(headers)
-    figure, axes = plt.subplots(rows, cols, figsize=(2.05 * cols, 2.35 * rows + 0.3), squeeze=False)
-    try:
+    with viz.figure(figsize=(2.05 * cols, 2.35 * rows + 0.3)) as figure:
+        axes = figure.subplots(rows, cols, squeeze=False)
         for row, line in enumerate(panels):
             for column, panel in enumerate(line):
                 axis = axes[row, column]
@@ -149,8 +144,6 @@ def _grid(panels: list[list[dict[str, Any]]], headers: Sequence[str]) -> bytes:
                 axis.set_xticks([])
                 axis.set_yticks([])
         return _png(figure, dpi=85)
-    finally:
-        plt.close(figure)
 
 
 def samples_figure(run: ModelRun, gammas: Sequence[float]) -> bytes | None:

@@ -42,4 +42,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise InvalidArgumentError(
                 f"device {str(device)!r}: this machine has {count} CUDA device(s); use cpu (or auto)"
             )
+    elif resolved.type == "meta":
+        raise InvalidArgumentError(f"device {str(device)!r} holds no data, so nothing can be explained on it; "
+                                   "use auto, cpu, cuda or cuda:N")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidArgumentError(f"device {str(device)!r}: this machine has no MPS (Apple GPU) device; use cpu "
+                                   "(or auto)")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(1, device=resolved)
+        except (RuntimeError, AssertionError) as error:  # a backend torch was not built with, or a missing device
+            reason = str(error).strip().split("\n")[0][:200]
+            raise InvalidArgumentError(
+                f"device {str(device)!r} is not available here ({reason}); use auto, cpu, cuda or cuda:N"
+            ) from None
     return resolved

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +17,7 @@ from torch import Tensor
 from finercam.errors import InvalidArgumentError, MissingDependencyError
 
 ArrayLike = Tensor | np.ndarray
-__all__ = ["Channels", "Column", "MissingDependencyError", "overlay", "pyplot", "save_comparison"]
+__all__ = ["Channels", "Column", "MissingDependencyError", "colormap", "figure", "overlay", "save_comparison"]
 
 
 def require_matplotlib() -> None:
@@ -29,23 +30,34 @@ def require_matplotlib() -> None:
 
 
 def _matplotlib() -> ModuleType:
-    """Import matplotlib with the non-interactive Agg backend, or explain how to install it."""
+    """Import matplotlib, or explain how to install it."""
     try:
         import matplotlib
     except ImportError as error:
         raise MissingDependencyError(
             "finercam's figures need matplotlib, which is not installed: pip install finercam[viz]"
         ) from error
-    matplotlib.use("Agg", force=True)
     return matplotlib
 
 
-def pyplot() -> ModuleType:
-    """``matplotlib.pyplot`` with the non-interactive Agg backend, or a :class:`MissingDependencyError`."""
-    _matplotlib()
-    import matplotlib.pyplot as plt
+def colormap(name: str) -> Any:
+    """The matplotlib colormap ``name`` (``"jet"``, ``"viridis"``), or a :class:`MissingDependencyError`."""
+    return _matplotlib().colormaps[name]
 
-    return plt
+
+@contextmanager
+def figure(**options: Any) -> Iterator[Any]:
+    """A new ``matplotlib.figure.Figure(**options)`` to draw on and save inside the ``with`` block.
+
+    It is made without pyplot, so the caller's backend, open figures and notebook display are left as they were,
+    and with text drawn literally (``text.parse_math`` off), so that a class name or prompt holding ``$`` is
+    written as given instead of being read as mathematics (and failing to parse).
+    """
+    matplotlib = _matplotlib()
+    from matplotlib.figure import Figure
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield Figure(**options)
 
 
 Channels = Literal["first", "last"]
@@ -118,13 +130,13 @@ def overlay(
     Returns:
         An ``(H, W, 3)`` float array in ``[0, 1]``.
     """
-    matplotlib = _matplotlib()
+    colours_of = colormap(cmap)
     pixels, heat = _to_numpy_image(image, channels), _to_numpy_map(cam)
     if pixels.shape[:2] != heat.shape:
         raise InvalidArgumentError(
             f"image is {pixels.shape[:2]} (height, width) but the map is {heat.shape}; resize one to the other"
         )
-    colours = matplotlib.colormaps[cmap](heat)[..., :3]
+    colours = colours_of(heat)[..., :3]
     return np.clip((1 - alpha) * pixels + alpha * colours, 0.0, 1.0)
 
 
@@ -180,7 +192,6 @@ def save_comparison(
         row_labels: one label per row, at the left of the row.
         suptitle: a title over the whole figure.
     """
-    plt = pyplot()
     rows, cols = images.shape[0], len(columns)
     width = max(12, int(panel_inches * 72 / (TITLE_FONT_SIZE * 0.6)))  # characters that fit over a panel
     titles = [
@@ -190,8 +201,8 @@ def save_comparison(
     ]
     lines = [max(title.count("\n") + 1 for title in row_titles) for row_titles in titles]
     height = sum(panel_inches + 0.25 + 0.15 * count for count in lines) + 0.4
-    figure, axes = plt.subplots(rows, cols, figsize=(panel_inches * cols, height), squeeze=False)
-    try:
+    with figure(figsize=(panel_inches * cols, height)) as drawing:
+        axes = drawing.subplots(rows, cols, squeeze=False)
         for column_index, column in enumerate(columns):
             for row in range(rows):
                 axis: Any = axes[row, column_index]
@@ -215,13 +226,11 @@ def save_comparison(
                 if column_index == 0 and row_labels is not None:
                     axis.set_ylabel(row_labels[row], fontsize=8)
         if suptitle:
-            figure.suptitle(suptitle, fontsize=10)
-        figure.tight_layout()
+            drawing.suptitle(suptitle, fontsize=10)
+        drawing.tight_layout()
         output = Path(path)
         if not output.suffix:
             output = output.with_suffix(".png")
         output.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(output, dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # no title cut, no blank margin
-    finally:
-        plt.close(figure)
+        drawing.savefig(output, dpi=dpi, bbox_inches="tight", pad_inches=0.1)  # no title cut, no blank margin
     return output

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finercam.capture import preserved_model
-from finercam.errors import InvalidArgumentError, InvalidTypeError, MissingDependencyError
+from finercam.errors import FinerCAMError, InvalidArgumentError, InvalidTypeError, MissingDependencyError
 
 TextEncoder = Callable[[Sequence[str]], Tensor]
 CLIP_TEMPLATES: tuple[str, ...] = (
@@ -113,7 +113,7 @@ class OpenCLIPImageEncoder(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         visual = self.visual
         if not _is_native_open_clip_vit(visual):
-            return _pooled(visual(images))
+            return _pooled(_fixed_size_forward(visual, images))
         patch_h, patch_w = visual.patch_size
         check_patch_multiple(images, (patch_h, patch_w))
         grid = (images.shape[-2] // patch_h, images.shape[-1] // patch_w)
@@ -127,6 +127,25 @@ class OpenCLIPImageEncoder(nn.Module):
         x = visual.transformer(x)
         pooled, _tokens = visual._pool(x)
         return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def _fixed_size_forward(visual: nn.Module, images: Tensor) -> object:
+    """``visual(images)`` for an open_clip tower that is not its own ViT (a ResNet with attention pooling, a timm
+    tower); one that fails away from its native size says so, naming the size it takes."""
+    try:
+        return visual(images)
+    except (RuntimeError, ValueError, AssertionError) as error:  # timm asserts its input size
+        side = getattr(visual, "image_size", None)
+        native = (side, side) if isinstance(side, int) else tuple(side) if isinstance(side, tuple | list) else None
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if native is None or size == native:
+            raise
+        raise InvalidArgumentError(
+            f"the open_clip image tower {type(visual).__name__} failed on images of {size[0]} x {size[1]} px "
+            f"({error}); it takes {native[0]} x {native[1]} px (only open_clip's own ViT has its position "
+            "embeddings resampled to other sizes): resize the images to that size (on the command line, drop "
+            "--keep-aspect)"
+        ) from None
 
 
 def check_patch_multiple(images: Tensor, patch: tuple[int, int]) -> None:
@@ -188,18 +207,47 @@ def _open_clip_tokenizer(model: nn.Module) -> Callable[[Sequence[str]], Tensor]:
     return tokenize
 
 
-def _token_ids(tokens_of: Callable[[Sequence[str]], Any], texts: Sequence[str]) -> Tensor:
-    """The ``(N, L)`` token ids an open_clip tokenizer gives for ``texts``, checked."""
+def _token_ids(tokens_of: Callable[..., Any], texts: Sequence[str]) -> Tensor:
+    """The ``(N, L)`` token ids an open_clip tokenizer gives for ``texts``, checked, none of them cut short."""
     advice = "open_clip models need a tokenizer returning token ids (N, L), e.g. open_clip.get_tokenizer(ARCH)"
     try:
         tokens = tokens_of(list(texts))
+    except FinerCAMError:
+        raise
     except (TypeError, ValueError, AttributeError) as error:
         raise InvalidArgumentError(f"the tokenizer failed ({type(error).__name__}: {error}); {advice}") from error
     well_formed = isinstance(tokens, Tensor) and tokens.ndim == 2 and not tokens.is_floating_point()
     if not well_formed or tokens.shape[0] != len(texts):
         got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
         raise InvalidTypeError(f"the tokenizer returned {got} for {len(texts)} texts; {advice}")
+    _refuse_cut_texts(tokens_of, texts, tokens)
     return tokens
+
+
+def _refuse_cut_texts(tokens_of: Callable[..., Any], texts: Sequence[str], tokens: Tensor) -> None:
+    """Refuse texts the tokenizer cut at its context length ``L``, as open_clip's tokenizers do without a word.
+
+    The texts are tokenized again with a longer context (open_clip's tokenizers take ``context_length=``): a text
+    that fits gives the same ``L`` ids followed by padding only; a cut one differs within the first ``L`` ids (the
+    end token moved) or has ids past them. A tokenizer without that argument cannot be checked.
+    """
+    context = int(tokens.shape[1])
+    try:
+        longer = tokens_of(list(texts), context_length=context + 256)
+    except TypeError:
+        return
+    if not (isinstance(longer, Tensor) and longer.ndim == 2 and longer.shape[0] == len(texts)
+            and longer.shape[1] > context):
+        return
+    longer = longer.to(tokens.device)
+    padding = longer[:, -1:]
+    cut = (longer[:, :context] != tokens).any(1) | (longer[:, context:] != padding).any(1)
+    if bool(cut.any()):
+        text = texts[int(cut.nonzero()[0])]
+        raise InvalidArgumentError(
+            f"the text {text!r} is longer than the {context} tokens the text tower reads (the tokenizer would cut "
+            "it): shorten the prompt or its template"
+        )
 
 
 def from_open_clip(model: nn.Module, tokenizer: Callable[[Sequence[str]], Tensor] | None = None,

@@ -110,6 +110,14 @@ def _hf(name: str, tokenizer: str | None, keep_aspect: bool) -> tuple[CLIPEncode
             text_tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer or source, local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"hf:{name}: no tokenizer in {tokenizer or source!r}: {error}") from None
+    size = getattr(text_tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size <= 2:  # transformers builds an empty tokenizer when the files are missing
+        where = "--tokenizer" if tokenizer else f"hf:{name}"
+        raise ModelNotFoundError(
+            f"{where}: no tokenizer files in {tokenizer or source!r} (transformers made an empty tokenizer of {size} "
+            "tokens); pass --tokenizer DIR, a folder with the CLIP tokenizer's files (tokenizer.json, or vocab.json "
+            "and merges.txt)"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a missing preprocessor_config.json falls back to CLIP's defaults
         preprocess = config_preprocess(source, name, config, "clip", None)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +48,12 @@ VOCABULARY: tuple[str, ...] = (
 """Every word the text tower knows: grammar words, genus names, colour names and part names (index = token id)."""
 DEFAULT_TEMPLATES: tuple[str, ...] = ("{}", "a {}")
 """Prompt templates of the embedded model (both forms appear in its training captions)."""
-_WORD = re.compile(r"[a-z]+")
 
 
 class WordTokenizer:
-    """Lower-cases, keeps the words (``[a-z]+``, punctuation dropped) and maps them to ids after a ``<cls>`` token.
+    """Lower-cases, splits at white space and punctuation (which is dropped) and maps the words to ids after a
+    ``<cls>`` token. Anything else (digits, symbols, other letters) is part of a word, so a word the vocabulary lacks
+    is an error, never dropped silently.
 
     Args:
         vocabulary: the words, index = token id; must start with ``<pad>`` and ``<cls>``.
@@ -74,7 +75,7 @@ class WordTokenizer:
         """The words of ``text`` the tokenizer sees."""
         if not isinstance(text, str):
             raise InvalidTypeError(f"a prompt must be a string; got {type(text).__name__}")
-        return _WORD.findall(text.lower())
+        return "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text.lower()).split()
 
     def __call__(self, texts: Sequence[str]) -> Tensor:
         """``(N, L)`` token ids, padded with ``<pad>`` (id 0), each row starting with ``<cls>``.
