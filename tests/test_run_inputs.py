@@ -61,6 +61,25 @@ def test_decode_pixel_values(tmp_path: Path) -> None:
     torch.testing.assert_close(one, torch.tensor([200, 30, 30], dtype=torch.uint8)[:, None, None].expand(3, 64, 64))
 
 
+def test_float_images_are_read_in_their_own_range(tmp_path: Path) -> None:
+    """A 32-bit float TIFF in [0, 1] was clipped by Pillow's conversion to black and white; [0, 255] is kept; other
+    ranges are refused, naming the range."""
+    from finercam.images import ImageReadError, load_image
+
+    values = np.random.default_rng(1).random((6, 5)).astype(np.float32)
+    for name, pixels in (("unit", values), ("byte", values * 255)):
+        Image.fromarray(pixels, mode="F").save(tmp_path / f"{name}.tif")
+        decoded = decode(tmp_path / f"{name}.tif", _no_preprocess()).pixels
+        assert decoded is not None
+        np.testing.assert_allclose(decoded.double().numpy(), np.broadcast_to(values * 255, (3, 6, 5)), atol=1)
+        np.testing.assert_allclose(np.asarray(load_image(tmp_path / f"{name}.tif"))[..., 0], values * 255, atol=1)
+    Image.fromarray(values * 1000 - 10, mode="F").save(tmp_path / "wide.tif")
+    reason = decode(tmp_path / "wide.tif", _no_preprocess()).reason
+    assert reason is not None and reason.startswith(f"unreadable: a 32-bit float image with values in [{values.min() * 1000 - 10:g}")
+    with pytest.raises(ImageReadError, match=r"wide.tif.*reads float images in \[0, 1\] or \[0, 255\]"):
+        load_image(tmp_path / "wide.tif")
+
+
 def test_batch_normalisation_equals_per_image_preprocessing(tmp_path: Path) -> None:
     """``to_uint8`` + ``normalise`` of a batch gives bitwise what preprocessing each image alone gives."""
     from finercam.images import load_image

@@ -1,11 +1,12 @@
 """Reading images and ImageFolder trees with Pillow.
 
-Images are opened with EXIF orientation applied and converted to RGB (grayscale, palette, CMYK, RGBA and 16-bit
-images included). Pillow's decompression-bomb guard stays on. Errors name the file and what went wrong.
+Images are opened with EXIF orientation applied and converted to RGB (grayscale, palette, CMYK, RGBA, 16-bit and
+32-bit float images included). Pillow's decompression-bomb guard stays on. Errors name the file and what went wrong.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ def load_image(path: str | Path) -> Image.Image:
 
 def to_rgb(opened: Image.Image, *, in_place: bool = False) -> Image.Image:
     """An opened image decoded as RGB with its EXIF orientation applied (16-bit and 32-bit integer images scaled to
-    8 bits). Raises what Pillow raises for a truncated or corrupt file.
+    8 bits, float images read in [0, 1] or [0, 255]). Raises what Pillow raises for a truncated or corrupt file, and
+    :class:`ImageReadError` for float values outside [0, 255].
 
     ``in_place=True`` saves a copy of the pixels, but an RGB result may then be ``opened`` itself, which is unusable
     once the file is closed: use it inside the ``with Image.open(...)`` block.
@@ -55,10 +57,29 @@ def to_rgb(opened: Image.Image, *, in_place: bool = False) -> Image.Image:
         image = ImageOps.exif_transpose(opened)
     if image.mode.startswith("I;16") or image.mode == "I":
         image = image.point(lambda value: value / 256).convert("L")
+    elif image.mode == "F":
+        image = _float_to_gray(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     image.load()
     return image
+
+
+def _float_to_gray(image: Image.Image) -> Image.Image:
+    """An 8-bit gray image of a 32-bit float one (a float TIFF): values in [0, 1] are scaled by 255, values in
+    [0, 255] kept (Pillow's own conversion would clip [0, 1] to black and white).
+
+    Raises:
+        ImageReadError: values outside [0, 255] or not finite, which have no one reading as pixels.
+    """
+    low, high = image.getextrema()
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high > 255:
+        raise ImageReadError(
+            f"a 32-bit float image with values in [{low:g}, {high:g}]: finercam reads float images in [0, 1] or "
+            "[0, 255]; rescale it (or save it as 8- or 16-bit)"
+        )
+    scale = 255.0 if high <= 1.0 else 1.0
+    return image.point(lambda value: value * scale).convert("L")
 
 
 @dataclass(frozen=True)

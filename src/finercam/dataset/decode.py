@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from finercam.images import to_rgb
+from finercam.images import ImageReadError, to_rgb
 from finercam.models.preprocess import Preprocess
 
 
@@ -81,6 +81,8 @@ def decode(path: str | Path, preprocess: Preprocess, max_pixels: int | None = No
             if os.fstat(handle.fileno()).st_size == 0:  # checked only for a failure: a stat per image costs
                 return Decoded(reason="empty file: 0 bytes")
             return Decoded(reason="not an image: Pillow cannot identify the file format")
+        except ImageReadError as error:
+            return Decoded(reason=f"unreadable: {error}")
         except (OSError, SyntaxError, ValueError) as error:
             return Decoded(reason=f"corrupt or truncated: {error}")
         except Exception as error:  # a decoder bug must not end a run over a million images
