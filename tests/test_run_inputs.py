@@ -73,9 +73,10 @@ def test_float_images_are_read_in_their_own_range(tmp_path: Path) -> None:
         assert decoded is not None
         np.testing.assert_allclose(decoded.double().numpy(), np.broadcast_to(values * 255, (3, 6, 5)), atol=1)
         np.testing.assert_allclose(np.asarray(load_image(tmp_path / f"{name}.tif"))[..., 0], values * 255, atol=1)
-    Image.fromarray(values * 1000 - 10, mode="F").save(tmp_path / "wide.tif")
+    wide = values * 1000 - 10
+    Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
     reason = decode(tmp_path / "wide.tif", _no_preprocess()).reason
-    assert reason is not None and reason.startswith(f"unreadable: a 32-bit float image with values in [{values.min() * 1000 - 10:g}")
+    assert reason is not None and reason.startswith(f"unreadable: a 32-bit float image with values in [{wide.min():g}")
     with pytest.raises(ImageReadError, match=r"wide.tif.*reads float images in \[0, 1\] or \[0, 255\]"):
         load_image(tmp_path / "wide.tif")
 
