@@ -295,11 +295,18 @@ class HFCLIPImageEncoder(nn.Module):
         return self.visual_projection(pooled)
 
 
-def _check_hf_tokenizer(tokenizer: Any) -> None:
+def empty_tokenizer_size(tokenizer: Any) -> int | None:
+    """The vocabulary size of a transformers tokenizer that did not load (2 tokens or fewer: transformers builds one,
+    instead of failing, for a folder without the tokenizer's files or a hub id that is not cached), else ``None``."""
     size = getattr(tokenizer, "vocab_size", None)
+    return size if isinstance(size, int) and size <= 2 else None
+
+
+def _check_hf_tokenizer(tokenizer: Any) -> None:
     if not callable(tokenizer):
         raise InvalidTypeError(f"tokenizer must be callable (a transformers tokenizer); got {type(tokenizer).__name__}")
-    if isinstance(size, int) and size <= 2:
+    size = empty_tokenizer_size(tokenizer)
+    if size is not None:
         raise InvalidArgumentError(
             f"the tokenizer has a vocabulary of {size} tokens: it did not load (transformers returns such a tokenizer "
             "offline for a hub id that is not cached); load it from the model's local directory"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from finercam.concepts.encoders import CLIPEncoders, from_embedded, from_hf, from_open_clip
+from finercam.concepts.encoders import CLIPEncoders, empty_tokenizer_size, from_embedded, from_hf, from_open_clip
 from finercam.errors import InvalidArgumentError, ModelNotFoundError, RandomWeightsWarning
 from finercam.models.preprocess import Preprocess
 from finercam.models.spec import parse_spec
@@ -110,8 +110,8 @@ def _hf(name: str, tokenizer: str | None, keep_aspect: bool) -> tuple[CLIPEncode
             text_tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer or source, local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelNotFoundError(f"hf:{name}: no tokenizer in {tokenizer or source!r}: {error}") from None
-    size = getattr(text_tokenizer, "vocab_size", None)
-    if isinstance(size, int) and size <= 2:  # transformers builds an empty tokenizer when the files are missing
+    size = empty_tokenizer_size(text_tokenizer)
+    if size is not None:
         where = "--tokenizer" if tokenizer else f"hf:{name}"
         raise ModelNotFoundError(
             f"{where}: no tokenizer files in {tokenizer or source!r} (transformers made an empty tokenizer of {size} "
