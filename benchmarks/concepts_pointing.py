@@ -64,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="CAM layer inside the image tower, e.g. norm (default: found automatically)")
     parser.add_argument("--weights", type=Path, help="folder with clip.safetensors + clip.json (default: shipped)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--phrase", default="{concept}",
+                        help="the concept prompt, from {concept} ('white wingbar') and {genus} ('finch'); default "
+                             "%(default)s, e.g. '{genus} with a {concept}' asks what the part adds to the genus")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args(argv)
+    try:
+        args.phrase.format(concept="white wingbar", genus="finch")
+    except (KeyError, IndexError, ValueError) as error:
+        parser.error(f"--phrase {args.phrase!r} takes only {{concept}} and {{genus}}: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         row: dict[str, object] = {"concept": concept, "genus": genus, "images": len(indices)}
         for kind in versus_kinds:
             reference = genus if kind == "genus" else "bird"
-            prompts = [concept, reference]
+            prompts = [args.phrase.format(concept=concept, genus=genus), reference]
             classifier = ZeroShotClassifier(encoders.image_encoder, encode_prompts(encoders, prompts), prompts,
                                             encoders.logit_scale)
             sweep = FinerCAM(classifier, layer, args.method).sweep(
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "seed": args.seed, "size": args.size, "method": args.method, "layer": args.layer,
-            "tolerance": args.tolerance,
+            "tolerance": args.tolerance, "phrase": args.phrase,
             "model_card": {k: clip.card.get(k) for k in ("training_command", "zero_shot_accuracy")},
             "summary": summary, "per_concept": per_concept,
         }, indent=2) + "\n")
