@@ -220,7 +220,7 @@ def run_probe(args: argparse.Namespace) -> int:
     )
     report = train_probe(
         backbone, train, val, Path(args.out),
-        cache_dir=Path(args.cache), weights=args.weights, batch_size=args.batch_size,
+        cache_dir=Path(args.cache), batch_size=args.batch_size,
         weight_decay=args.weight_decay, metadata=_head_metadata(backbone, args.preprocess), log=_say,
     )
     cached = " (features from the cache)" if all(report.cached) else ""

@@ -1,27 +1,24 @@
 """``finercam train-probe``: a linear classifier on the pooled features of a frozen backbone.
 
-Features of every image are computed once and cached (keyed by the backbone, its weights file, the preprocessing
-and the image files' paths, sizes and modification times), so a second run with other training settings costs
-seconds. The head ``W`` (C x D) is trained with full-batch L-BFGS on the cross-entropy plus an L2 penalty, and saved
+Features of every image are computed once and cached (:mod:`finercam.feature_cache`: keyed by the backbone's
+weights and preprocessing and by each image file), so a second run with other training settings or another split
+costs seconds, and an interrupted one resumes.
+The head ``W`` (C x D) is trained with full-batch L-BFGS on the cross-entropy plus an L2 penalty, and saved
 with its class names in a safetensors file that ``--head`` loads.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from finercam.errors import InvalidArgumentError
-from finercam.images import ImageFolder, load_image
+from finercam.feature_cache import extract_features
+from finercam.images import ImageFolder
 from finercam.metrics import top1_accuracy
 from finercam.models import LoadedBackbone, save_head
 
@@ -41,74 +38,6 @@ class ProbeReport:
     feature_seconds: float
     train_seconds: float
     cached: tuple[bool, bool]
-
-
-def _fingerprint(backbone: LoadedBackbone, folder: ImageFolder, weights: str | None) -> str:
-    digest = hashlib.sha256()
-    parts: list[object] = [backbone.spec, repr(backbone.preprocess), backbone.dim, folder.classes]
-    if weights:
-        stat = Path(weights).stat()
-        parts += [str(Path(weights).resolve()), stat.st_size, stat.st_mtime_ns]
-    for path, label in folder.samples:
-        stat = path.stat()
-        parts.append((str(path.resolve()), label, stat.st_size, stat.st_mtime_ns))
-    digest.update(json.dumps(parts, default=str).encode())
-    return digest.hexdigest()[:20]
-
-
-def _batches(folder: ImageFolder, backbone: LoadedBackbone, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Preprocessed images in batches; consecutive images of equal size are stacked (variable-size presets)."""
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch size must be at least 1; got {batch_size}")
-    pending: list[Tensor] = []
-    labels: list[int] = []
-    for path, label in folder.samples:
-        tensor = backbone.preprocess(load_image(path))
-        if pending and (tensor.shape != pending[0].shape or len(pending) == batch_size):
-            yield torch.stack(pending), torch.tensor(labels)
-            pending, labels = [], []
-        pending.append(tensor)
-        labels.append(label)
-    if pending:
-        yield torch.stack(pending), torch.tensor(labels)
-
-
-def extract_features(
-    backbone: LoadedBackbone,
-    folder: ImageFolder,
-    cache_dir: Path,
-    *,
-    weights: str | None = None,
-    batch_size: int = 32,
-    log: Log = print,
-) -> tuple[Tensor, Tensor, bool]:
-    """Pooled features ``(N, D)`` and labels ``(N,)`` of a split, from the cache when present.
-
-    Returns:
-        features, labels, and whether they came from the cache (an empty split, which needs nothing, counts as
-        cached).
-    """
-    if not folder.samples:  # an empty split (e.g. no class with two images to hold one out): nothing to extract
-        return torch.empty(0, backbone.dim), torch.empty(0, dtype=torch.long), True
-    cache = cache_dir / f"features-{_fingerprint(backbone, folder, weights)}.safetensors"
-    if cache.is_file():
-        stored = load_file(cache)
-        return stored["features"], stored["labels"], True
-    device = next(iter(backbone.features.parameters()), torch.empty(0)).device
-    features, labels, done, start = [], [], 0, time.perf_counter()
-    with torch.inference_mode():
-        for images, batch_labels in _batches(folder, backbone, batch_size):
-            features.append(backbone.features(images.to(device)).float().cpu())
-            labels.append(batch_labels)
-            done += len(batch_labels)
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            log(f"  features {done}/{len(folder.samples)} ({rate:.1f} images/s)")
-    result = torch.cat(features), torch.cat(labels)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(".partial")
-    save_file({"features": result[0].contiguous(), "labels": result[1].contiguous()}, partial)
-    os.replace(partial, cache)  # atomic: an interrupted run leaves no half-written cache
-    return result[0], result[1], False
 
 
 def fit_linear_head(
@@ -143,7 +72,6 @@ def train_probe(
     head_path: Path,
     *,
     cache_dir: Path,
-    weights: str | None = None,
     batch_size: int = 32,
     weight_decay: float = 1e-4,
     metadata: dict[str, str] | None = None,
@@ -152,10 +80,10 @@ def train_probe(
     """Extract (or load cached) features of both splits, fit the head, report accuracies, save the head."""
     start = time.perf_counter()
     train_features, train_labels, train_cached = extract_features(
-        backbone, train, cache_dir, weights=weights, batch_size=batch_size, log=log
+        backbone, train, cache_dir, batch_size=batch_size, log=log
     )
     val_features, val_labels, val_cached = extract_features(
-        backbone, val, cache_dir, weights=weights, batch_size=batch_size, log=log
+        backbone, val, cache_dir, batch_size=batch_size, log=log
     )
     feature_seconds = time.perf_counter() - start
     start = time.perf_counter()
