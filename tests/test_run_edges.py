@@ -26,6 +26,7 @@ from finercam.dataset import command as dataset_command
 from finercam.dataset import export as export_module
 from finercam.dataset import gallery as gallery_module
 from finercam.dataset.export import export_official, export_overlays
+from finercam.dataset.fingerprint import model_fingerprints
 from finercam.dataset.gallery import write_gallery
 from finercam.dataset.store import chunk_files
 from finercam.dataset.visualize import save_grids
@@ -201,6 +202,53 @@ def test_resume_refuses_changed_weights_and_reads_older_stores(
 
 
 # ---------------------------------------------------------------- 3.-5. --data, --out and --class-names
+
+
+def test_resume_refuses_a_changed_hf_folder_and_reads_stores_that_predate_its_fingerprints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(8)
+    config = tf.ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=16, patch_size=8, num_labels=3)
+    vit = tf.ViTForImageClassification(config).eval()
+    folder = tmp_path / "vit"
+    vit.save_pretrained(folder)
+    _, _, data = _tiny_model(tmp_path / "m")
+    out = tmp_path / "store"
+
+    def run() -> int:
+        return _cli("run", "--model", f"hf:{folder}", "--data", data, "--out", out, "--preprocess", "none@16",
+                    "--chunk-size", "4", "--batch-size", "4", "--workers", "0", "--quiet")
+
+    assert run() == 0
+    manifest = json.loads((out / "store.json").read_text())
+    recorded = manifest["config"]["model"]["fingerprints"]
+    assert sorted(recorded) == ["hf:config.json", "hf:model.safetensors"]
+    assert recorded["hf:model.safetensors"]["sha256"] == hashlib.sha256(
+        (folder / "model.safetensors").read_bytes()).hexdigest()
+    chunk_files(out)[1].unlink()  # a run to resume
+    with torch.no_grad():
+        vit.classifier.weight.mul_(-1.0)  # fine-tuned again and saved to the same folder
+    vit.save_pretrained(folder)
+    with pytest.raises(StoreError, match=r"config\.model\.fingerprints\.hf:model\.safetensors: the "
+                       r"hf:model\.safetensors file changed since the store was made"):
+        run()
+    assert 1 not in chunk_files(out)  # nothing was mixed in
+    # a store made before hf: folders were fingerprinted: resumed, with a note naming the files it cannot check
+    manifest["config"]["model"]["fingerprints"] = {}
+    (out / "store.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run() == 0
+    note = capsys.readouterr().out
+    assert "the store predates model-file fingerprints" in note and "hf:config.json, hf:model.safetensors" in note
+    # a store that records the folder's files refuses a weights file added to it
+    manifest["config"]["model"]["fingerprints"] = model_fingerprints(f"hf:{folder}")
+    (out / "store.json").write_text(json.dumps(manifest))
+    (folder / "pytorch_model.bin").write_bytes(b"other weights")
+    chunk_files(out)[1].unlink()
+    with pytest.raises(StoreError, match=r"fingerprints\.hf:pytorch_model\.bin: store no file, now a file"):
+        run()
 
 
 def test_out_and_data_must_not_nest(tmp_path: Path) -> None:

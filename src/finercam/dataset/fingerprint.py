@@ -1,7 +1,7 @@
 """Fingerprints of the files that make a run's model (``--weights``, ``--head``, a ``torchscript:`` or ``python:``
-file, a ``NAME@FILE`` checkpoint): their size and SHA-256, recorded in ``store.json`` under
-``config.model.fingerprints`` so that a store is never resumed with a model whose files changed since (the path
-alone would not tell)."""
+file, a ``NAME@FILE`` checkpoint, the configuration and weight files of an ``hf:DIR`` folder): their size and
+SHA-256, recorded in ``store.json`` under ``config.model.fingerprints`` so that a store is never resumed with a
+model whose files changed since (the path alone would not tell)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,16 @@ def file_fingerprint(path: str | Path) -> dict[str, int | str]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
+HF_ROLE = "hf:"
+"""The prefix of the roles of an ``hf:DIR`` folder's files: ``hf:config.json``, ``hf:model.safetensors``."""
+HF_FILES = ("config.json", "preprocessor_config.json", "*.safetensors", "*.bin")
+"""The files of an ``hf:DIR`` folder that decide its outputs (tokenizers and model cards do not)."""
+
+
 def _spec_files(spec: str) -> dict[str, Path]:
     """The local files a model spec names (the model file of ``torchscript:`` and ``python:``, an inline
-    ``NAME@FILE`` checkpoint); folders (``hf:DIR``) and hub names are not fingerprinted."""
+    ``NAME@FILE`` checkpoint, the :data:`HF_FILES` of an ``hf:DIR`` folder, as roles ``hf:NAME``); hub names are not
+    fingerprinted."""
     from finercam.models.spec import parse_spec
 
     try:
@@ -40,6 +47,10 @@ def _spec_files(spec: str) -> dict[str, Path]:
         files["model"] = Path(parsed.name)
     if parsed.weights is not None and Path(parsed.weights).is_file():
         files["checkpoint"] = Path(parsed.weights)
+    if parsed.kind == "hf" and Path(parsed.name).is_dir():
+        for pattern in HF_FILES:
+            found = sorted(Path(parsed.name).glob(pattern))
+            files.update((f"{HF_ROLE}{path.name}", path) for path in found if path.is_file())
     return files
 
 

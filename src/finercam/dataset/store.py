@@ -62,7 +62,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from finercam.dataset.fingerprint import FINGERPRINTS
+from finercam.dataset.fingerprint import FINGERPRINTS, HF_ROLE
 from finercam.errors import InvalidArgumentError
 from finercam.mappings import differences
 
@@ -161,11 +161,15 @@ def _without_fingerprints(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fingerprint_differences(stored: Mapping[str, Any] | None, asked: Mapping[str, Any] | None) -> list[str]:
-    """One line per model file whose size or SHA-256 changed, or that one side has and the other not."""
+    """One line per model file whose size or SHA-256 changed, or that one side has and the other not.
+
+    A file only the run has is no difference when the store records no file of its kind (:func:`_unrecorded`): the
+    store was made before such files were fingerprinted, and :func:`unverified_fingerprints` names it.
+    """
     if stored is None or asked is None:  # a store made before fingerprints existed: nothing to compare
         return []
     lines = []
-    for role in sorted(set(stored) | set(asked)):
+    for role in sorted((set(stored) | set(asked)) - _unrecorded(stored, asked)):
         before, now = stored.get(role), asked.get(role)
         if before == now:
             continue
@@ -194,11 +198,22 @@ def compare_manifests(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> li
                                before="store")
 
 
+def _kind(role: str) -> str:
+    """``hf:config.json`` and ``hf:model.safetensors`` are of one kind, ``hf``; other roles are their own kind."""
+    return role.split(":", 1)[0] if role.startswith(HF_ROLE) else role
+
+
+def _unrecorded(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> set[str]:
+    """The run's files of a kind the store records none of (a store made before that kind was fingerprinted; a
+    ``--weights`` or ``--head`` added to the command shows as a changed ``config.model`` path instead)."""
+    kinds = {_kind(role) for role in stored}
+    return {role for role in asked if role not in stored and _kind(role) not in kinds}
+
+
 def unverified_fingerprints(stored: Mapping[str, Any], asked: Mapping[str, Any]) -> list[str]:
-    """The model files a run cannot check against a store made before fingerprints were recorded."""
-    if _fingerprints(stored) is not None:
-        return []
-    return sorted(_fingerprints(asked) or {})
+    """The model files a run cannot check against a store made before they were fingerprinted."""
+    recorded, now = _fingerprints(stored), _fingerprints(asked) or {}
+    return sorted(now if recorded is None else _unrecorded(recorded, now))
 
 
 class StoreWriter:
