@@ -66,6 +66,42 @@ def test_a_resume_refuses_other_ground_truth(synthetic: Path, tmp_path: Path,
     assert f"note: resuming the evaluation in {str(out)!r}: 4 of 8 images already done" in printed
 
 
+
+def test_a_resume_refuses_a_changed_weights_file_and_reads_older_folders(synthetic: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "net.py").write_text("from finercam.embedded import load_embedded\n\n\n"
+                                     "def make():\n    return load_embedded('cnn').model\n")
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in load_embedded("cnn").model.state_dict().items()}, weights)
+    out = tmp_path / "ev"
+
+    def evaluate() -> int:
+        return main(["evaluate", "--model", f"python:{tmp_path / 'net.py'}:make", "--weights", str(weights),
+                     "--preprocess", "none@64", "--data", str(synthetic / "test"), "--out", str(out), *FAST,
+                     "--metrics", "rd"])
+
+    assert evaluate() == 0
+    config = json.loads((out / PROGRESS_CONFIG).read_text())
+    assert sorted(config["model"]["fingerprints"]) == ["model", "weights"]
+    lines = (out / PROGRESS).read_text().splitlines(keepends=True)
+    (out / PROGRESS).write_text(lines[0])  # a partial evaluation: 4 of 8 images
+    original = load_file(weights)
+    save_file({k: (v * 1.01 if k.endswith(".weight") else v).contiguous() for k, v in original.items()}, weights)
+    capsys.readouterr()
+    assert evaluate() == 2  # same path, same size, other weights: the 4 images left would be another model's
+    error = capsys.readouterr().err  # the fingerprint is the only thing that tells
+    assert "with other options or data: model.fingerprints.weights.sha256: was '" in error and "; " not in error
+    assert (out / PROGRESS).read_text() == lines[0]
+    save_file(original, weights)
+    del config["model"]["fingerprints"]  # a folder written before fingerprints were recorded
+    (out / PROGRESS_CONFIG).write_text(json.dumps(config))
+    assert evaluate() == 0
+    printed = capsys.readouterr().out
+    assert "predates model-file fingerprints: it cannot be checked that the model, weights file(s)" in printed
+    assert "resuming the evaluation" in printed and len((out / PROGRESS).read_text().splitlines()) == 2
+
 def test_a_second_writer_is_refused_and_duplicates_are_never_summarised(synthetic: Path, tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ev"

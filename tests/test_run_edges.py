@@ -26,11 +26,11 @@ from finercam.dataset import command as dataset_command
 from finercam.dataset import export as export_module
 from finercam.dataset import gallery as gallery_module
 from finercam.dataset.export import export_official, export_overlays
-from finercam.dataset.fingerprint import model_fingerprints
 from finercam.dataset.gallery import write_gallery
 from finercam.dataset.store import chunk_files
 from finercam.dataset.visualize import save_grids
 from finercam.errors import InvalidArgumentError
+from finercam.fingerprint import model_fingerprints
 from run_data import EMBEDDED_PREPROCESS, cnn, synthetic_tree
 
 FAST = {"batch_size": 4, "chunk_size": 4, "num_workers": 0, "progress": False}

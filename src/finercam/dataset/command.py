@@ -183,10 +183,10 @@ def run_run(args: argparse.Namespace) -> int:
     The inputs that need no model are checked first (``--data``, ``--class-names``, ``--out`` apart from the data),
     then the model is loaded and the model files fingerprinted for the store's manifest.
     """
-    from finercam.dataset.fingerprint import FINGERPRINTS, model_fingerprints
     from finercam.dataset.pipeline import run_dataset
     from finercam.dataset.settings import autocast_for
     from finercam.dataset.sources import check_data, open_source, read_class_names
+    from finercam.fingerprint import FINGERPRINTS, model_fingerprints
     from finercam.images import check_apart
     from finercam.runtime import cpu_threads, resolve_device
 

@@ -62,8 +62,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from finercam.dataset.fingerprint import FINGERPRINTS, HF_ROLE
 from finercam.errors import InvalidArgumentError
+from finercam.fingerprint import FINGERPRINTS, HF_ROLE
 from finercam.mappings import differences
 
 STORE_FORMAT, CHUNK_FORMAT, STORE_VERSION = "finercam-store", "finercam-store-chunk", 1

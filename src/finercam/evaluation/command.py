@@ -28,6 +28,7 @@ from finercam.evaluation.inputs import DEFAULT_TOLERANCE, check_arguments, linea
 from finercam.evaluation.runner import TARGETS, EvaluationOptions, evaluate_dataset
 from finercam.evaluation.scoring import METRIC_GROUPS, ScoreOptions, normalised_zero, pixel_fill
 from finercam.evaluation.summary import csv_text, markdown, strict_json, summarize
+from finercam.fingerprint import FINGERPRINTS, model_fingerprints
 from finercam.images import image_folder
 from finercam.methods import METHODS
 from finercam.metrics import DEFAULT_KS, DEFAULT_RESAMPLES, DEFAULT_STEPS, FILLS
@@ -163,7 +164,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     data = f"{Path(args.data).resolve()}"
-    model = {"model": args.model, "weights": args.weights, "head": args.head, "preprocess": args.preprocess}
+    model = {"model": args.model, "weights": args.weights, "head": args.head, "preprocess": args.preprocess,
+             FINGERPRINTS: model_fingerprints(args.model, args.weights, args.head)}  # a changed file stops a resume
     description = f"{data} ({len(items)} images); model {args.model}"
     print(f"finercam evaluate: {len(items)} images from {args.data}, model {args.model}, methods "
           f"{list(options.methods)}, gammas {list(options.gammas)}, metrics {score.names(regions is not None)}",

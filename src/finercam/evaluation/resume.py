@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from finercam import locking
 from finercam.errors import InvalidArgumentError
+from finercam.fingerprint import FINGERPRINTS
 from finercam.mappings import differences
 
 PROGRESS, PROGRESS_CONFIG = "progress.jsonl", "progress-config.json"
@@ -104,10 +105,25 @@ def done_indices(records: list[dict[str, Any]], batch_size: int, total: int) -> 
     return done
 
 
-def prepare_out(out: Path, options: Mapping[str, Any], extra: Mapping[str, Any], restart: bool, total: int) -> set[int]:
+def _older_fingerprints(previous: dict[str, Any], extra: Mapping[str, Any],
+                        log: Callable[[str], None] | None) -> dict[str, Any]:
+    """``previous`` as if it had recorded the run's model-file fingerprints, when it was made before they were
+    (``log`` is told which files cannot be checked); otherwise ``previous`` itself."""
+    model, now = previous.get("model"), (extra.get("model") or {}).get(FINGERPRINTS)
+    if not isinstance(model, dict) or FINGERPRINTS in model or now is None:
+        return previous
+    if now and log is not None:
+        log(f"the evaluation in the output folder predates model-file fingerprints: it cannot be checked that the "
+            f"{', '.join(sorted(now))} file(s) are the ones it was made with; resume only with unchanged files")
+    return {**previous, "model": {**model, FINGERPRINTS: now}}
+
+
+def prepare_out(out: Path, options: Mapping[str, Any], extra: Mapping[str, Any], restart: bool, total: int,
+                log: Callable[[str], None] | None = None) -> set[int]:
     """Create ``out``; unless ``restart``, check that what it holds was made with the same options (``asdict`` of the
-    :class:`~finercam.evaluation.runner.EvaluationOptions`) and ``extra`` (the data, the model); write the options;
-    return the indices of the images already evaluated.
+    :class:`~finercam.evaluation.runner.EvaluationOptions`) and ``extra`` (the data, the model, and under
+    ``model.fingerprints`` the size and SHA-256 of each model file, :func:`finercam.fingerprint.model_fingerprints`);
+    write the options; return the indices of the images already evaluated.
 
     Raises:
         InvalidArgumentError: ``out`` holds an evaluation with other options, listing each difference.
@@ -122,7 +138,7 @@ def prepare_out(out: Path, options: Mapping[str, Any], extra: Mapping[str, Any],
         if not config_path.is_file():
             raise InvalidArgumentError(f"{str(out)!r} holds {PROGRESS} but not {PROGRESS_CONFIG}, so its options are "
                                        f"unknown; {_RESTART}")
-        previous = _read_config(config_path)
+        previous = _older_fingerprints(_read_config(config_path), extra, log)
         done = done_indices(read_progress(out), int(previous.get("options", {}).get("batch_size", 1)), total)
         changed = differences(comparable(previous.get("options", {})), comparable(record["options"]))
         changed += differences(_extra(previous, extra), _extra(record, extra))

@@ -137,7 +137,8 @@ def evaluate_dataset(
 
     Images that cannot be read are skipped and listed with their reason in the batch records; images without a
     region in ``regions`` are left out of the localization metrics (``None`` values). ``data_description`` and
-    ``model_description`` (e.g. the model's spec and weights files) are recorded and must match on resume.
+    ``model_description`` (e.g. the model's spec and weights files, and under ``fingerprints`` their
+    :func:`~finercam.fingerprint.model_fingerprints`) are recorded and must match on resume.
     ``classifier_weights`` (the linear head) is needed for ``references="weights"``. The regions'
     :meth:`~finercam.evaluation.annotations.Regions.identity` is recorded too when localization is scored. ``log``
     receives a line when the evaluation resumes. While it runs, ``out`` is locked: a second evaluation into it is
@@ -157,7 +158,7 @@ def evaluate_dataset(
     extra = {"data": data_description, "images": len(items), "model": dict(model_description or {}),
              "regions": regions.identity() if wanted and regions is not None else None}
     with exclusive(out):
-        done = prepare_out(out, asdict(options), extra, restart, len(items))
+        done = prepare_out(out, asdict(options), extra, restart, len(items), log)
         if done and log is not None:
             log(f"resuming the evaluation in {str(out)!r}: {len(done)} of {len(items)} images already done")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

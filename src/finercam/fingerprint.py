@@ -1,7 +1,8 @@
 """Fingerprints of the files that make a run's model (``--weights``, ``--head``, a ``torchscript:`` or ``python:``
 file, a ``NAME@FILE`` checkpoint, the configuration and weight files of an ``hf:DIR`` folder): their size and
-SHA-256, recorded in ``store.json`` under ``config.model.fingerprints`` so that a store is never resumed with a
-model whose files changed since (the path alone would not tell)."""
+SHA-256, recorded in a result store's ``store.json`` (``config.model.fingerprints``) and in an evaluation's
+``progress-config.json`` (``model.fingerprints``) so that neither is resumed with a model whose files changed since
+(the path alone would not tell)."""
 
 from __future__ import annotations
 
