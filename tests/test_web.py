@@ -22,7 +22,7 @@ from finercam import synth
 from finercam.cli import main
 from finercam.concepts.api import explain_concepts
 from finercam.concepts.loading import load_clip
-from finercam.errors import InvalidArgumentError, MissingDependencyError
+from finercam.errors import FinerCAMError, InvalidArgumentError, MissingDependencyError
 from finercam.explain_image import display_image, explain_image
 from finercam.models import LoadedModel, load_model
 from finercam.synth.spec import species_of
@@ -70,6 +70,54 @@ def test_explain_view_panels_are_the_explanations_maps(cnn: LoadedModel, example
     assert expected.prediction.name in view.summary
     assert all(reference.name in view.summary for reference in expected.references)
 
+
+
+def test_explain_view_reads_images_as_the_command_line_does(cnn: LoadedModel, examples: list[Any],
+                                                            tmp_path: Path) -> None:
+    from finercam.images import load_image
+
+    rgb = np.asarray(Image.open(examples[2].path).convert("RGB"))
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    reference = explain_view(cnn, Image.fromarray(gray))
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "16.png")  # a 16-bit scan of the same picture
+    for same in (Image.open(tmp_path / "16.png"), tmp_path / "16.png", str(tmp_path / "16.png"), gray[:, :, None]):
+        view = explain_view(cnn, same)
+        assert view.summary == reference.summary
+        assert all(np.array_equal(a.image, b.image) for a, b in zip(view.panels, reference.panels, strict=True))
+    with_alpha = np.concatenate([rgb, np.full((*rgb.shape[:2], 1), 200, np.uint8)], axis=2)
+    assert explain_view(cnn, with_alpha).summary == explain_view(cnn, rgb).summary
+    for bad in (rgb[:, :, :2], np.zeros((8, 8, 5), np.uint8), rgb.astype(np.float32), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(InvalidArgumentError, match=r"expected an \(H, W\), \(H, W, 1\), \(H, W, 3\) or \(H, W, 4\) "
+                           r"uint8 image array|the image is empty"):
+            explain_view(cnn, bad)
+    # EXIF orientation is applied, as load_image does: a 40 x 20 photo taken sideways is shown 20 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb[:20, :40]).save(tmp_path / "side.jpg", exif=exif)
+    upright = load_image(tmp_path / "side.jpg")
+    assert upright.size == (20, 40)
+    view = explain_view(cnn, Image.open(tmp_path / "side.jpg"))
+    assert view.summary == explain_view(cnn, upright).summary
+
+
+def test_page_errors_give_page_advice_and_names_show_as_written(cnn: LoadedModel, examples: list[Any]) -> None:
+    import dataclasses
+
+    from finercam.web.views import markdown_text
+
+    image = Image.open(examples[0].path)
+    with pytest.raises(FinerCAMError) as flat:
+        explain_view(cnn, image, layer="fc")
+    assert "finercam layers embedded:cnn" in str(flat.value) and "reshape=" not in str(flat.value)
+    with pytest.raises(FinerCAMError) as unknown:
+        explain_view(cnn, image, layer="stage9")
+    assert "List the layers with: finercam layers embedded:cnn." in str(unknown.value)
+    assert "named_modules" not in str(unknown.value)
+    assert cnn.class_names is not None
+    odd = dataclasses.replace(cnn, class_names=tuple(f"__{i:02d}_*class*__" for i in range(len(cnn.class_names))))
+    view = explain_view(odd, image, target="3")
+    assert "**Explained** \\_\\_03\\_\\*class\\*\\_\\_ (" in view.summary  # not bold "03_class" in italics
+    assert markdown_text("white_wingbar <b>[x](y)</b> $$") == "white_wingbar \\<b\\>\\[x\\](y)\\</b\\> \\$\\$"
 
 def test_explain_view_targets_by_name_or_index(cnn: LoadedModel, examples: list[Any]) -> None:
     image = Image.open(examples[0].path)
@@ -200,7 +248,8 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_the_page_serves_both_tabs_and_shows_errors_as_messages(examples: list[Any], cnn: LoadedModel) -> None:
+def test_the_page_serves_both_tabs_and_shows_errors_as_messages(examples: list[Any], cnn: LoadedModel,
+                                                                 tmp_path: Path) -> None:
     import urllib.request
 
     from gradio_client import Client, handle_file
@@ -240,9 +289,17 @@ def test_the_page_serves_both_tabs_and_shows_errors_as_messages(examples: list[A
         _, _, versus, _ = client.predict(handle_file(str(bird.path)), "embedded:cnn", "3", "gradcam", 0.6, 3,
                                          "nearest", "mean", "", "5, 7", api_name="/explain")
         assert versus == explain_view(cnn, Image.open(bird.path), target="3", versus=["5", "7"]).summary
-        with pytest.raises(Exception, match=r"target layer 'stage9' does not exist"):
+        with pytest.raises(Exception, match=r"target layer 'stage9' does not exist.*List the layers with: finercam "
+                           r"layers embedded:cnn\."):
             client.predict(handle_file(str(bird.path)), "embedded:cnn", PREDICTED, "gradcam", 0.6, 3, "nearest",
                            "mean", "stage9", api_name="/explain")
+        # a 16-bit upload reaches the model as finercam explain reads it (gradio would clip it to white)
+        gray = np.asarray(Image.open(bird.path).convert("L"))
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "bird16.png")
+        assert Image.open(tmp_path / "bird16.png").mode == "I;16"
+        _, _, sixteen, _ = client.predict(handle_file(str(tmp_path / "bird16.png")), "embedded:cnn", PREDICTED,
+                                          "gradcam", 0.6, 3, "nearest", "mean", api_name="/explain")
+        assert sixteen == explain_view(cnn, Image.fromarray(gray)).summary
     finally:
         app.close()
 
@@ -293,15 +350,33 @@ def test_a_class_name_not_found_is_shown_with_the_names_that_contain_it(cnn: Loa
         parse_target("04-finch-yelow_beak-plain_wingbar-red_crown", cnn.class_names)
 
 
-def test_a_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_port_in_use_or_a_bad_host_is_one_line_before_any_model_loads(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import finercam.web
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the address was checked")
+
+    monkeypatch.setattr(finercam.web, "model_shelf", no_loading)
+    accepted = "give an IPv4 address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = int(taken.getsockname()[1])
         assert main(["web", "--model", "embedded:cnn", "--no-concepts", "--port", str(port)]) == 2
     captured = capsys.readouterr()
-    assert f"finercam web: cannot serve on 127.0.0.1:{port}" in captured.err and "give another --port" in captured.err
+    assert captured.err == f"finercam web: port {port} is in use on 127.0.0.1; give another --port, or stop what is " \
+                           "using it\n"
     assert "serving on" not in captured.out
+    for host, said in (("", "--host is empty"),
+                       ("::1", "--host '::1' is an IPv6 address, which the demo cannot serve on"),
+                       ("no.such.host.invalid", "--host 'no.such.host.invalid' is not an address or a known host name"),
+                       ("192.0.2.1", "--host '192.0.2.1' is not an address of this machine")):  # a documentation net
+        assert main(["web", "--host", host, "--port", str(port)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"finercam web: {said}") and error.endswith(f"; {accepted}\n"), error
+        assert error.count("\n") == 1
 
 
 def test_concept_view_with_a_transformers_clip_on_a_wide_image(tmp_path: Path, hf_clip: Any) -> None:

@@ -36,6 +36,7 @@ from finercam.argtypes import gamma as _gamma
 from finercam.argtypes import non_negative_int as _non_negative_int
 from finercam.argtypes import positive_int as _positive_int
 from finercam.explain import DEFAULT_GAMMA
+from finercam.hints import argument_hints, command_line_hints
 from finercam.methods import METHODS
 
 INTERRUPTED_STATUS = 130
@@ -389,47 +390,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"finercam: {error}", file=sys.stderr)
         return 1
     except FinerCAMError as error:
-        print(f"finercam {args.command}: {command_line_hints(str(error), args)}", file=sys.stderr)
+        hinted = command_line_hints(str(error), getattr(args, "model", None))
+        print(f"finercam {args.command}: {hinted}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
         # a path the checks could not foresee (a folder that cannot be created, /proc, a read-only mount)
         where = f": {error.filename!r}" if error.filename else ""
         print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
         return 2
-
-
-_API_HINTS = (
-    ("All layer names: model.named_modules().", "List the layers with: finercam layers {model}."),
-    ("Pick a spatial layer (see finercam.autolayer.candidate_layers) or pass reshape= a callable returning "
-     "(B, K, h, w).", "Pick a spatial layer (list them with: finercam layers {model})."),
-    ("Pass image_size= (the size the model expects) or target_layer= explicitly.",
-     "Give --layer (list the layers with: finercam layers {model}) or a --preprocess the model accepts."),
-    ("Pass target_layer= explicitly (all names: model.named_modules()).",
-     "Give --layer (list the layers with: finercam layers {model})."),
-)
-"""Advice written for the Python API, and what the command line says instead (``{model}``: the ``--model`` given)."""
-_ARGUMENT_HINTS = (
-    ("(--head / head=)", "(--head)"),
-    ("pass weights=FILE", "give --weights FILE"),
-    ("weights=FILE", "--weights FILE"),
-    ("head=FILE", "--head FILE"),
-)
-"""Keyword arguments of the loaders named in messages, and the command line's options for them."""
-
-
-def argument_hints(message: str) -> str:
-    """A message with the loaders' keyword arguments (``weights=FILE``, ``head=FILE``) named as options."""
-    for api, cli in _ARGUMENT_HINTS:
-        message = message.replace(api, cli)
-    return message
-
-
-def command_line_hints(message: str, args: argparse.Namespace) -> str:
-    """An error message with its Python-API advice (``target_layer=``, ``reshape=``) put in command-line terms."""
-    model = getattr(args, "model", None) or "MODEL"
-    for api, cli in _API_HINTS:
-        message = message.replace(api, cli.format(model=model))
-    return argument_hints(message)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ CONCEPTS_INTRO = """\
 With a CLIP model, text prompts act as classifier rows: a concept ("white wingbar") against reference prompts
 ("finch") shows where the image shows what the concept adds to them. Separate several references with commas."""
 REFERENCE_MODES = ("nearest", "top", "weights")
+CACHE_LIFETIME = (3600, 3600)
+"""gradio's ``delete_cache``: every hour, the uploads and pictures cached more than an hour ago are deleted (without
+it the cache grows by about ten files a request for as long as the page is served)."""
 
 T = TypeVar("T")
 
@@ -88,12 +91,12 @@ def build_app(models: ModelShelf[Any], clips: ModelShelf[Any] | None = None,
         view = _shown_errors(gr, run)
         return _gallery(view.panels), view.probabilities, view.summary, _gallery(view.strip)
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_LIFETIME) as app:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Classifier"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
+                    image = gr.Image(type="pil", image_mode=None, label="image", sources=["upload", "clipboard"])
                     model = gr.Dropdown(list(models.labels), value=first, label="model")
                     loaded_first = models.get(first)
                     target = gr.Dropdown(target_choices(loaded_first.class_names, known_num_classes(loaded_first)),
@@ -140,7 +143,7 @@ def _concepts_tab(gr: Any, clips: ModelShelf[Any], examples: Sequence[ExampleBir
         gr.Markdown(CONCEPTS_INTRO)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
+                image = gr.Image(type="pil", image_mode=None, label="image", sources=["upload", "clipboard"])
                 model = gr.Dropdown(list(clips.labels), value=clips.labels[0], label="CLIP model")
                 embedded = clips.labels[0].startswith("embedded:")  # its vocabulary: the synthetic birds' words
                 concept = gr.Textbox(value="white wingbar" if embedded else "red beak", label="concept")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
+import socket
 import tempfile
 import time
 from typing import Any
@@ -57,12 +59,47 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before any model is loaded, a ``--host`` that is no address of this machine and a ``--port`` in use
+    (by binding a socket to them once).
+
+    Raises:
+        InvalidArgumentError: the host is empty, an IPv6 address (the page's server takes IPv4 only), not a known
+            name, not this machine's, or the port is taken; the message says which.
+    """
+    from finercam.errors import InvalidArgumentError
+
+    accepted = "give an IPv4 address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    if not host.strip():
+        raise InvalidArgumentError(f"--host is empty; {accepted}")
+    if ":" in host:
+        raise InvalidArgumentError(f"--host {host!r} is an IPv6 address, which the demo cannot serve on; {accepted}")
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise InvalidArgumentError(f"--host {host!r} is not an address or a known host name ({reason}); {accepted}") \
+            from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closing port is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise InvalidArgumentError(
+                    f"port {port} is in use on {host}; give another --port, or stop what is using it"
+                ) from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise InvalidArgumentError(f"--host {host!r} is not an address of this machine; {accepted}") from None
+            raise InvalidArgumentError(f"cannot serve on {host}:{port} ({error.strerror or error})") from None
+
+
 def serve(app: Any, host: str, port: int) -> None:
     """Serve ``app`` until Ctrl-C, saying where once it listens (tests replace this); the server is closed however
     it stops.
 
     Raises:
-        InvalidArgumentError: the port is taken (or the address is not this machine's).
+        InvalidArgumentError: the port was taken since :func:`check_address` (or gradio cannot serve there).
     """
     from finercam.errors import InvalidArgumentError
 
@@ -94,6 +131,7 @@ def run_web(args: argparse.Namespace) -> int:
                                            ("--preprocess", args.preprocess)) if value is not None]
         if given:
             raise InvalidArgumentError(f"{given[0]} needs --model: it applies to the model given there")
+    check_address(args.host, args.port)  # before the models load: a bad address is said at once
     device = str(resolve_device(args.device))
     models = model_shelf([args.model] if args.model else DEFAULT_MODELS, weights=args.weights, head=args.head,
                          preprocess=args.preprocess, device=device)

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from finercam.errors import InvalidArgumentError, InvalidTypeError
+from finercam.errors import FinerCAMError, InvalidArgumentError, InvalidTypeError
 from finercam.explain_image import ImageExplanation, class_name, display_image, explain_image, parse_target
+from finercam.hints import page_hints
+from finercam.images import load_image, to_rgb
 from finercam.layers import infer_device_dtype
 from finercam.methods import get_method
 
@@ -39,6 +41,10 @@ PREDICTED = "top prediction"
 MIN_PANEL_SIDE = 256
 """Smaller panels are enlarged (nearest neighbour, a whole factor) to at least this side, for the screen only."""
 _SEPARATORS = re.compile(r"[,;\n]")
+_MARKDOWN = re.compile(r"[\\`*\[\]<>|~$]|_(?![^\W_])|(?<![^\W_])_")
+"""What makes Markdown of inline text (after ``**Predicted** ``): emphasis, code, links, tags, tables, strike-through,
+LaTeX. An underscore inside a word (``white_wingbar``) cannot emphasise and is left as it is; the characters that
+only count at the start of a line (``#``, ``-``, ``1.``) need no escape there."""
 
 Model = TypeVar("Model")
 
@@ -142,20 +148,44 @@ def over(display: Tensor, cam: Tensor) -> np.ndarray:
     return to_uint8(viz.overlay(display.cpu(), resized[0, 0].clamp(0, 1).cpu()))
 
 
+_CHANNELS = (3, 4)  # of an (H, W, K) uint8 array: RGB or RGBA
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    """A PIL image of an ``(H, W)`` or ``(H, W, 1 | 3 | 4)`` ``uint8`` array."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in _CHANNELS)) or array.dtype != np.uint8:
+        raise InvalidArgumentError(
+            "expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 image array; got shape "
+            f"{array.shape}, dtype {array.dtype}"
+        )
+    if min(array.shape[:2]) < 1:
+        raise InvalidArgumentError(f"the image is empty ({array.shape[1]} x {array.shape[0]} pixels)")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
 def _rgb(image: object) -> Image.Image:
+    """The RGB image to explain, read as ``finercam explain`` reads a file (:func:`finercam.images.to_rgb`: EXIF
+    orientation applied, 16-bit, 32-bit and float images scaled, not clipped)."""
     if image is None:
         raise InvalidArgumentError("no image: upload one, or pick an example")
+    if isinstance(image, (str, Path)):
+        return load_image(image)
     if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or image.dtype != np.uint8:
-            raise InvalidArgumentError(
-                f"expected an (H, W) or (H, W, 3) uint8 image array; got shape {image.shape}, dtype {image.dtype}"
-            )
-        image = Image.fromarray(image)
+        image = _array_image(image)
     if not isinstance(image, Image.Image):
-        raise InvalidTypeError(f"expected a PIL image or a numpy array; got {type(image).__name__}")
+        raise InvalidTypeError(
+            f"expected a PIL image, a numpy array or an image file's path; got {type(image).__name__}"
+        )
     if min(image.size) < 1:
         raise InvalidArgumentError(f"the image is empty ({image.size[0]} x {image.size[1]} pixels)")
-    return image.convert("RGB")
+    return to_rgb(image)
+
+
+def markdown_text(text: str) -> str:
+    """``text`` shown as written in Markdown (a class named ``__init__`` is not bold, ``<b>`` is no tag)."""
+    return _MARKDOWN.sub(lambda found: "\\" + found.group(0), text)
 
 
 def target_choices(class_names: Sequence[str] | None, num_classes: int | None = None) -> list[str]:
@@ -204,8 +234,8 @@ def explain_view(
             num_references=int(num_references), gamma=gamma, aggregation=aggregation, other_gammas=others,
             versus=given,
         )
-    except InvalidArgumentError as error:  # phrased for the command line: in the page's terms
-        raise InvalidArgumentError(page_terms(str(error))) from None
+    except FinerCAMError as error:  # phrased for the command line or the Python API: in the page's terms
+        raise type(error)(page_hints(str(error), loaded.spec)) from None
     display = display_image(rgb, loaded.preprocess)
     result, sweep = explanation.result, explanation.sweep
     assert sweep is not None  # explain_image always sweeps
@@ -226,9 +256,10 @@ def explain_view(
     names = loaded.class_names
     shown = {class_name(names, int(i)): float(p) for p, i in zip(top.values, top.indices, strict=True)}
     lines = [
-        f"**Predicted** {predicted.name} ({_percent(predicted.probability)})",
-        f"**Explained** {explanation.target.name} ({_percent(explanation.target.probability)})",
-        "**Versus** " + (", ".join(f"{r.name} ({_percent(r.probability)})" for r in explanation.references)
+        f"**Predicted** {markdown_text(predicted.name)} ({_percent(predicted.probability)})",
+        f"**Explained** {markdown_text(explanation.target.name)} ({_percent(explanation.target.probability)})",
+        "**Versus** " + (", ".join(f"{markdown_text(r.name)} ({_percent(r.probability)})"
+                                   for r in explanation.references)
                          or "nothing: the model has a single class, so the base CAM is shown"),
         f"**Method** {title} at `{explanation.layer}`, γ = {gamma:g}, {aggregation} of {len(explanation.references)} "
         f"{'given' if given else references} reference(s); input {tuple(pixels.shape[-2:])}",
@@ -237,16 +268,6 @@ def explain_view(
         lines.append("The Finer-CAM map is negative everywhere: nothing in the image favours the explained class over "
                      "its references at this γ.")
     return ExplainView(panels, strip, shown, "  \n".join(lines), explanation)
-
-
-_PAGE_TERMS = (("--versus", "the versus box"), ("--target", "the class box"), ("--references", "the references choice"))
-
-
-def page_terms(message: str) -> str:
-    """An error phrased for the command line (``--versus``, ``--target``, ``--references``) in the page's terms."""
-    for option, box in _PAGE_TERMS:
-        message = message.replace(option, box)
-    return message
 
 
 def _versus_classes(versus: object, names: tuple[str, ...] | None) -> list[int] | None:
@@ -307,8 +328,8 @@ def concept_view(
         Panel(over(display, explanation.contrast_maps[0]),
               f"Finer-CAM γ={gamma:g}: {explanation.concept!r} vs {versus_text}"),
     )
-    lines = [f"**Concept** {explanation.concept!r}: cosine {similarities[0]:.3f}"]
-    lines += [f"**Versus** {prompt!r}: cosine {value:.3f}"
+    lines = [f"**Concept** {markdown_text(repr(explanation.concept))}: cosine {similarities[0]:.3f}"]
+    lines += [f"**Versus** {markdown_text(repr(prompt))}: cosine {value:.3f}"
               for prompt, value in zip(explanation.versus, similarities[1:], strict=True)]
     lines.append(f"**Method** {get_method(method).title} at `{explanation.layer}`, γ = {gamma:g}")
     if float(explanation.contrast_raw_maps.max()) <= 0:
