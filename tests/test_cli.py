@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import zoo
 from cli_helpers import run_cli
@@ -214,6 +217,21 @@ def test_explain_classes_explains_the_top_predictions_in_rows(tmp_path: Path,
     with FinerCAM(loaded.model, "stage3") as cam:
         for k, row in enumerate(rows):
             torch.testing.assert_close(row.result.maps, cam(pixels[None], targets=top[k]).maps)
+    # the maps beside the figure: the figure's pictures, the signed layer maps, the classes of each row
+    maps = load_file(tmp_path / "top.safetensors")
+    with safe_open(str(tmp_path / "top.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert maps["targets"].tolist() == top and maps["finer_map"].shape == (3, 64, 64)
+    for k, row in enumerate(rows):
+        torch.testing.assert_close(maps["finer_map"][k], row.result.maps[0])  # 64 x 64 input: shown at its size
+        torch.testing.assert_close(maps["base_map"][k], row.result.baseline_maps[0])
+        torch.testing.assert_close(maps["finer_raw_map"][k], row.result.raw_maps[0])
+        torch.testing.assert_close(maps["base_raw_map"][k], row.result.baseline_raw_maps[0])
+        assert maps["references"][k].tolist() == [r.index for r in row.references]
+        assert json.loads(metadata["rows"])[k]["target"]["name"] == loaded.class_names[top[k]]
+    torch.testing.assert_close(maps["logits"], loaded.model(pixels[None])[0])
+    assert metadata["model"] == "embedded:cnn" and metadata["layer"] == "stage3" and metadata["gamma"] == "0.6"
+    assert "and " + str(tmp_path / "top.safetensors") in printed
     for extra, message in (
         (["--classes", "25"], "--classes 25 asks for the top 25 predictions, but embedded:cnn has 24 classes"),
         (["--classes", "2", "--target", "1"], "--classes explains the top predictions, each against its own "

@@ -86,10 +86,10 @@ def figure_path(text: str) -> str:
 def figure_file(out: str | None, default_name: str, default_folder: Path, *, inputs: Sequence[str | Path] = ()
                 ) -> Path:
     """Where a figure goes: ``out`` as :func:`figure_path` returns it (a folder gets ``default_name``), or
-    ``default_folder / default_name`` when not given.
+    ``default_folder / default_name`` when not given. Its maps go beside it, with the suffix ``.safetensors``.
 
     Raises:
-        InvalidArgumentError: the figure would overwrite one of ``inputs`` (the image being explained).
+        InvalidArgumentError: the figure or its maps would overwrite one of ``inputs`` (the image being explained).
         MissingDependencyError: matplotlib, which draws the figure, is not installed (said before any work).
     """
     from finercam.errors import InvalidArgumentError
@@ -104,10 +104,11 @@ def figure_file(out: str | None, default_name: str, default_folder: Path, *, inp
     else:
         path = Path(out)
     for source in inputs:
-        if path.resolve() == Path(source).resolve():
-            raise InvalidArgumentError(
-                f"--out {out!r} would write the figure over the input image {str(source)!r}; give another name"
-            )
+        for what, written in (("figure", path), ("maps", path.with_suffix(".safetensors"))):
+            if written.resolve() == Path(source).resolve():
+                raise InvalidArgumentError(
+                    f"--out {out!r} would write the {what} over the input image {str(source)!r}; give another name"
+                )
     return path
 
 

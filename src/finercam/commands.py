@@ -31,6 +31,7 @@ def run_explain(args: argparse.Namespace) -> int:
         known_num_classes,
         parse_target,
         save_figure,
+        save_maps,
     )
     from finercam.models import load_model
 
@@ -74,7 +75,11 @@ def run_explain(args: argparse.Namespace) -> int:
             _say("references: none (the model has a single class): the base CAM of y_c is shown")
     display = display_image(args.image, loaded.preprocess)
     written = save_figure(out, display, explanations, args.method, args.gamma)
-    _say(f"wrote {written}")
+    maps = save_maps(written.with_suffix(".safetensors"), explanations, tuple(display.shape[-2:]), {
+        "model": args.model, "image": str(args.image), "preprocess": loaded.preprocess.name,
+        "maps_on": "the model's centre crop" if loaded.preprocess.crop is not None else "the whole image",
+    })
+    _say(f"wrote {written} and {maps}")
     return 0
 
 

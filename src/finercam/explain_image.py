@@ -4,8 +4,8 @@ probabilities, and a figure with the image, the base CAM and the Finer-CAM side 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -242,10 +242,10 @@ def save_figure(
 
     explanations = [explanation] if isinstance(explanation, ImageExplanation) else list(explanation)
     title = get_method(method).title
-    size = display.shape[-2:]
+    size = tuple(display.shape[-2:])
 
     def upsampled(maps: Tensor) -> Tensor:
-        return torch.nn.functional.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        return _resized(maps, size)
 
     def versus(one: ImageExplanation) -> str:
         return ", ".join(f"{r.name} ({r.probability:.2f})" for r in one.references) or "no reference class"
@@ -261,6 +261,54 @@ def save_figure(
     ]
     pictures = display[None].expand(len(explanations), -1, -1, -1).cpu()
     return viz.save_comparison(path, pictures, columns, panel_inches=3.2)
+
+
+def _resized(maps: Tensor, size: tuple[int, ...]) -> Tensor:
+    """``(B, h, w)`` maps bilinearly resized to ``size``, float32."""
+    return torch.nn.functional.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def save_maps(
+    path: Path, explanations: Sequence[ImageExplanation], display_size: tuple[int, int], metadata: dict[str, str]
+) -> Path:
+    """The maps of a figure of :func:`save_figure` as safetensors, one row per explanation (``K`` rows):
+
+    * ``base_map``, ``finer_map``: ``(K, H, W)`` in ``[0, 1]`` at ``display_size``, the pictures of the figure;
+    * ``base_raw_map``, ``finer_raw_map``: ``(K, h, w)`` signed, before the ReLU, at the layer's resolution;
+    * ``logits``: ``(C,)`` the image's class scores ``y``; ``targets``: ``(K,)`` the explained classes ``c``;
+      ``references``: ``(K, T)`` the reference classes ``d_t`` (``-1`` pads rows with fewer).
+
+    The metadata holds ``metadata`` (model, image, ...) and, as JSON, the rows' classes with names and probabilities.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    def rows(get: Callable[[ImageExplanation], Tensor]) -> Tensor:
+        return torch.cat([get(one).float().cpu() for one in explanations]).contiguous()
+
+    width = max(len(one.references) for one in explanations)
+    references = torch.full((len(explanations), width), -1, dtype=torch.long)
+    for row, one in enumerate(explanations):
+        references[row, : len(one.references)] = torch.tensor([r.index for r in one.references], dtype=torch.long)
+    first = explanations[0].result
+    save_file({
+        "base_map": rows(lambda one: _resized(one.result.baseline_maps, display_size)),
+        "finer_map": rows(lambda one: _resized(one.result.maps, display_size)),
+        "base_raw_map": rows(lambda one: one.result.baseline_raw_maps),
+        "finer_raw_map": rows(lambda one: one.result.raw_maps),
+        "logits": first.logits[0].float().cpu().contiguous(),
+        "targets": torch.tensor([one.target.index for one in explanations], dtype=torch.long),
+        "references": references,
+    }, str(path), metadata={
+        **metadata, "layer": explanations[0].layer, "method": first.method, "gamma": str(first.gamma),
+        "aggregation": first.aggregation, "reference_strategy": first.reference_strategy,
+        "prediction": json.dumps(asdict(explanations[0].prediction)),
+        "rows": json.dumps([{"target": asdict(one.target), "references": [asdict(r) for r in one.references]}
+                            for one in explanations]),
+        "maps_size": json.dumps(list(display_size)),
+    })
+    return path
 
 
 def display_image(image: str | Path | Image.Image, preprocess: Preprocess) -> Tensor:

@@ -150,8 +150,6 @@ def run_concepts(args: argparse.Namespace) -> int:
     versus = _references(args)
     _check_model_options(args)
     out = figure_file(args.out, f"{Path(args.image).stem}.concepts.png", DEFAULT_OUT, inputs=[args.image])
-    if out.with_suffix(".safetensors").resolve() == Path(args.image).resolve():
-        raise InvalidArgumentError(f"--out {args.out!r} would write the maps over the input {args.image!r}")
     image = load_image(args.image)
     device = resolve_device(args.device)
     loaded = load_clip(args.model, weights=args.weights, tokenizer=args.tokenizer, keep_aspect=args.keep_aspect,
