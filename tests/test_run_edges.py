@@ -372,3 +372,29 @@ def test_panel_size_is_bounded(thin_store: Path, tmp_path: Path, capsys: pytest.
     with pytest.raises(InvalidArgumentError, match="panel must be a whole number of pixels from 16 to 4096"):
         save_grids(load_store(thin_store), tmp_path / "v", panel=100_000, limit=1)
     assert not (tmp_path / "v").exists()
+
+
+def test_a_view_folder_holds_one_view_and_refuses_another(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, weights, data = _tiny_model(tmp_path / "m")
+    store, other = tmp_path / "store", tmp_path / "other"
+    assert _tiny_run(model, weights, data, store) == 0
+    assert _tiny_run(model, weights, data, other) == 0
+    out = tmp_path / "png"
+    assert _cli("export", store, "--out", out) == 0
+    files = {path: path.read_bytes() for path in out.rglob("*.png")}
+    assert len(files) == 6
+    assert _cli("export", store, "--out", out, "--limit", "2") == 0  # the same view again: written in place
+    capsys.readouterr()
+    for argv, said in (
+        (["export", store, "--out", out, "--gamma", "0.3"], "holds png overlays made with other settings (gamma: "
+                                                            "was 0.6, now 0.3)"),
+        (["export", other, "--out", out], "holds png overlays made with other settings (stores: was"),
+        (["export", store, "--out", out, "--format", "official"], "holds png overlays, not official .npy files"),
+        (["visualize", store, "--out", out], "holds png overlays, not comparison grids"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=re.escape(said)):
+            _cli(*argv)
+    assert {path: path.read_bytes() for path in out.rglob("*.png")} == files  # nothing overwritten or added
+    assert _cli("visualize", store, "--out", tmp_path / "grids") == 0
+    with pytest.raises(InvalidArgumentError, match=re.escape("(panel: was 224, now 100)")):
+        _cli("visualize", store, "--out", tmp_path / "grids", "--panel", "100")

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from finercam.dataset.names import inside, make_folder, safe_component, short_hash, unique_stem
+from finercam.dataset.names import inside, safe_component, short_hash, unique_stem
+from finercam.dataset.outputs import claim_folder
 from finercam.dataset.render import default_gamma, render_baseline, render_map
 from finercam.dataset.store_reader import ImageRecord, ResultStore
 from finercam.images import ImageReadError, load_image
@@ -82,7 +83,7 @@ def export_overlays(
     from finercam.viz import overlay
 
     gamma = default_gamma(store) if gamma is None else float(gamma)
-    root, report = make_folder(Path(out)), ExportReport()
+    root, report = claim_folder(out, "png overlays", store, {"gamma": gamma, "alpha": alpha}), ExportReport()
     for record in _rows(store, limit):
         assert record.row is not None
         try:
@@ -132,7 +133,7 @@ def export_official(
 ) -> ExportReport:
     """Write the official per-image ``.npy`` dictionaries into ``out``."""
     gamma = default_gamma(store) if gamma is None else float(gamma)
-    root, report, used = make_folder(Path(out)), ExportReport(), set()
+    root, report, used = claim_folder(out, "official .npy files", store, {"gamma": gamma}), ExportReport(), set()
     for record in _rows(store, limit):
         assert record.row is not None
         buffer = io.BytesIO()

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from finercam.dataset.export import display_image, left_out_reason, save_png
-from finercam.dataset.names import inside, make_folder, safe_component, unique_stem
+from finercam.dataset.names import inside, safe_component, unique_stem
+from finercam.dataset.outputs import claim_folder
 from finercam.dataset.render import default_gamma, render_baseline, render_map
 from finercam.dataset.store_reader import ImageRecord, ResultStore
 from finercam.errors import InvalidArgumentError
@@ -173,7 +174,7 @@ def save_grids(
         records = records[:limit]
     exemplars = exemplar_rows(store)
     written, skipped = [], []
-    root = make_folder(Path(out))
+    root = claim_folder(out, "comparison grids", store, {"gamma": gamma, "panel": panel})
     for record in records:
         if record.row is None:
             skipped.append((record.id, f"skipped by the run: {record.reason}"))
