@@ -360,3 +360,50 @@ def test_a_small_input_model_runs_with_a_preset_at_its_size(image: Path, tmp_pat
                                     "--preprocess", "imagenet@32", "--out", str(tmp_path / "x.png")], capsys)
     assert status == 0, errors
     assert "input: (3, 32, 32)" in printed and (tmp_path / "x.png").is_file()
+
+
+def test_explain_never_replaces_a_checkpoint_with_its_maps_and_says_when_a_map_is_blank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from finercam.embedded import load_embedded
+    from finercam.synth import write_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "synth", train=0, test=8, seed=8128, species_per_genus=8)
+    (finch,) = (tmp_path / "synth" / "test").glob("00-finch-*/*.png")  # nothing of jay 23 is in it
+    shutil.copy(finch, "bird.png")
+    (tmp_path / "net.py").write_text("from finercam.embedded import load_embedded\n\n\n"
+                                     "def make():\n    return load_embedded('cnn').model\n")
+    state = load_embedded("cnn").model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    before = (tmp_path / "w.safetensors").read_bytes()
+    model = ["--model", f"python:{tmp_path / 'net.py'}:make", "--weights", "w.safetensors", "--preprocess", "none@64"]
+    status, _, errors = run_cli(["explain", "bird.png", *model, "--out", "w.png"], capsys)
+    assert status == 2 and "the maps would go to 'w.safetensors', which exists and is not a maps file" in errors
+    assert (tmp_path / "w.safetensors").read_bytes() == before and not (tmp_path / "w.png").exists()
+    for _ in range(2):  # its own maps file is replaced by the next run
+        status, printed, errors = run_cli(["explain", "bird.png", "--model", "embedded:cnn", "--out", "e.png",
+                                           "--target", "23", "--versus", "0", "--gamma", "20"], capsys)
+        assert status == 0, errors
+    blank = load_file(tmp_path / "e.safetensors")["base_raw_map"]
+    assert float(blank.max()) <= 0  # class 23's evidence is negative everywhere on this picture
+    assert "the base CAM of 23-jay" in printed and "is negative everywhere: nothing in the image raises its score" \
+        in printed
+
+
+def test_names_too_long_for_the_file_system_are_one_line_and_safe_names_stay_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finercam.dataset.names import safe_component
+
+    long = safe_component("鳥" * 80)
+    assert len(long.encode()) <= 100 and long != safe_component("鳥" * 79 + "鸟")  # a cut name keeps a hash
+    assert safe_component("a" * 64) == "a" * 64 and safe_component("finch") == "finch"
+    picture = zoo.picture(tmp_path / f"{'b' * 245}.png", width=64, height=64)
+    status, _, errors = run_cli(["explain", str(picture), "--model", "embedded:cnn", "--out", f"{tmp_path}/"],
+                                capsys)
+    assert status == 2 and errors.startswith("finercam explain: File name too long: ") and errors.count("\n") == 1

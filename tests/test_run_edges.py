@@ -398,3 +398,24 @@ def test_a_view_folder_holds_one_view_and_refuses_another(tmp_path: Path, capsys
     assert _cli("visualize", store, "--out", tmp_path / "grids") == 0
     with pytest.raises(InvalidArgumentError, match=re.escape("(panel: was 224, now 100)")):
         _cli("visualize", store, "--out", tmp_path / "grids", "--panel", "100")
+
+
+def test_views_leave_out_an_image_changed_since_the_run_and_a_new_run_is_another_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    model, weights, data = _tiny_model(tmp_path / "m")
+    store = tmp_path / "store"
+    assert _tiny_run(model, weights, data, store) == 0
+    picture = data.parent / "2.png"
+    Image.open(picture).crop((0, 0, 16, 12)).save(picture)  # edited after the run: 16 x 12 instead of 16 x 16
+    capsys.readouterr()
+    assert _cli("export", store, "--out", tmp_path / "png") == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 png files" in printed
+    assert "2.png is 16 x 12 pixels, but the run explained a 16 x 16 image there: it changed since" in printed
+    shutil.rmtree(store)  # a new run at the same path is another store: its views do not mix with the old one's
+    assert _tiny_run(model, weights, data, store) == 0
+    with pytest.raises(InvalidArgumentError, match=r"holds png overlays made with other settings \(stores: was"):
+        _cli("export", store, "--out", tmp_path / "png")

@@ -112,6 +112,39 @@ def figure_file(out: str | None, default_name: str, default_folder: Path, *, inp
     return path
 
 
+MAPS_FORMAT = "format"
+"""The metadata key of a maps file that says which command wrote it (``finercam-explain-maps``, ...)."""
+
+
+def maps_file(figure: Path, kind: str, legacy_key: str | None = None) -> Path:
+    """The maps file beside ``figure`` (``.safetensors``), checked before any work: an existing file is replaced
+    only if it holds maps of this ``kind`` (metadata ``format``; files of earlier versions: metadata
+    ``legacy_key``), never a checkpoint or head that happens to share the figure's name.
+
+    Raises:
+        InvalidArgumentError: the file exists and is something else.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from finercam.errors import InvalidArgumentError
+
+    path = figure.with_suffix(".safetensors")
+    if not path.exists():
+        return path
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        metadata = {}
+    if metadata.get(MAPS_FORMAT) == kind or (legacy_key is not None and legacy_key in metadata
+                                              and MAPS_FORMAT not in metadata):
+        return path
+    raise InvalidArgumentError(
+        f"the maps would go to {str(path)!r}, which exists and is not a maps file of this command (a checkpoint or "
+        "head?); it is left as it is: give --out another name"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finercam", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -396,6 +429,13 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
         # a path the checks could not foresee (a folder that cannot be created, /proc, a read-only mount)
+        where = f": {error.filename!r}" if error.filename else ""
+        print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno is None:  # not a file-system error of a path (a library's own OSError): not the user's
+            raise
+        # a path the file system refuses: a name too long, a full disk, a read-only file system
         where = f": {error.filename!r}" if error.filename else ""
         print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
         return 2

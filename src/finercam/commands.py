@@ -23,7 +23,7 @@ def _say(line: str) -> None:
 
 def run_explain(args: argparse.Namespace) -> int:
     """``finercam explain IMAGE --model SPEC``."""
-    from finercam.cli import figure_file
+    from finercam.cli import MAPS_FORMAT, figure_file, maps_file
     from finercam.explain_image import (
         display_image,
         explain_image,
@@ -38,6 +38,7 @@ def run_explain(args: argparse.Namespace) -> int:
     _check_explain_options(args)
     references = args.references or "nearest"
     out = figure_file(args.out, f"{Path(args.image).stem}.finercam.png", Path("finercam-out"), inputs=[args.image])
+    maps_path = maps_file(out, EXPLAIN_MAPS)
     device = resolve_device(args.device)
     loaded = load_model(args.model, weights=args.weights, head=args.head, preprocess=args.preprocess, device=device)
     pixels = loaded.preprocess(load_image(args.image)).to(device)
@@ -73,14 +74,25 @@ def run_explain(args: argparse.Namespace) -> int:
                 _say(f"  {reference}")
         else:
             _say("references: none (the model has a single class): the base CAM of y_c is shown")
+        blank = {
+            "base CAM": (explanation.result.baseline_raw_maps, "nothing in the image raises its score"),
+            "Finer-CAM map": (explanation.result.raw_maps,
+                              f"nothing in the image favours it over its references at gamma {args.gamma:g}"),
+        }
+        for shown, (raw, what) in blank.items():
+            if float(raw.max()) <= 0:
+                _say(f"the {shown} of {explanation.target.name} is negative everywhere: {what} (its panel is blank)")
     display = display_image(args.image, loaded.preprocess)
     written = save_figure(out, display, explanations, args.method, args.gamma)
-    maps = save_maps(written.with_suffix(".safetensors"), explanations, tuple(display.shape[-2:]), {
-        "model": args.model, "image": str(args.image), "preprocess": loaded.preprocess.name,
+    maps = save_maps(maps_path, explanations, tuple(display.shape[-2:]), {
+        MAPS_FORMAT: EXPLAIN_MAPS, "model": args.model, "image": str(args.image), "preprocess": loaded.preprocess.name,
         "maps_on": "the model's centre crop" if loaded.preprocess.crop is not None else "the whole image",
     })
     _say(f"wrote {written} and {maps}")
     return 0
+
+
+EXPLAIN_MAPS = "finercam-explain-maps"
 
 
 def _check_explain_options(args: argparse.Namespace) -> None:

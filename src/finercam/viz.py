@@ -216,8 +216,8 @@ def save_comparison(
                     mask = column.outlines[row].detach().cpu().float().numpy()
                     if mask.any():
                         axis.contour(mask, levels=[0.5], colors="white", linewidths=1.2)
-                if column.maps is not None and column.mark_peak:
-                    peak = int(torch.argmax(column.maps[row]))
+                if column.maps is not None and column.mark_peak and bool(column.maps[row].max() > 0):
+                    peak = int(torch.argmax(column.maps[row]))  # a map zero everywhere has no peak to mark
                     y, x = divmod(peak, column.maps.shape[-1])
                     axis.plot(x, y, marker="x", color="white", markersize=7, markeredgewidth=2)
                 axis.set_title(titles[row][column_index], fontsize=TITLE_FONT_SIZE, fontweight="normal")

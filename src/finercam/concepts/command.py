@@ -129,6 +129,9 @@ def _tower_layers(image_encoder: torch.nn.Module, pixels: torch.Tensor) -> str:
     return f" Layers of the image tower for --layer: {', '.join(names)}." if names else ""
 
 
+CONCEPT_MAPS = "finercam-concept-maps"
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -137,7 +140,7 @@ def run_concepts(args: argparse.Namespace) -> int:
     """``finercam concepts IMAGE --concept C --versus D``; raises finercam errors."""
     from safetensors.torch import save_file
 
-    from finercam.cli import figure_file
+    from finercam.cli import MAPS_FORMAT, figure_file, maps_file
     from finercam.concepts.api import explain_concepts
     from finercam.concepts.figure import save_concept_figure, versus_label
     from finercam.concepts.loading import load_clip
@@ -150,6 +153,7 @@ def run_concepts(args: argparse.Namespace) -> int:
     versus = _references(args)
     _check_model_options(args)
     out = figure_file(args.out, f"{Path(args.image).stem}.concepts.png", DEFAULT_OUT, inputs=[args.image])
+    maps_path = maps_file(out, CONCEPT_MAPS, legacy_key="concept")
     image = load_image(args.image)
     device = resolve_device(args.device)
     loaded = load_clip(args.model, weights=args.weights, tokenizer=args.tokenizer, keep_aspect=args.keep_aspect,
@@ -178,7 +182,6 @@ def run_concepts(args: argparse.Namespace) -> int:
     def at_display(maps: torch.Tensor) -> torch.Tensor:
         return F.interpolate(maps[:, None].float().cpu(), size=size, mode="bilinear", align_corners=False)[0, 0]
 
-    maps_path = figure.with_suffix(".safetensors")
     save_file({
         "concept_map": at_display(explanation.concept_maps).contiguous(),
         "contrast_map": at_display(explanation.contrast_maps).contiguous(),
@@ -186,7 +189,7 @@ def run_concepts(args: argparse.Namespace) -> int:
         "contrast_raw_map": explanation.contrast_raw_maps[0].float().cpu().contiguous(),
         "similarities": explanation.similarities[0].float().cpu().contiguous(),
     }, str(maps_path), metadata={
-        "concept": explanation.concept, "versus": json.dumps(list(explanation.versus)),
+        MAPS_FORMAT: CONCEPT_MAPS, "concept": explanation.concept, "versus": json.dumps(list(explanation.versus)),
         "gamma": str(explanation.gamma), "layer": explanation.layer, "method": args.method, "model": args.model,
         "templates": json.dumps(list(args.templates or loaded.encoders.templates)),
         "preprocess": loaded.preprocess.name, "keep_aspect": str(args.keep_aspect), "image": str(args.image),

@@ -56,8 +56,21 @@ def store_preprocess(store: ResultStore) -> Preprocess:
 
 def display_image(store: ResultStore, record: ImageRecord) -> Tensor:
     """The picture the maps are drawn on, ``(3, H, W)`` in ``[0, 1]``: the whole image (longest side at most 1000)
-    when the preprocessing keeps it whole, else the model's view (crop included, no normalisation)."""
-    return store_preprocess(store).display_geometry()(load_image(record.path))
+    when the preprocessing keeps it whole, else the model's view (crop included, no normalisation).
+
+    Raises:
+        ImageReadError: the file is not the image the run explained (its size changed since: edited, rotated or
+            replaced), so the stored maps do not belong on it.
+    """
+    image = load_image(record.path)
+    if record.row is not None:
+        height, width = (int(v) for v in store.image_sizes[record.row].tolist())
+        if (image.height, image.width) != (height, width):
+            raise ImageReadError(
+                f"{record.path} is {image.width} x {image.height} pixels, but the run explained a {width} x {height} "
+                "image there: it changed since, so the stored maps do not belong on it (run again to explain it)"
+            )
+    return store_preprocess(store).display_geometry()(image)
 
 
 def save_png(path: Path, pixels: np.ndarray | Tensor) -> Path:

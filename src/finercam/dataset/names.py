@@ -16,9 +16,21 @@ from finercam.errors import InvalidArgumentError
 _UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
 
 
+MAX_COMPONENT_BYTES = 100
+"""A name part's longest UTF-8 form: two of them, a hash and a suffix stay under the 255 bytes file systems take."""
+
+
 def safe_component(text: str, max_length: int = 64) -> str:
-    """One path component: unsafe runs become ``_``, leading and trailing dots and ``_`` are dropped, never empty."""
-    cleaned = _UNSAFE.sub("_", text).strip("._")[:max_length].strip("._")
+    """One path component: unsafe runs become ``_``, leading and trailing dots and ``_`` are dropped, never empty;
+    at most ``max_length`` characters and :data:`MAX_COMPONENT_BYTES` bytes (80 Chinese characters are 240), a cut
+    name ending in a hash of the whole text, so that two long names sharing a beginning stay apart."""
+    whole = _UNSAFE.sub("_", text).strip("._")
+    cleaned = whole[:max_length].strip("._")
+    if len(cleaned.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES - 9:
+        cut = cleaned.encode("utf-8", "surrogatepass")[: MAX_COMPONENT_BYTES - 9]
+        cleaned = cut.decode("utf-8", "ignore").strip("._")
+    if cleaned != whole:
+        cleaned = f"{cleaned}-{short_hash(text)}"
     return cleaned or "_"
 
 

@@ -4,7 +4,8 @@ The file names of a view are the images' (``<class>/<id>-<hash>.png``, ``<class>
 so a second view into the same folder at another gamma, of another store or in another format would overwrite the
 first one's files, or leave a mixture of both. :func:`claim_folder` records the view's settings in
 ``OUT/finercam-view.json`` and refuses a folder whose record differs, naming the differences; the same view again
-(a store grown by a resumed run, another ``--limit`` or ``--id``) writes into it.
+(a store grown by a resumed run, another ``--limit`` or ``--id``) writes into it. A store is its folder and the time
+its run made it (``created`` in ``store.json``), so a new run written to the same path is another store.
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from finercam.dataset.names import make_folder
+from finercam.dataset.store import read_manifest
 from finercam.dataset.store_reader import ResultStore
 from finercam.errors import InvalidArgumentError
 from finercam.mappings import differences
 
 RECORD = "finercam-view.json"
+
+
+def _stores(store: ResultStore) -> list[str]:
+    """Each store folder with the time its run made it: a new run written to the same path is another store."""
+    made = []
+    for root in store.roots:
+        created = read_manifest(root).get("created", "unknown")
+        made.append(f"{root.resolve()} (made {created})")
+    return sorted(made)
 
 
 def claim_folder(out: str | Path, view: str, store: ResultStore, settings: Mapping[str, Any]) -> Path:
@@ -32,7 +43,7 @@ def claim_folder(out: str | Path, view: str, store: ResultStore, settings: Mappi
             is a file.
     """
     root = make_folder(Path(out))
-    record = json.loads(json.dumps({"view": view, "stores": sorted(str(r.resolve()) for r in store.roots), **settings}))
+    record = json.loads(json.dumps({"view": view, "stores": _stores(store), **settings}))
     path = root / RECORD
     if path.is_file():
         try:

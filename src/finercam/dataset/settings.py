@@ -194,7 +194,7 @@ def build_manifest(
     method = get_method(settings.method)
     manifest = {
         "format": STORE_FORMAT, "version": STORE_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),  # also tells two runs apart
         "chunk_size": settings.chunk_size,
         "config": {
             "model": dict(model_info), "layer": settings.layer, "method": method.name,
