@@ -419,3 +419,21 @@ def test_views_leave_out_an_image_changed_since_the_run_and_a_new_run_is_another
     assert _tiny_run(model, weights, data, store) == 0
     with pytest.raises(InvalidArgumentError, match=r"holds png overlays made with other settings \(stores: was"):
         _cli("export", store, "--out", tmp_path / "png")
+
+
+def test_the_gallery_shows_a_very_wide_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import base64
+    import io
+
+    model, weights, data = _tiny_model(tmp_path / "m")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (1, 2000, 3), dtype=np.uint8)).save(data.parent / "0.png")
+    store = tmp_path / "store"
+    assert _cli("run", "--model", f"python:{model}:make", "--weights", weights, "--data", data, "--out", store,
+                "--preprocess", "none@16x16", "--layer", "0", "--workers", "0", "--quiet") == 0
+    capsys.readouterr()
+    assert _cli("report", store, "--out", tmp_path / "g.html") == 0
+    assert "6 explained images in the store; 0 left out of the gallery" in capsys.readouterr().out  # JPEG took it
+    page = (tmp_path / "g.html").read_text()
+    widths = [Image.open(io.BytesIO(base64.b64decode(encoded.split('"')[0]))).size
+              for encoded in page.split("data:image/jpeg;base64,")[1:]]
+    assert len(widths) == 6 and max(width for width, _ in widths) <= 3 * 4 * 128 + 4  # panels at most 4:1

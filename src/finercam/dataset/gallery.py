@@ -61,6 +61,10 @@ update();
 """
 
 
+MAX_ASPECT = 4
+"""A panel of the gallery is at most this many times wider than high (a wider image is shown smaller)."""
+
+
 def margins(store: ResultStore) -> Tensor:
     """``(n,)`` confidence margin ``p_c - max_{j != c} p_j`` of each row."""
     probabilities = store.probabilities
@@ -82,11 +86,12 @@ def _thumbnail(store: ResultStore, row: int, gamma: float, size: int) -> str:
         overlay(picture, render_baseline(store, row, shape), channels="first"),  # type: ignore[arg-type]
         overlay(picture, render_map(store, row, gamma, shape), channels="first"),  # type: ignore[arg-type]
     ]
-    width = max(1, round(shape[1] * size / shape[0]))
+    scale = min(size / shape[0], MAX_ASPECT * size / shape[1])  # a 2000 x 1 image fits too (JPEG: <= 65,500 px)
+    width, height = max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale))
     strip = Image.new("RGB", (3 * width + 4, size), "white")
     for column, panel in enumerate(panels):
-        image = Image.fromarray((np.clip(panel, 0, 1) * 255).round().astype(np.uint8)).resize((width, size))
-        strip.paste(image, (column * (width + 2), 0))
+        image = Image.fromarray((np.clip(panel, 0, 1) * 255).round().astype(np.uint8)).resize((width, height))
+        strip.paste(image, (column * (width + 2), (size - height) // 2))
     buffer = io.BytesIO()
     strip.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
