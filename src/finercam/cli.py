@@ -433,8 +433,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.errno is None:  # not a file-system error of a path (a library's own OSError): not the user's
-            raise
+        if error.errno is None or isinstance(error, BrokenPipeError):  # a library's own OSError, or `| head`:
+            raise  # not a path the user gave (main() ends a broken pipe quietly)
         # a path the file system refuses: a name too long, a full disk, a read-only file system
         where = f": {error.filename!r}" if error.filename else ""
         print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
