@@ -134,3 +134,16 @@ def test_a_damaged_cache_file_is_skipped_and_recomputed(tmp_path: Path, folder: 
     assert model.seen == 10 and not cached
     assert any("skipping an unreadable feature cache file" in line for line in lines)
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+
+
+def test_a_changed_model_file_with_the_same_weights_is_recomputed(tmp_path: Path, folder: ImageFolder) -> None:
+    source = tmp_path / "net.py"
+    source.write_text("def build():\n    ...  # version 1\n")
+    model = Counting()
+    spec = f"python:{source}:build"
+    loaded = dataclasses.replace(backbone(model), spec=spec)
+    extract_features(loaded, folder, tmp_path / "cache", log=quiet)
+    source.write_text("def build():\n    ...  # version 2: another stride, the same weights\n")
+    model.seen = 0
+    _, _, cached = extract_features(loaded, folder, tmp_path / "cache", log=quiet)
+    assert not cached and model.seen == 10

@@ -437,3 +437,24 @@ def test_the_gallery_shows_a_very_wide_image(tmp_path: Path, capsys: pytest.Capt
     widths = [Image.open(io.BytesIO(base64.b64decode(encoded.split('"')[0]))).size
               for encoded in page.split("data:image/jpeg;base64,")[1:]]
     assert len(widths) == 6 and max(width for width, _ in widths) <= 3 * 4 * 128 + 4  # panels at most 4:1
+
+
+def test_a_view_folder_takes_the_other_shards_and_refuses_an_older_view(tmp_path: Path) -> None:
+    model, weights, data = _tiny_model(tmp_path / "m")
+    shards = [tmp_path / f"shard{k}" for k in range(2)]
+    for k, shard in enumerate(shards):
+        assert _cli("run", "--model", f"python:{model}:make", "--weights", weights, "--data", data, "--out", shard,
+                    "--preprocess", "none", "--layer", "0", "--chunk-size", "2", "--workers", "0", "--quiet",
+                    "--shard", f"{k}/2") == 0
+    out = tmp_path / "png"
+    assert _cli("export", shards[0], "--out", out) == 0
+    assert _cli("export", *shards, "--out", out) == 0  # the run grown by its other shard: the same view
+    assert len(list(out.rglob("*.png"))) == 6
+    with pytest.raises(InvalidArgumentError, match=r"other settings \(stores: was"):
+        _cli("export", shards[1], "--out", out)  # a shard the folder's view does not cover is another store
+    older = tmp_path / "older"
+    (older / "class_0").mkdir(parents=True)
+    (older / "class_0" / "0-0f25cc56.png").write_bytes(b"an export made before views were recorded")
+    said = "already holds images or .npy files but no finercam-view.json"
+    with pytest.raises(InvalidArgumentError, match=re.escape(said)):
+        _cli("export", shards[0], "--out", older)

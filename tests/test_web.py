@@ -359,7 +359,8 @@ def test_a_port_in_use_or_a_bad_host_is_one_line_before_any_model_loads(
         raise AssertionError("a model was loaded before the address was checked")
 
     monkeypatch.setattr(finercam.web, "model_shelf", no_loading)
-    accepted = "give an IPv4 address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    accepted = ("give an address of this machine: 127.0.0.1 (this machine only), 0.0.0.0 (every interface), or an "
+                "IPv6 address in brackets, e.g. [::1]")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -370,13 +371,14 @@ def test_a_port_in_use_or_a_bad_host_is_one_line_before_any_model_loads(
                            "using it\n"
     assert "serving on" not in captured.out
     for host, said in (("", "--host is empty"),
-                       ("::1", "--host '::1' is an IPv6 address, which the demo cannot serve on"),
                        ("no.such.host.invalid", "--host 'no.such.host.invalid' is not an address or a known host name"),
                        ("192.0.2.1", "--host '192.0.2.1' is not an address of this machine")):  # a documentation net
         assert main(["web", "--host", host, "--port", str(port)]) == 2
         error = capsys.readouterr().err
         assert error.startswith(f"finercam web: {said}") and error.endswith(f"; {accepted}\n"), error
         assert error.count("\n") == 1
+    assert main(["web", "--host", "::1", "--port", str(port)]) == 2  # gradio serves IPv6 in brackets only
+    assert capsys.readouterr().err == "finercam web: --host '::1' is an IPv6 address: write it in brackets, [::1]\n"
 
 
 def test_concept_view_with_a_transformers_clip_on_a_wide_image(tmp_path: Path, hf_clip: Any) -> None:

@@ -1,7 +1,9 @@
 """A resumable on-disk cache of a frozen backbone's pooled features, one row per image file.
 
 Rows are keyed by the image file (resolved path, size, modification time) inside a folder keyed by the backbone's
-*content*: its spec, preprocessing, pooling, feature size and the bytes of every tensor of its state dict. A changed
+*content*: its spec, preprocessing, pooling, feature size, the SHA-256 of the files its spec names (a ``python:``
+factory, a ``torchscript:`` file, an ``hf:DIR`` folder's configuration) and the bytes of every tensor of its state
+dict. A changed
 checkpoint, ``python:`` factory or ``hf:`` folder therefore never serves stale features, while another split of the
 same images (``--val-fraction``, ``--seed``, an added or removed file) reuses every row already computed.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,8 +39,12 @@ _KEYS = "keys"
 
 def backbone_key(backbone: LoadedBackbone) -> str:
     """A digest of everything that decides a backbone's features: spec, preprocessing, pooling, size and weights."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([backbone.spec, repr(backbone.preprocess), backbone.pooling, backbone.dim]).encode())
+    from finercam.fingerprint import model_fingerprints
+
+    digest = hashlib.sha256()  # the files the spec names too: a python: factory or hf config.json changes the code
+    files = model_fingerprints(backbone.spec)
+    digest.update(json.dumps([backbone.spec, repr(backbone.preprocess), backbone.pooling, backbone.dim, files],
+                             sort_keys=True).encode())
     for name, tensor in backbone.features.state_dict().items():
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
@@ -71,7 +78,7 @@ def _write_chunk(folder: Path, keys: Sequence[str], features: Sequence[Tensor]) 
     """One chunk file, named by its keys (writing the same rows twice gives the same file), written atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(",".join(keys).encode()).hexdigest()[:20]
-    partial = folder / f"{name}.partial"
+    partial = folder / f"{name}.{os.getpid()}-{secrets.token_hex(4)}.partial"  # two runs never share one
     save_file({"features": torch.stack(list(features)).contiguous()}, str(partial), metadata={_KEYS: ",".join(keys)})
     os.replace(partial, folder / f"{name}.safetensors")
 
@@ -101,6 +108,7 @@ def extract_features(
     *,
     batch_size: int = 32,
     chunk_images: int = CHUNK_IMAGES,
+    key: str | None = None,
     log: Log = print,
 ) -> tuple[Tensor, Tensor, bool]:
     """Pooled features ``(N, D)`` (float32, on the CPU) and labels ``(N,)`` of a split, computing only the images
@@ -108,7 +116,7 @@ def extract_features(
 
     Returns:
         features, labels, and whether every row came from the cache (an empty split, which needs nothing, counts as
-        cached).
+        cached). ``key`` is :func:`backbone_key` when the caller has it (hashing a large model takes a while).
 
     Raises:
         InvalidArgumentError: ``batch_size`` or ``chunk_images`` is below 1.
@@ -120,7 +128,7 @@ def extract_features(
     if not folder.samples:  # an empty split (e.g. no class with two images to hold one out): nothing to extract
         return torch.empty(0, backbone.dim), labels, True
     keys = [image_key(path) for path, _ in folder.samples]
-    store = cache_dir / f"features-{backbone_key(backbone)}"
+    store = cache_dir / f"features-{key or backbone_key(backbone)}"
     rows = _cached_rows(store, set(keys), log)
     pairs = zip((path for path, _ in folder.samples), keys, strict=True)
     missing = list(dict.fromkeys((path, key) for path, key in pairs if key not in rows))

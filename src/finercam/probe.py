@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from finercam.feature_cache import extract_features
+from finercam.feature_cache import backbone_key, extract_features
 from finercam.images import ImageFolder
 from finercam.metrics import top1_accuracy
 from finercam.models import LoadedBackbone, save_head
@@ -79,11 +79,12 @@ def train_probe(
 ) -> ProbeReport:
     """Extract (or load cached) features of both splits, fit the head, report accuracies, save the head."""
     start = time.perf_counter()
+    key = backbone_key(backbone)  # once for both splits
     train_features, train_labels, train_cached = extract_features(
-        backbone, train, cache_dir, batch_size=batch_size, log=log
+        backbone, train, cache_dir, batch_size=batch_size, key=key, log=log
     )
     val_features, val_labels, val_cached = extract_features(
-        backbone, val, cache_dir, batch_size=batch_size, log=log
+        backbone, val, cache_dir, batch_size=batch_size, key=key, log=log
     )
     feature_seconds = time.perf_counter() - start
     start = time.perf_counter()

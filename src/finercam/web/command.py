@@ -64,18 +64,21 @@ def check_address(host: str, port: int) -> None:
     (by binding a socket to them once).
 
     Raises:
-        InvalidArgumentError: the host is empty, an IPv6 address (the page's server takes IPv4 only), not a known
-            name, not this machine's, or the port is taken; the message says which.
+        InvalidArgumentError: the host is empty, an IPv6 address without brackets (gradio takes ``[::1]``), not a
+            known name, not this machine's, or the port is taken; the message says which.
     """
     from finercam.errors import InvalidArgumentError
 
-    accepted = "give an IPv4 address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+    accepted = ("give an address of this machine: 127.0.0.1 (this machine only), 0.0.0.0 (every interface), or an "
+                "IPv6 address in brackets, e.g. [::1]")
     if not host.strip():
         raise InvalidArgumentError(f"--host is empty; {accepted}")
-    if ":" in host:
-        raise InvalidArgumentError(f"--host {host!r} is an IPv6 address, which the demo cannot serve on; {accepted}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:
+        raise InvalidArgumentError(f"--host {host!r} is an IPv6 address: write it in brackets, [{host}]")
+    name, family_asked = (host[1:-1], socket.AF_INET6) if bracketed else (host, socket.AF_INET)
     try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0]
+        family, kind, protocol, _, address = socket.getaddrinfo(name, port, family_asked, socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as error:
         reason = getattr(error, "strerror", None) or error
         raise InvalidArgumentError(f"--host {host!r} is not an address or a known host name ({reason}); {accepted}") \

@@ -28,7 +28,7 @@ from torch import Tensor
 from finercam.errors import FinerCAMError, InvalidArgumentError, InvalidTypeError
 from finercam.explain_image import ImageExplanation, class_name, display_image, explain_image, parse_target
 from finercam.hints import page_hints
-from finercam.images import load_image, to_rgb
+from finercam.images import ImageReadError, load_image, to_rgb
 from finercam.layers import infer_device_dtype
 from finercam.methods import get_method
 
@@ -180,7 +180,10 @@ def _rgb(image: object) -> Image.Image:
         )
     if min(image.size) < 1:
         raise InvalidArgumentError(f"the image is empty ({image.size[0]} x {image.size[1]} pixels)")
-    return to_rgb(image)
+    try:
+        return to_rgb(image)
+    except OSError as error:  # a truncated or damaged upload, as load_image says it for a file
+        raise ImageReadError(f"the image cannot be read: {error}") from None
 
 
 def markdown_text(text: str) -> str:
