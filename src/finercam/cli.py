@@ -427,15 +427,12 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         hinted = command_line_hints(str(error), getattr(args, "model", None))
         print(f"finercam {args.command}: {hinted}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
-        # a path the checks could not foresee (a folder that cannot be created, /proc, a read-only mount)
-        where = f": {error.filename!r}" if error.filename else ""
-        print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
-        return 2
     except OSError as error:
-        if error.errno is None or isinstance(error, BrokenPipeError):  # a library's own OSError, or `| head`:
-            raise  # not a path the user gave (main() ends a broken pipe quietly)
-        # a path the file system refuses: a name too long, a full disk, a read-only file system
+        # a path the checks could not foresee (a folder that cannot be created, /proc, a read-only mount, a name too
+        # long, a full disk); not a library's own OSError (no errno) nor `| head` (main() ends a broken pipe quietly)
+        path_error = isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+        if not path_error and (error.errno is None or isinstance(error, BrokenPipeError)):
+            raise
         where = f": {error.filename!r}" if error.filename else ""
         print(f"finercam {args.command}: {error.strerror or error}{where}", file=sys.stderr)
         return 2

@@ -244,19 +244,16 @@ def save_figure(
     title = get_method(method).title
     size = tuple(display.shape[-2:])
 
-    def upsampled(maps: Tensor) -> Tensor:
-        return _resized(maps, size)
-
     def versus(one: ImageExplanation) -> str:
         return ", ".join(f"{r.name} ({r.probability:.2f})" for r in one.references) or "no reference class"
 
     columns = [
         viz.Column("image", captions=[f"predicted: {one.prediction}" if row == 0 else f"prediction {row + 1}"
                                       for row, one in enumerate(explanations)]),
-        viz.Column(f"{title}", torch.cat([upsampled(one.result.baseline_maps) for one in explanations]).cpu(),
+        viz.Column(f"{title}", torch.cat([_resized(one.result.baseline_maps, size) for one in explanations]).cpu(),
                    captions=[f"explains {one.target}" if len(explanations) > 1 else f"explains {one.target.name}"
                              for one in explanations]),
-        viz.Column(f"Finer-CAM γ={gamma:g}", torch.cat([upsampled(one.result.maps) for one in explanations]).cpu(),
+        viz.Column(f"Finer-CAM γ={gamma:g}", torch.cat([_resized(one.result.maps, size) for one in explanations]).cpu(),
                    captions=[f"vs {versus(one)}" for one in explanations]),
     ]
     pictures = display[None].expand(len(explanations), -1, -1, -1).cpu()

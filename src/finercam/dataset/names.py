@@ -26,9 +26,9 @@ def safe_component(text: str, max_length: int = 64) -> str:
     name ending in a hash of the whole text, so that two long names sharing a beginning stay apart."""
     whole = _UNSAFE.sub("_", text).strip("._")
     cleaned = whole[:max_length].strip("._")
-    if len(cleaned.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES - 9:
-        cut = cleaned.encode("utf-8", "surrogatepass")[: MAX_COMPONENT_BYTES - 9]
-        cleaned = cut.decode("utf-8", "ignore").strip("._")
+    encoded = cleaned.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_COMPONENT_BYTES - 9:  # room for "-" and the hash
+        cleaned = encoded[: MAX_COMPONENT_BYTES - 9].decode("utf-8", "ignore").strip("._")
     if cleaned != whole:
         cleaned = f"{cleaned}-{short_hash(text)}"
     return cleaned or "_"

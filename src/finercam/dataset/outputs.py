@@ -51,9 +51,8 @@ def claim_folder(out: str | Path, view: str, store: ResultStore, settings: Mappi
     path = root / RECORD
     if path.is_file():
         held = _held(path)
-        same = {k: v for k, v in held.items() if k != "stores"} == {k: v for k, v in record.items() if k != "stores"}
         grown = set(held.get("stores") or ()) <= set(record["stores"])  # e.g. the other shards of the run added
-        if not (same and grown):
+        if not (grown and _settings(held) == _settings(record)):
             if held.get("view") != record["view"]:
                 what = f"{held.get('view')}, not {view}"
             else:
@@ -74,6 +73,11 @@ def claim_folder(out: str | Path, view: str, store: ResultStore, settings: Mappi
     partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     os.replace(partial, path)
     return root
+
+
+def _settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record without its stores: the view and its settings."""
+    return {key: value for key, value in record.items() if key != "stores"}
 
 
 def _held(path: Path) -> dict[str, Any]:
