@@ -1,15 +1,19 @@
 """Helpers of the ``finercam run`` tests: small synthetic ImageFolder trees, bad files of every kind, the embedded
-CNN with its preprocessing, and an exact comparison of two loaded stores."""
+CNN with its preprocessing, an exact comparison of two loaded stores, and the dataset commands run on a tiny
+``python:`` model."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from finercam.dataset import ResultStore
+from finercam.dataset import command as dataset_command
 from finercam.dataset.store import MAP_TENSORS, ROW_TENSORS
 from finercam.embedded import EmbeddedModel, load_embedded
 from finercam.models.preprocess import Preprocess
@@ -84,3 +88,49 @@ def assert_same_store(first: ResultStore, second: ResultStore) -> None:
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), f"{name} differs"
     assert first.layers == second.layers
+
+
+def dataset_parser() -> argparse.ArgumentParser:
+    """The parser of the dataset commands alone (``run``, ``visualize``, ``report``, ``export``)."""
+    parser = argparse.ArgumentParser(prog="finercam")
+    dataset_command.add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def dataset_cli(*argv: str | Path) -> int:
+    """Parse and run one dataset command; finercam errors are raised, not printed."""
+    return dataset_command.dispatch(dataset_parser().parse_args([str(a) for a in argv]))
+
+
+TINY_MODEL = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3))
+"""
+
+
+def tiny_model(folder: Path) -> tuple[Path, Path, Path]:
+    """A python: model file, its weights, and an unlabelled list file of 6 images of 16 x 16 pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(TINY_MODEL)
+    namespace: dict[str, object] = {}
+    exec(TINY_MODEL, namespace)  # the test's own model
+    model = namespace["make"]()  # type: ignore[operator]
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "w.safetensors")
+    rng = np.random.default_rng(1)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    (folder / "list.txt").write_text("".join(f"{k}.png\n" for k in range(6)))
+    return folder / "model.py", folder / "w.safetensors", folder / "list.txt"
+
+
+def tiny_run(model: Path, weights: Path, data: Path, out: Path, *extra: str) -> int:
+    """``finercam run`` of :func:`tiny_model` into ``out`` in chunks of 4; ``extra`` options come last (and win)."""
+    return dataset_cli("run", "--model", f"python:{model}:make", "--weights", weights, "--data", data, "--out", out,
+                       "--preprocess", "none", "--layer", "0", "--chunk-size", "4", "--batch-size", "4",
+                       "--workers", "0", "--quiet", *extra)

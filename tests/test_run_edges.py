@@ -8,7 +8,6 @@ these tests do not depend on the other commands of the ``finercam`` parser."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -22,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from finercam import viz
 from finercam.dataset import RunSettings, StoreError, load_store, open_source, read_class_names, run_dataset
-from finercam.dataset import command as dataset_command
 from finercam.dataset import export as export_module
 from finercam.dataset import gallery as gallery_module
 from finercam.dataset.export import export_official, export_overlays
@@ -31,26 +29,25 @@ from finercam.dataset.store import chunk_files
 from finercam.dataset.visualize import save_grids
 from finercam.errors import InvalidArgumentError
 from finercam.fingerprint import model_fingerprints
-from run_data import EMBEDDED_PREPROCESS, cnn, synthetic_tree
+from run_data import (
+    EMBEDDED_PREPROCESS,
+    TINY_MODEL,
+    cnn,
+    dataset_cli,
+    dataset_parser,
+    synthetic_tree,
+    tiny_model,
+    tiny_run,
+)
 
 FAST = {"batch_size": 4, "chunk_size": 4, "num_workers": 0, "progress": False}
 THIN = {"one.png": (1, 1), "w1.png": (1, 20), "w3.png": (3, 50), "h3.png": (50, 3)}
 """Images whose width or height is 1 or 3 pixels: (width, height)."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finercam")
-    dataset_command.add_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def _cli(*argv: str | Path) -> int:
-    return dataset_command.dispatch(_parser().parse_args([str(a) for a in argv]))
-
-
 def _parse_error(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        _parser().parse_args([str(a) for a in argv])
+        dataset_parser().parse_args([str(a) for a in argv])
     assert exit_info.value.code == 2
     return capsys.readouterr().err
 
@@ -138,45 +135,12 @@ def test_a_renderer_failing_on_one_image_leaves_only_that_one_out(
 
 # ---------------------------------------------------------------- 2. model files that change under a store
 
-_MODEL = """
-import torch
-from torch import nn
-
-
-def make():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3))
-"""
-
-
-def _tiny_model(folder: Path) -> tuple[Path, Path, Path]:
-    """A python: model file, its weights, and an unlabelled list file of 6 images of 16 x 16 pixels."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.py").write_text(_MODEL)
-    namespace: dict[str, object] = {}
-    exec(_MODEL, namespace)  # the test's own model
-    model = namespace["make"]()  # type: ignore[operator]
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "w.safetensors")
-    rng = np.random.default_rng(1)
-    for k in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-    (folder / "list.txt").write_text("".join(f"{k}.png\n" for k in range(6)))
-    return folder / "model.py", folder / "w.safetensors", folder / "list.txt"
-
-
-def _tiny_run(model: Path, weights: Path, data: Path, out: Path) -> int:
-    return _cli("run", "--model", f"python:{model}:make", "--weights", weights, "--data", data, "--out", out,
-                "--preprocess", "none", "--layer", "0", "--chunk-size", "4", "--batch-size", "4", "--workers", "0",
-                "--quiet")
-
-
 def test_resume_refuses_changed_weights_and_reads_older_stores(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model, weights, data = _tiny_model(tmp_path / "m")
+    model, weights, data = tiny_model(tmp_path / "m")
     out = tmp_path / "store"
-    assert _tiny_run(model, weights, data, out) == 0
+    assert tiny_run(model, weights, data, out) == 0
     manifest = json.loads((out / "store.json").read_text())
     recorded = manifest["config"]["model"]["fingerprints"]
     content = weights.read_bytes()
@@ -187,17 +151,17 @@ def test_resume_refuses_changed_weights_and_reads_older_stores(
     save_file(state, weights)  # same path, same size, other weights
     with pytest.raises(StoreError, match=r"config\.model\.fingerprints\.weights: the weights file changed since the "
                        r"store was made \(size (\d+) -> \1 bytes, sha256 [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\.\)"):
-        _tiny_run(model, weights, data, out)
+        tiny_run(model, weights, data, out)
     assert 1 not in chunk_files(out)  # nothing was mixed in
     # a store made before fingerprints were recorded: still readable, and resumed with a note
     del manifest["config"]["model"]["fingerprints"]
     (out / "store.json").write_text(json.dumps(manifest))
     capsys.readouterr()
-    assert _tiny_run(model, weights, data, out) == 0
+    assert tiny_run(model, weights, data, out) == 0
     assert "the store predates model-file fingerprints" in capsys.readouterr().out
-    assert _cli("report", out, "--out", tmp_path / "g.html") == 0
-    assert _cli("visualize", out, "--out", tmp_path / "grids") == 0
-    assert _cli("export", out, "--out", tmp_path / "png") == 0
+    assert dataset_cli("report", out, "--out", tmp_path / "g.html") == 0
+    assert dataset_cli("visualize", out, "--out", tmp_path / "grids") == 0
+    assert dataset_cli("export", out, "--out", tmp_path / "png") == 0
     assert len(list((tmp_path / "png").rglob("*.png"))) == 6
 
 
@@ -214,12 +178,12 @@ def test_resume_refuses_a_changed_hf_folder_and_reads_stores_that_predate_its_fi
     vit = tf.ViTForImageClassification(config).eval()
     folder = tmp_path / "vit"
     vit.save_pretrained(folder)
-    _, _, data = _tiny_model(tmp_path / "m")
+    _, _, data = tiny_model(tmp_path / "m")
     out = tmp_path / "store"
 
     def run() -> int:
-        return _cli("run", "--model", f"hf:{folder}", "--data", data, "--out", out, "--preprocess", "none@16",
-                    "--chunk-size", "4", "--batch-size", "4", "--workers", "0", "--quiet")
+        return dataset_cli("run", "--model", f"hf:{folder}", "--data", data, "--out", out, "--preprocess", "none@16",
+                           "--chunk-size", "4", "--batch-size", "4", "--workers", "0", "--quiet")
 
     assert run() == 0
     manifest = json.loads((out / "store.json").read_text())
@@ -259,7 +223,7 @@ def test_out_and_data_must_not_nest(tmp_path: Path) -> None:
         (tmp_path, f"--data '{tree}' is inside --out '{tmp_path}'"),
     ):
         with pytest.raises(InvalidArgumentError, match=f"^{re.escape(message)}"):
-            _cli("run", "--model", "embedded:cnn", "--data", tree, "--out", out, "--quiet")
+            dataset_cli("run", "--model", "embedded:cnn", "--data", tree, "--out", out, "--quiet")
         with pytest.raises(InvalidArgumentError, match=f"^{re.escape(message)}"):
             _run(tree, out)
     assert not (tree / "store").exists() and not (tree / "store.json").exists()
@@ -285,7 +249,7 @@ def test_data_and_class_names_of_the_wrong_kind(tmp_path: Path, monkeypatch: pyt
         with pytest.raises(InvalidArgumentError, match=f"^{re.escape(message)}"):
             open_source(data)
         with pytest.raises(InvalidArgumentError, match=f"^{re.escape(message)}"):  # before the model is loaded
-            _cli("run", "--model", "embedded:nothing-loaded", "--data", data, "--out", "store")
+            dataset_cli("run", "--model", "embedded:nothing-loaded", "--data", data, "--out", "store")
     with pytest.raises(InvalidArgumentError, match=r"^class-names file 'names' is a folder; give a file"):
         read_class_names("names")
     with pytest.raises(InvalidArgumentError, match=r"^class-names file 'one\.png' is an image"):
@@ -294,7 +258,8 @@ def test_data_and_class_names_of_the_wrong_kind(tmp_path: Path, monkeypatch: pyt
         read_class_names("latin1.lst")
     Path("d").mkdir()
     with pytest.raises(InvalidArgumentError, match=r"^class-names file 'names' is a folder"):
-        _cli("run", "--model", "embedded:nothing-loaded", "--data", "d", "--out", "store", "--class-names", "names")
+        dataset_cli("run", "--model", "embedded:nothing-loaded", "--data", "d", "--out", "store", "--class-names",
+                    "names")
     assert not Path("store").exists()
 
 
@@ -315,7 +280,7 @@ def test_incomplete_and_empty_stores_say_so(tmp_path: Path, capsys: pytest.Captu
     for chunk in (2, 3):
         chunk_files(tmp_path / "cut")[chunk].unlink()
     capsys.readouterr()
-    assert _cli("report", tmp_path / "cut", "--out", tmp_path / "g.html") == 0
+    assert dataset_cli("report", tmp_path / "cut", "--out", tmp_path / "g.html") == 0
     printed = capsys.readouterr().out
     assert ("note: the store is incomplete: 8 of the run's 13 images are present (2 of 4 chunks); missing: chunks 2-3 "
             "(the run was interrupted or is still running: run the same command again to finish it)") in printed
@@ -323,7 +288,7 @@ def test_incomplete_and_empty_stores_say_so(tmp_path: Path, capsys: pytest.Captu
     assert "the store is incomplete: 8 of the run&#x27;s 13 images" in (tmp_path / "g.html").read_text()
     for view in (["visualize", tmp_path / "half", "--out", tmp_path / "grids"],
                  ["export", tmp_path / "half", "--out", tmp_path / "png"]):
-        assert _cli(*view) == 0
+        assert dataset_cli(*view) == 0
         assert "missing: shard 1/2" in capsys.readouterr().out
     for chunk in (0, 1):
         chunk_files(tmp_path / "cut")[chunk].unlink()  # only store.json is left
@@ -331,7 +296,7 @@ def test_incomplete_and_empty_stores_say_so(tmp_path: Path, capsys: pytest.Captu
         out = tmp_path / ("e.html" if view == "report" else "e")
         with pytest.raises(StoreError, match=r"holds no images yet: its run lists 13 images, but no chunk of 4 has "
                            r"been written .* Run the same finercam run command again"):
-            _cli(view, tmp_path / "cut", "--out", out)
+            dataset_cli(view, tmp_path / "cut", "--out", out)
         assert not out.exists()
 
 
@@ -354,15 +319,15 @@ def test_output_paths_under_a_file_fail_when_parsed(tmp_path: Path, capsys: pyte
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_references_weights_needs_a_linear_classifier(tmp_path: Path) -> None:
-    data = _tiny_model(tmp_path / "m")[2]
+    data = tiny_model(tmp_path / "m")[2]
     namespace: dict[str, object] = {}
-    exec(_MODEL, namespace)  # the test's own model
+    exec(TINY_MODEL, namespace)  # the test's own model
     scripted = torch.jit.trace(namespace["make"]().eval(), torch.rand(1, 3, 16, 16))  # type: ignore[operator]
     scripted.save(str(tmp_path / "m.pt"))
     with pytest.raises(InvalidArgumentError, match=r"^--references weights needs a model whose last layer is a linear "
                        r"classifier .* Use --references nearest or --references top$"):
-        _cli("run", "--model", f"torchscript:{tmp_path / 'm.pt'}", "--references", "weights", "--data", data,
-             "--out", tmp_path / "st", "--preprocess", "none", "--layer", "0", "--quiet")
+        dataset_cli("run", "--model", f"torchscript:{tmp_path / 'm.pt'}", "--references", "weights", "--data", data,
+                    "--out", tmp_path / "st", "--preprocess", "none", "--layer", "0", "--quiet")
     assert not (tmp_path / "st").exists()
 
 
@@ -372,89 +337,3 @@ def test_panel_size_is_bounded(thin_store: Path, tmp_path: Path, capsys: pytest.
     with pytest.raises(InvalidArgumentError, match="panel must be a whole number of pixels from 16 to 4096"):
         save_grids(load_store(thin_store), tmp_path / "v", panel=100_000, limit=1)
     assert not (tmp_path / "v").exists()
-
-
-def test_a_view_folder_holds_one_view_and_refuses_another(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model, weights, data = _tiny_model(tmp_path / "m")
-    store, other = tmp_path / "store", tmp_path / "other"
-    assert _tiny_run(model, weights, data, store) == 0
-    assert _tiny_run(model, weights, data, other) == 0
-    out = tmp_path / "png"
-    assert _cli("export", store, "--out", out) == 0
-    files = {path: path.read_bytes() for path in out.rglob("*.png")}
-    assert len(files) == 6
-    assert _cli("export", store, "--out", out, "--limit", "2") == 0  # the same view again: written in place
-    capsys.readouterr()
-    for argv, said in (
-        (["export", store, "--out", out, "--gamma", "0.3"], "holds png overlays made with other settings (gamma: "
-                                                            "was 0.6, now 0.3)"),
-        (["export", other, "--out", out], "holds png overlays made with other settings (stores: was"),
-        (["export", store, "--out", out, "--format", "official"], "holds png overlays, not official .npy files"),
-        (["visualize", store, "--out", out], "holds png overlays, not comparison grids"),
-    ):
-        with pytest.raises(InvalidArgumentError, match=re.escape(said)):
-            _cli(*argv)
-    assert {path: path.read_bytes() for path in out.rglob("*.png")} == files  # nothing overwritten or added
-    assert _cli("visualize", store, "--out", tmp_path / "grids") == 0
-    with pytest.raises(InvalidArgumentError, match=re.escape("(panel: was 224, now 100)")):
-        _cli("visualize", store, "--out", tmp_path / "grids", "--panel", "100")
-
-
-def test_views_leave_out_an_image_changed_since_the_run_and_a_new_run_is_another_store(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import shutil
-
-    model, weights, data = _tiny_model(tmp_path / "m")
-    store = tmp_path / "store"
-    assert _tiny_run(model, weights, data, store) == 0
-    picture = data.parent / "2.png"
-    Image.open(picture).crop((0, 0, 16, 12)).save(picture)  # edited after the run: 16 x 12 instead of 16 x 16
-    capsys.readouterr()
-    assert _cli("export", store, "--out", tmp_path / "png") == 0
-    printed = capsys.readouterr().out
-    assert "wrote 5 png files" in printed
-    assert "2.png is 16 x 12 pixels, but the run explained a 16 x 16 image there: it changed since" in printed
-    shutil.rmtree(store)  # a new run at the same path is another store: its views do not mix with the old one's
-    assert _tiny_run(model, weights, data, store) == 0
-    with pytest.raises(InvalidArgumentError, match=r"holds png overlays made with other settings \(stores: was"):
-        _cli("export", store, "--out", tmp_path / "png")
-
-
-def test_the_gallery_shows_a_very_wide_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import base64
-    import io
-
-    model, weights, data = _tiny_model(tmp_path / "m")
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (1, 2000, 3), dtype=np.uint8)).save(data.parent / "0.png")
-    store = tmp_path / "store"
-    assert _cli("run", "--model", f"python:{model}:make", "--weights", weights, "--data", data, "--out", store,
-                "--preprocess", "none@16x16", "--layer", "0", "--workers", "0", "--quiet") == 0
-    capsys.readouterr()
-    assert _cli("report", store, "--out", tmp_path / "g.html") == 0
-    assert "6 explained images in the store; 0 left out of the gallery" in capsys.readouterr().out  # JPEG took it
-    page = (tmp_path / "g.html").read_text()
-    widths = [Image.open(io.BytesIO(base64.b64decode(encoded.split('"')[0]))).size
-              for encoded in page.split("data:image/jpeg;base64,")[1:]]
-    assert len(widths) == 6 and max(width for width, _ in widths) <= 3 * 4 * 128 + 4  # panels at most 4:1
-
-
-def test_a_view_folder_takes_the_other_shards_and_refuses_an_older_view(tmp_path: Path) -> None:
-    model, weights, data = _tiny_model(tmp_path / "m")
-    shards = [tmp_path / f"shard{k}" for k in range(2)]
-    for k, shard in enumerate(shards):
-        assert _cli("run", "--model", f"python:{model}:make", "--weights", weights, "--data", data, "--out", shard,
-                    "--preprocess", "none", "--layer", "0", "--chunk-size", "2", "--workers", "0", "--quiet",
-                    "--shard", f"{k}/2") == 0
-    out = tmp_path / "png"
-    assert _cli("export", shards[0], "--out", out) == 0
-    assert _cli("export", *shards, "--out", out) == 0  # the run grown by its other shard: the same view
-    assert len(list(out.rglob("*.png"))) == 6
-    with pytest.raises(InvalidArgumentError, match=r"other settings \(stores: was"):
-        _cli("export", shards[1], "--out", out)  # a shard the folder's view does not cover is another store
-    older = tmp_path / "older"
-    (older / "class_0").mkdir(parents=True)
-    (older / "class_0" / "0-0f25cc56.png").write_bytes(b"an export made before views were recorded")
-    said = "already holds images or .npy files but no finercam-view.json"
-    with pytest.raises(InvalidArgumentError, match=re.escape(said)):
-        _cli("export", shards[0], "--out", older)
