@@ -17,9 +17,8 @@ from finercam.cli import main
 from finercam.dataset import RunSettings, StoreError, load_store, open_source, run_dataset
 from finercam.dataset.export import export_official
 from finercam.dataset.gallery import margins
-from finercam.dataset.loading import num_chunks
 from finercam.dataset.render import finer_raw_map, render_baseline, render_map
-from finercam.dataset.store import CHUNKS, chunk_files
+from finercam.dataset.store import CHUNKS, chunk_files, num_chunks
 from finercam.errors import InvalidArgumentError
 from finercam.postprocess import normalize_maps
 from run_data import EMBEDDED_PREPROCESS, assert_same_store, cnn, synthetic_tree

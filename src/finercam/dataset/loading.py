@@ -13,7 +13,6 @@ with their reasons.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finercam.dataset.decode import Decoded, decode
 from finercam.dataset.sources import DataItem
+from finercam.dataset.store import chunk_range
 from finercam.models.preprocess import Preprocess
 
 
@@ -94,16 +94,6 @@ def collate(samples: list[Sample], chunk_size: int) -> Batch:
     ]
     indices = [sample.index for sample in samples]
     return Batch(indices[0] // chunk_size, indices, groups, skipped)
-
-
-def chunk_range(chunk: int, chunk_size: int, total: int) -> range:
-    """The listing positions of a chunk."""
-    return range(chunk * chunk_size, min(total, (chunk + 1) * chunk_size))
-
-
-def num_chunks(total: int, chunk_size: int) -> int:
-    """How many chunks a listing of ``total`` images makes."""
-    return math.ceil(total / chunk_size)
 
 
 def plan_batches(chunks: Sequence[int], chunk_size: int, batch_size: int, total: int) -> list[list[int]]:

@@ -39,9 +39,7 @@ from finercam.dataset.loading import (
     ImageDataset,
     SizeGroup,
     batch_loader,
-    chunk_range,
     collate,
-    num_chunks,
     plan_batches,
 )
 from finercam.dataset.parallel import forked_map, memory_fit
@@ -59,6 +57,8 @@ from finercam.dataset.store import (
     RESOLVED,
     StoreWriter,
     chunk_files,
+    chunk_range,
+    num_chunks,
     read_chunk_metadata,
     write_json,
 )

@@ -27,8 +27,8 @@ that was explained (rows sorted by listing position); the images that were skipp
                                ``gammas`` in order), concatenated
 ==================  =========  ==================================================================================
 
-The safetensors metadata holds ``format`` (``finercam-store-chunk``), ``version``, ``chunk``, ``layers``,
-``batch_size``, ``device``, ``amp`` and ``records``: a JSON list with one
+The safetensors metadata holds ``format`` (``finercam-store-chunk``), ``version``, ``chunk``, ``settings``
+(:func:`settings_digest`), ``layers``, ``batch_size``, ``device``, ``amp`` and ``records``: a JSON list with one
 ``{"index", "id", "path", "status", "reason"}`` per listing position of the chunk (``status``: ``ok`` or ``skipped``).
 
 **Atomicity.** Every file is written to a temporary name in the same folder, flushed, ``fsync``-ed and moved into
@@ -36,10 +36,10 @@ place with ``os.replace`` (then the folder is ``fsync``-ed), so a crash or ``kil
 file or none: never a corrupt one. Temporary files of an interrupted write are removed when the run resumes.
 
 **Resuming** a run (the same command again) reads which chunks exist and explains only the others (a chunk file
-whose header cannot be read, e.g. cut short by a copy, is renamed ``<name>.damaged`` and explained again); it refuses
-a store made with other settings or another listing. While a shard runs it holds ``OUT/.lock-shard-I-of-N`` (removed
-when it ends; a killed run's lock is released by the kernel), so the same shard started twice is refused rather than
-doing the work twice. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
+that :func:`check_chunk` refuses, e.g. cut short or copied in from another store, is renamed ``<name>.damaged`` and
+explained again); it refuses a store made with other settings or another listing. While a shard runs it holds
+``OUT/.lock-shard-I-of-N`` (removed when it ends; a killed run's lock is released by the kernel), so the same shard
+started twice is refused rather than doing the work twice. **Sharding** (``--shard I/N``) gives chunk ``k`` to shard
 ``k mod N``; shards may write into one shared folder or into separate folders that
 :func:`finercam.dataset.store_reader.load_store` reads together. Chunks fix the batches, so interrupted, resumed
 and sharded runs give bitwise the same store as one uninterrupted run. 100,000 images with the default
@@ -49,7 +49,9 @@ and sharded runs give bitwise the same store as one uninterrupted run. 100,000 i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -112,6 +114,27 @@ def _fsync_folder(folder: Path) -> None:
 def write_json(path: Path, value: object) -> None:
     """Atomically write ``value`` as indented JSON."""
     atomic_write(path, (json.dumps(value, indent=1, sort_keys=False) + "\n").encode())
+
+
+def chunk_range(chunk: int, chunk_size: int, total: int) -> range:
+    """The listing positions of a chunk."""
+    return range(chunk * chunk_size, min(total, (chunk + 1) * chunk_size))
+
+
+def num_chunks(total: int, chunk_size: int) -> int:
+    """How many chunks a listing of ``total`` images makes."""
+    return math.ceil(total / chunk_size)
+
+
+def settings_digest(manifest: Mapping[str, Any]) -> str:
+    """A digest of what a resume compares (:data:`COMPARED`), written into every chunk's metadata as ``settings``.
+
+    Two runs with equal settings (shards written into separate folders) give equal digests, so their chunks are
+    interchangeable, as they are bitwise; a chunk copied in from a store of other settings or another listing is told
+    apart by it.
+    """
+    payload = json.dumps({key: manifest.get(key) for key in COMPARED}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def chunk_path(root: Path, chunk: int) -> Path:
@@ -284,15 +307,15 @@ class StoreWriter:
                     entry.unlink()
 
     def _set_aside_damaged_chunks(self) -> None:
-        """Rename this shard's chunk files whose header cannot be read (truncated or overwritten outside finercam,
-        e.g. by a partial copy) to ``<name>.damaged``, so that resuming explains those chunks again; kept, not
-        deleted, and said in :attr:`notes`."""
+        """Rename this shard's chunk files that :func:`check_chunk` refuses (a header that cannot be read, e.g. cut
+        short by a partial copy; a chunk of another store or of another position copied in) to ``<name>.damaged``,
+        so that resuming explains those chunks again; kept, not deleted, and said in :attr:`notes`."""
         index, count = self.shard
         for chunk, path in chunk_files(self.root).items():
             if chunk % count != index:
                 continue
             try:
-                read_chunk_metadata(path)
+                check_chunk(path, chunk, self.manifest)
             except StoreError as error:
                 aside = path.with_name(f"{path.name}.damaged")
                 number = 1
@@ -311,7 +334,8 @@ class StoreWriter:
             raise StoreError("commit() the manifest before writing chunks")
         data = save_safetensors(
             {name: tensor.contiguous() for name, tensor in tensors.items()},
-            metadata={"format": CHUNK_FORMAT, "version": str(STORE_VERSION), "chunk": str(chunk), **metadata},
+            metadata={"format": CHUNK_FORMAT, "version": str(STORE_VERSION), "chunk": str(chunk),
+                      "settings": settings_digest(self.manifest), **metadata},
         )
         path = chunk_path(self.root, chunk)
         atomic_write(path, data)
@@ -341,3 +365,81 @@ def read_chunk(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if missing:
         raise StoreError(f"chunk {str(path)!r} lacks the tensors {missing}")
     return tensors, metadata
+
+
+def check_chunk(path: Path, chunk: int, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Check that the file ``path`` is chunk ``chunk`` of the store whose manifest is ``manifest``; its metadata.
+
+    Reads the header and two small tensors (``index``, ``map_sizes``), not the maps. Checked: the chunk number and
+    settings digest in its metadata (chunks written before the digest existed have none), that its records are the
+    chunk's listing positions in order, that its rows are its explained records, that every row tensor has one row per
+    image and the widths ``C`` and ``T`` the model resolved, and that the maps are as long as ``map_sizes`` and the
+    run's ``G`` gammas make them.
+
+    Raises:
+        StoreError: naming the file and the first thing that does not fit.
+    """
+    metadata = read_chunk_metadata(path)
+    problem = _metadata_problem(metadata, chunk, manifest)
+    if problem is None:
+        try:
+            with safe_open(path, framework="pt") as handle:
+                present = set(handle.keys())
+                missing = [name for name in (*ROW_TENSORS, *MAP_TENSORS) if name not in present]
+                if missing:
+                    raise StoreError(f"chunk {str(path)!r} lacks the tensors {missing}")
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in (*ROW_TENSORS, *MAP_TENSORS)}
+                index, map_sizes = handle.get_tensor("index"), handle.get_tensor("map_sizes")
+        except StoreError:
+            raise
+        except Exception as error:
+            raise StoreError(f"chunk {str(path)!r} is corrupt ({type(error).__name__}: {error})") from None
+        problem = _tensor_problem(metadata, shapes, index, map_sizes, manifest)
+    if problem is not None:
+        raise StoreError(f"chunk {str(path)!r} is not chunk {chunk} of this store: {problem}")
+    return metadata
+
+
+def _metadata_problem(metadata: Mapping[str, str], chunk: int, manifest: Mapping[str, Any]) -> str | None:
+    if metadata.get("chunk") != str(chunk):
+        return f"its metadata says it is chunk {metadata.get('chunk')} (renamed or copied from elsewhere?)"
+    if "settings" in metadata and metadata["settings"] != settings_digest(manifest):
+        return "it was written by a run with other settings or another listing (copied in from another store?)"
+    try:
+        records = json.loads(metadata["records"])
+        positions = [int(entry["index"]) for entry in records]
+    except (KeyError, TypeError, ValueError):
+        return "its records are missing or unreadable"
+    expected = list(chunk_range(chunk, int(manifest["chunk_size"]), int(manifest["data"]["count"])))
+    if positions != expected:
+        shown = f"{positions[0]}-{positions[-1]}" if positions else "none"
+        return (f"its records are listing positions {shown} ({len(positions)} images), the chunk's are "
+                f"{expected[0] if expected else 0}-{expected[-1] if expected else -1} ({len(expected)} images)")
+    return None
+
+
+def _tensor_problem(
+    metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], index: Tensor, map_sizes: Tensor,
+    manifest: Mapping[str, Any],
+) -> str | None:
+    explained = [int(entry["index"]) for entry in json.loads(metadata["records"]) if entry.get("status") == "ok"]
+    if index.tolist() != explained:
+        return f"its {len(index)} rows are not its {len(explained)} explained records"
+    rows = len(explained)
+    outputs = manifest.get(RESOLVED) or {}
+    widths = {"logits": outputs.get("num_classes"), "references": outputs.get("num_references"),
+              "input_sizes": 2, "image_sizes": 2, "map_sizes": 2}
+    for name in ROW_TENSORS:
+        shape, width = shapes[name], widths.get(name)
+        wanted = (rows,) if name in ("index", "labels", "targets") else (rows, width)
+        if len(shape) != len(wanted) or shape[0] != rows or (width is not None and shape[1] != width):
+            described = "x".join("?" if size is None else str(size) for size in wanted)
+            return f"its {name!r} tensor is {list(shape)}, the chunk's {rows} images need {described}"
+    if rows and bool((map_sizes <= 0).any()):
+        return "its map_sizes are not all positive"
+    area = int((map_sizes[:, 0].long() * map_sizes[:, 1].long()).sum()) if rows else 0
+    gammas = len((manifest.get("config") or {}).get("gammas") or ())
+    for name, length in (("baseline_raw", area), ("finer_raw", gammas * area)):
+        if shapes[name] != (length,):
+            return f"its {name!r} holds {list(shapes[name])} values, its map_sizes and {gammas} gammas need {length}"
+    return None

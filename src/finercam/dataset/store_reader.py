@@ -19,6 +19,7 @@ from finercam.dataset.store import (
     RESOLVED,
     ROW_TENSORS,
     StoreError,
+    check_chunk,
     chunk_files,
     compare_manifests,
     read_chunk,
@@ -230,8 +231,7 @@ def chunk_ranges(chunks: Sequence[int], shown: int = 8) -> str:
     return text
 
 
-def _merge_manifests(roots: Sequence[Path]) -> dict[str, Any]:
-    manifests = [read_manifest(root) for root in roots]
+def _merge_manifests(manifests: Sequence[dict[str, Any]], roots: Sequence[Path]) -> dict[str, Any]:
     for root, other in zip(roots[1:], manifests[1:], strict=True):
         differences = compare_manifests(manifests[0], other)
         if differences:
@@ -245,17 +245,24 @@ def load_store(path: str | Path | Iterable[str | Path]) -> ResultStore:
     """Load a result store (or several folders holding shards of one run) into memory.
 
     Raises:
-        StoreError: not a store, a corrupt chunk, shards of different runs, or a chunk present twice.
+        StoreError: not a store, a corrupt chunk or one that is not this store's (:func:`check_chunk`), shards of
+            different runs, or a chunk present twice.
     """
     roots = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
     if not roots:
         raise StoreError("load_store needs at least one store folder")
-    manifest = _merge_manifests(roots)
+    manifests = [read_manifest(root) for root in roots]
+    manifest = _merge_manifests(manifests, roots)
     files: dict[int, Path] = {}
-    for root in roots:
+    for root, own in zip(roots, manifests, strict=True):
         for chunk, file in chunk_files(root).items():
             if chunk in files:
                 raise StoreError(f"chunk {chunk} is in both {str(files[chunk])!r} and {str(file)!r}")
+            try:
+                check_chunk(file, chunk, {**own, RESOLVED: manifest.get(RESOLVED)})
+            except StoreError as error:
+                raise StoreError(f"{error}; run the same finercam run command again to set it aside and explain its "
+                                 "images again") from None
             files[chunk] = file
     parts: dict[str, list[Tensor]] = {name: [] for name in (*ROW_TENSORS, *MAP_TENSORS)}
     records: list[ImageRecord] = []
