@@ -89,7 +89,7 @@ def extract_logits(output: object) -> Tensor:
     return logits
 
 
-def _forward(model: nn.Module, images: Tensor) -> object:
+def checked_forward(model: nn.Module, images: Tensor) -> object:
     """``model(images)``; an error raised by the model itself names the input it failed on (chained)."""
     try:
         return model(images)
@@ -170,7 +170,7 @@ def forward_with_capture(
             if images.is_inference():
                 images = images.clone()
             torch.set_grad_enabled(False)
-            logits = extract_logits(_forward(model, images))
+            logits = extract_logits(checked_forward(model, images))
     finally:
         torch.set_grad_enabled(grad_enabled)
         for handle in handles:
@@ -331,7 +331,7 @@ def dry_run(model: nn.Module, example: Tensor) -> list[ModuleRecord]:
     handles = [module.register_forward_hook(hook) for module in model.modules()]
     try:
         with preserved_model(model), torch.inference_mode(False), torch.no_grad():
-            _forward(model, example.clone() if example.is_inference() else example)
+            checked_forward(model, example.clone() if example.is_inference() else example)
     finally:
         for handle in handles:
             handle.remove()

@@ -21,12 +21,13 @@ from finercam.autolayer import auto_layer
 from finercam.capture import (
     batch_coupling,
     check_batch_independent,
+    checked_forward,
     extract_logits,
     forward_with_capture,
     preserved_model,
     vector_jacobian_products,
 )
-from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelShapeError
+from finercam.errors import InvalidArgumentError, InvalidTypeError, ModelOutputError, ModelShapeError
 from finercam.grids import grid_reshape
 from finercam.layers import (
     LayerSpec,
@@ -59,6 +60,8 @@ AUTO = "auto"
 DEFAULT_GAMMA = 0.6
 DEFAULT_NUM_REFERENCES = 3
 DEFAULT_SWEEP = (0.0, 0.3, 0.6, 1.0, 2.0)
+SCORE_PIXELS_PER_PASS = 64 * 512 * 512
+"""The most input pixels one Score-CAM forward pass holds (``score_batch_size`` masked inputs, fewer when large)."""
 
 
 def _check_gamma(gamma: object) -> float:
@@ -133,7 +136,9 @@ class FinerCAM:
             ``(B, K, h, w)`` for every layer (e.g. :class:`finercam.TokenGrid`), or ``None`` for layers that
             already emit channels-first maps.
         classifier_weights: the classifier's ``(C, D)`` rows or the linear head, for ``references="weights"``.
-        score_batch_size: masked inputs per forward pass for Score-CAM.
+        score_batch_size: at most this many masked inputs per forward pass for Score-CAM; fewer for large inputs, so
+            that a pass holds at most :data:`SCORE_PIXELS_PER_PASS` pixels (64 inputs of 512 x 512; one 3000 x 3000
+            input per pass).
     """
 
     def __init__(
@@ -321,6 +326,7 @@ class FinerCAM:
             per_objective = self._gradient_maps(capture.activations, reshapes, logits, objectives, aggregation, gamma)
         else:
             per_objective = self._score_maps(capture.activations, reshapes, images, objectives, aggregation, gamma)
+        self._check_finite(per_objective, capture.activations, images.shape[0])
 
         size = (images.shape[-2], images.shape[-1])
         return [
@@ -340,6 +346,34 @@ class FinerCAM:
             )
             for (target_classes, chosen), (raw, baseline) in zip(objectives, per_objective, strict=True)
         ]
+
+    def _check_finite(
+        self, per_objective: list[tuple[list[Tensor], list[Tensor]]], activations: tuple[Tensor, ...], batch: int
+    ) -> None:
+        """Refuse NaN or infinite raw maps (one check per layer), naming the layer, the images and the cause.
+
+        The logits are finite (checked with the references), so the cause is inside: an activation that overflowed
+        (float16's largest value is 65504) or a gradient that did.
+        """
+        for layer, activation in enumerate(activations):
+            finite = torch.ones(batch, dtype=torch.bool, device=activation.device)
+            for raw, baseline in per_objective:
+                for maps in (raw[layer], baseline[layer]):  # (..., B, h, w)
+                    finite &= maps.isfinite().flatten(-2).all(-1).reshape(-1, batch).all(0)
+            bad = ~finite
+            if bool(bad.any()):
+                images = bad.nonzero().flatten().tolist()
+                source = "activations" if not bool(activation.detach().isfinite().all()) else "gradients or scores"
+                low_precision = activation.is_floating_point() and torch.finfo(activation.dtype).bits < 32
+                advice = (
+                    f"with a {activation.dtype} model this is usually an overflow: explain it in float32 "
+                    "(model.float(); finercam run: without --amp)" if low_precision else
+                    "check the model's weights for NaN or infinite values, and the layer's computation for an overflow"
+                )
+                raise ModelOutputError(
+                    f"the maps of target layer {self.layers[layer].name!r} are not finite (NaN or infinite) for "
+                    f"image(s) {images[:8]}{' ...' if len(images) > 8 else ''}: the layer's {source} are; {advice}"
+                )
 
     def _layer_maps(self, index: int, activation: Tensor, reshape: Reshape | None, batch: int) -> Tensor:
         """Layer ``index``'s activation as maps ``(B, K, h, w)``, refused when they are not one per image (a model
@@ -425,9 +459,11 @@ class FinerCAM:
     ) -> list[tuple[list[Tensor], list[Tensor]]]:
         """Score-CAM raw maps per layer and objective: one set of masked forwards serves every objective, every
         gamma and the baseline."""
-        forward: Callable[[Tensor], Tensor] = lambda batch: extract_logits(self.model(batch))  # noqa: E731
+        forward: Callable[[Tensor], Tensor] = lambda batch: extract_logits(checked_forward(self.model, batch))  # noqa: E731
         # a model that normalises with the batch's statistics would mix the masked inputs: one at a time
-        pass_size = 1 if batch_coupling(self.model) else self.score_batch_size
+        pixels = int(images.shape[-2]) * int(images.shape[-1])
+        pass_size = 1 if batch_coupling(self.model) else min(self.score_batch_size,
+                                                             max(1, SCORE_PIXELS_PER_PASS // pixels))
         results: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in objectives]
         for layer, (activation, reshape) in enumerate(zip(activations, reshapes, strict=True)):
             maps = self._layer_maps(layer, activation, reshape, images.shape[0])

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finercam.errors import InvalidArgumentError
@@ -55,7 +56,9 @@ def to_rgb(opened: Image.Image, *, in_place: bool = False) -> Image.Image:
         image = opened
     else:
         image = ImageOps.exif_transpose(opened)
-    if image.mode.startswith("I;16") or image.mode == "I":
+    if image.mode.startswith("I;16"):  # either byte order (I;16B is ImageJ's TIFF default): the high byte
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))  # mode L
+    elif image.mode == "I":
         image = image.point(lambda value: value / 256).convert("L")
     elif image.mode == "F":
         image = _float_to_gray(image)

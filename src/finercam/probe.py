@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from finercam.errors import InvalidArgumentError
 from finercam.feature_cache import backbone_key, extract_features
 from finercam.images import ImageFolder
 from finercam.metrics import top1_accuracy
@@ -43,19 +44,33 @@ class ProbeReport:
 def fit_linear_head(
     features: Tensor, labels: Tensor, num_classes: int, *, weight_decay: float = 1e-4, iterations: int = 200
 ) -> nn.Linear:
-    """Multinomial logistic regression ``y = W f + b`` by full-batch L-BFGS."""
-    head = nn.Linear(features.shape[1], num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+    """Multinomial logistic regression ``y = W f + b`` by full-batch L-BFGS, in float32 on the features' device
+    (also when called under ``torch.no_grad()`` or ``torch.inference_mode()``).
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(head(features), labels) + weight_decay * head.weight.square().sum()
-        loss.backward()
-        return loss
+    Raises:
+        InvalidArgumentError: features not ``(N, D)``, labels not ``N`` class indices in ``[0, num_classes)``.
+    """
+    labels = torch.as_tensor(labels, device=features.device)
+    if features.dim() != 2 or labels.shape != (features.shape[0],):
+        raise InvalidArgumentError(f"fit_linear_head needs features (N, D) and N labels; got features "
+                                   f"{tuple(features.shape)} and labels {tuple(labels.shape)}")
+    if labels.is_floating_point() or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes):
+        raise InvalidArgumentError(f"labels must be class indices from 0 to {num_classes - 1}; got values "
+                                   f"{labels.min().item()} to {labels.max().item()} ({labels.dtype})")
+    with torch.inference_mode(False), torch.enable_grad():
+        features, labels = features.detach().float().clone(), labels.long().clone()  # normal tensors, not inference
+        head = nn.Linear(features.shape[1], num_classes, device=features.device)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
 
-    optimizer.step(closure)
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(head(features), labels) + weight_decay * head.weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
     head.requires_grad_(False)
     return head
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -102,12 +103,17 @@ class SweepResult(_Explanation):
         """The explanation for ``gammas[index]`` as a :class:`CAMResult` (``index`` counts from 0, or from the end
         when negative; for a gamma's own explanation use ``at(sweep.gammas.index(gamma))``)."""
         count = len(self.gammas)
-        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
-            hint = (f"; for gamma {index:g} use at(sweep.gammas.index({index:g}))" if isinstance(index, float)
-                    and index in self.gammas else "")
+        given = index
+        try:  # an int, or a NumPy or 0-d torch integer
+            index = -count - 1 if isinstance(index, bool) else operator.index(index)
+        except TypeError:
+            index = -count - 1
+        if not -count <= index < count:
+            hint = (f"; for gamma {given:g} use at(sweep.gammas.index({given:g}))" if isinstance(given, float)
+                    and given in self.gammas else "")
             raise InvalidArgumentError(
                 f"at() takes the position of a gamma in {list(self.gammas)}: a whole number from {-count} to "
-                f"{count - 1}; got {index!r}{hint}"
+                f"{count - 1}; got {given!r}{hint}"
             )
         fields = {name: getattr(self, name) for name in _Explanation.__dataclass_fields__}
         fields["layer_raw_maps"] = tuple(raw[index] for raw in self.layer_raw_maps)

@@ -80,7 +80,8 @@ def _channels_of(image: ArrayLike, channels: Channels | None) -> Channels:
 
 
 def _to_numpy_image(image: ArrayLike, channels: Channels | None = None) -> np.ndarray:
-    """An image as a float ``(H, W, 3)`` array in ``[0, 1]``.
+    """An image as a float ``(H, W, 3)`` array in ``[0, 1]``: integer pixels over their dtype's full range (255 for
+    ``uint8``), floats as they are, or min-max stretched when outside ``[0, 1]`` (normalised model inputs).
 
     Args:
         image: ``(C, H, W)`` or ``(H, W, C)`` pixels with ``C`` 1 or 3 (tensor or array), or ``(H, W)`` gray.
@@ -88,7 +89,17 @@ def _to_numpy_image(image: ArrayLike, channels: Channels | None = None) -> np.nd
             array).
     """
     layout = _channels_of(image, channels)
-    array = image.detach().cpu().float().numpy() if isinstance(image, Tensor) else np.asarray(image, dtype=float)
+    if isinstance(image, Tensor):
+        raw = image.detach().cpu()
+        raw = (raw.float() if raw.is_floating_point() else raw).numpy()
+    else:
+        raw = np.asarray(image)
+    if raw.dtype == bool:
+        array = raw.astype(float)
+    elif np.issubdtype(raw.dtype, np.integer):  # 8- or 16-bit pixels: their full scale is white
+        array = raw.astype(float) / float(np.iinfo(raw.dtype).max)
+    else:
+        array = raw.astype(float)
     if array.ndim == 2:
         array = array[..., None]
     elif array.ndim == 3 and layout == "first":
@@ -102,8 +113,8 @@ def _to_numpy_image(image: ArrayLike, channels: Channels | None = None) -> np.nd
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     low, high = float(array.min()), float(array.max())
-    if low < 0 or high > 1:  # normalised pixels: stretch for display
-        array = (array - low) / (high - low + 1e-7)
+    if (low < 0 or high > 1) and high > low:  # normalised pixels (float): stretch for display
+        array = (array - low) / (high - low)
     return np.clip(array, 0.0, 1.0)
 
 
@@ -120,7 +131,9 @@ def overlay(
     """Blend a colour-mapped map in ``[0, 1]`` over an image: ``(1 - alpha) * image + alpha * cmap(map)``.
 
     Args:
-        image: ``(3, H, W)`` or ``(H, W, 3)`` pixels (stretched to ``[0, 1]`` if outside it).
+        image: ``(3, H, W)`` or ``(H, W, 3)`` pixels: integers (``uint8``, ``uint16``) on their full range
+            (``np.asarray(pil_image)`` as it is), floats in ``[0, 1]`` (stretched to it if outside it, e.g.
+            normalised inputs).
         cam: ``(H, W)`` map in ``[0, 1]``, e.g. ``result.maps[i]``.
         alpha: weight of the map.
         cmap: a matplotlib colormap name (``"jet"``, ``"inferno"``).
