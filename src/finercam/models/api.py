@@ -6,6 +6,7 @@ parameters, on the requested device, with its preprocessing and (when known) cla
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,8 +206,9 @@ def _with_head(
     if pooling not in POOLING_MODES:
         raise InvalidArgumentError(f"head {str(head)!r} names an unknown pooling {pooling!r} in its metadata")
     stored = metadata.get("preprocess")
-    if preprocess is None and stored in PREPROCESS_PRESETS:
-        preprocess = stored
+    if preprocess is None and isinstance(stored, str):  # a preset the head was trained with ("imagenet@32")
+        with contextlib.suppress(InvalidArgumentError):  # else a description of the backbone's own preprocessing
+            preprocess = get_preprocess(stored)
     features, chosen, parts = _build_backbone(spec, weights, preprocess, pooling, linear.in_features)
     official = metadata.get("format") == PLAIN_FORMAT and parts.family == "dinov2"
     if chosen is None and official and features.pooling.mode == "mean-patch":

@@ -15,10 +15,17 @@ import re
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from torch import nn
 
-from finercam.errors import InvalidArgumentError, ModelFileNotFoundError, ModelNotFoundError, WeightsError
+from finercam.errors import (
+    InvalidArgumentError,
+    ModelFileNotFoundError,
+    ModelLoadError,
+    ModelNotFoundError,
+    WeightsError,
+)
 from finercam.models._deps import quiet_loading, require
 from finercam.models.configs import from_hf_processor as _from_processor
 from finercam.models.parts import BackboneParts, ClassifierParts
@@ -162,13 +169,7 @@ def load_classifier(
             f"hf:{name} is a {architectures[0]}, not an image classifier; add a linear head on its features with "
             "head=FILE (train one with 'finercam train-probe')"
         )
-    with quiet_loading():
-        try:
-            model, info = tf.AutoModelForImageClassification.from_pretrained(
-                source, local_files_only=True, output_loading_info=True
-            )
-        except ValueError as error:
-            raise ModelNotFoundError(f"hf:{name}: transformers cannot build an image classifier: {error}") from None
+    model, info = _from_pretrained(tf.AutoModelForImageClassification, source, name, "an image classifier")
     _check_loading(info, name)
     if num_classes is not None and num_classes != model.config.num_labels:
         raise InvalidArgumentError(
@@ -180,6 +181,27 @@ def load_classifier(
     return ClassifierParts(
         model, config_preprocess(source, name, config, family, preprocess), _class_names(config), None
     )
+
+
+def _from_pretrained(builder: Any, source: str, name: str, what: str, **kwargs: object) -> tuple[nn.Module, Any]:
+    """``builder.from_pretrained`` from local files, its loading report muted; a folder transformers cannot read
+    (weights missing, corrupt, or not of its ``config.json``) is one line.
+
+    Raises:
+        ModelNotFoundError: transformers has no such model class for the config.
+        ModelLoadError: the weights are missing, unreadable, or do not fit the config.
+    """
+    with quiet_loading():
+        try:
+            return builder.from_pretrained(source, local_files_only=True, output_loading_info=True, **kwargs)
+        except ValueError as error:
+            raise ModelNotFoundError(f"hf:{name}: transformers cannot build {what}: {error}") from None
+        except Exception as error:  # OSError (no weights file), SafetensorError (corrupt), RuntimeError (sizes)
+            text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            if "ignore_mismatched_sizes" in str(error):
+                text = ("its weights do not fit its config.json (a classifier of another number of classes than "
+                        "num_labels / id2label says?)")
+            raise ModelLoadError(f"hf:{name}: transformers cannot load {what} from it: {text}") from None
 
 
 def load_backbone(name: str, weights: Path | None, preprocess: Preprocess | None) -> BackboneParts:
@@ -201,11 +223,7 @@ def load_backbone(name: str, weights: Path | None, preprocess: Preprocess | None
         builder = tf.CLIPVisionModelWithProjection if projected else tf.CLIPVisionModel
     else:
         builder = tf.AutoModel
-    with quiet_loading():
-        try:
-            model, info = builder.from_pretrained(source, local_files_only=True, output_loading_info=True, **kwargs)
-        except ValueError as error:
-            raise ModelNotFoundError(f"hf:{name}: transformers cannot build a backbone: {error}") from None
+    model, info = _from_pretrained(builder, source, name, "a backbone", **kwargs)
     random_pooler = _check_loading(info, name, allowed_missing="pooler.")
     if weights is not None:
         load_into(model, read_state_dict(weights), f"weights file {str(weights)!r}")

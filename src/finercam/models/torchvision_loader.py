@@ -14,7 +14,7 @@ from types import ModuleType
 
 from torch import nn
 
-from finercam.errors import ModelNotFoundError, RandomWeightsWarning
+from finercam.errors import InvalidArgumentError, ModelNotFoundError, RandomWeightsWarning
 from finercam.models._deps import require
 from finercam.models.parts import BackboneParts, ClassifierParts
 from finercam.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_PRESETS, Preprocess, with_name
@@ -25,14 +25,27 @@ def _tv() -> ModuleType:
     return require("torchvision", "torchvision: model specs")
 
 
+_TASKS = {"detection": "an object-detection", "segmentation": "a segmentation", "video": "a video",
+          "optical_flow": "an optical-flow", "quantization": "a quantized"}
+
+
 def _check_name(tv: ModuleType, name: str) -> None:
-    names = tv.models.list_models()
+    """Refuse a name torchvision does not have, or one of its models that is not an image classifier (detection,
+    segmentation, video, optical flow, quantized: they take other inputs, and would download backbone weights)."""
+    names = tv.models.list_models(module=tv.models)
     if name in names:
         return
+    for task, kind in _TASKS.items():
+        module = getattr(tv.models, task, None)
+        if module is not None and name in tv.models.list_models(module=module):
+            raise InvalidArgumentError(
+                f"torchvision's {name!r} is {kind} model, not an image classifier; finercam "
+                "explains classifiers (torchvision.models.list_models(module=torchvision.models) lists them)"
+            )
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
     hint = f"; close names: {close}" if close else ""
     raise ModelNotFoundError(
-        f"torchvision has no model {name!r}{hint}. All names: torchvision.models.list_models()"
+        f"torchvision has no model {name!r}{hint}. All names: torchvision.models.list_models(module=torchvision.models)"
     )
 
 

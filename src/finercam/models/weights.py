@@ -120,8 +120,8 @@ def unwrap_state_dict(checkpoint: object, source: str) -> StateDict:
     for _ in range(3):
         if not isinstance(current, Mapping):
             break
-        if any(isinstance(v, Tensor) for v in current.values()):
-            break
+        # a nested state dict wins over tensors beside it ({"state_dict": {...}, "best_acc1": tensor(71.3)}, as the
+        # PyTorch ImageNet example saves): a state dict's own values are tensors, never mappings
         nested = next((current[k] for k in _NESTING_KEYS if isinstance(current.get(k), Mapping)), None)
         if nested is None:
             break
@@ -200,7 +200,9 @@ def load_into(
     candidates = [_align_prefix(model, state)]
     if filter_fn is not None:
         with contextlib.suppress(Exception):  # a converter that does not apply to this checkpoint
-            candidates.append(filter_fn(dict(state), model))
+            converted = filter_fn(dict(state), model)
+            if not _resampled(state, converted):
+                candidates.append(converted)
     report = None
     for candidate in candidates:
         if ignore_unexpected is not None:
@@ -230,6 +232,14 @@ def load_into(
         f"{source} does not fit {type(model).__name__}: its keys differ, " + " and ".join(parts)
         + ". Is it a checkpoint of this architecture?"
     )
+
+
+def _resampled(state: StateDict, converted: Mapping[str, object]) -> list[str]:
+    """The tensors a converter changed in size under their own name (timm's ``checkpoint_filter_fn`` resamples the
+    position embedding and patch projection of a checkpoint made for another input or patch size, which is another
+    network than the one trained): such a conversion is not used, and the mismatch is reported instead."""
+    return [key for key, value in converted.items()
+            if isinstance(value, Tensor) and key in state and value.numel() != state[key].numel()]
 
 
 def _class_count_note(model: nn.Module, state: StateDict, classifier: str) -> str:

@@ -1,0 +1,101 @@
+"""Model files that load into something else than what was trained, or not at all: a checkpoint made for another
+input or patch size is refused, not resampled; non-classifiers are named; a head's preset is kept; broken
+transformers folders are one line; nested state dicts win over tensors beside them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from finercam.errors import InvalidArgumentError, ModelLoadError, WeightsError
+from finercam.models import load_model, save_head
+from finercam.models.preprocess import get_preprocess
+
+timm = pytest.importorskip("timm")
+
+
+def test_a_vit_checkpoint_of_another_input_or_patch_size_is_refused(tmp_path: Path) -> None:
+    """timm's checkpoint_filter_fn would resample the position embedding and patch projection to fit: another
+    network than the one trained, loaded without a word."""
+    torch.manual_seed(0)
+    for name, options in (("size", {"img_size": 64}), ("patch", {"patch_size": 32}), ("same", {})):
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **options)
+        torch.save(model.state_dict(), tmp_path / f"{name}.pth")
+    with pytest.raises(WeightsError, match=r"1 tensor\(s\) have other shapes, first: pos_embed: checkpoint "
+                                           r"\(1, 17, 192\) vs model \(1, 197, 192\)"):
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "size.pth")
+    with pytest.raises(WeightsError, match=r"2 tensor\(s\) have other shapes, first: pos_embed: checkpoint "
+                                           r"\(1, 50, 192\) vs model \(1, 197, 192\); patch_embed.proj.weight"):
+        load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "patch.pth")
+    loaded = load_model("timm:vit_tiny_patch16_224", weights=tmp_path / "same.pth")  # the size it was made for
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(loaded.model(x), model.eval()(x))
+
+
+@pytest.mark.parametrize(("name", "kind"), [("fasterrcnn_resnet50_fpn", "an object-detection"),
+                                            ("deeplabv3_resnet50", "a segmentation"), ("r3d_18", "a video"),
+                                            ("raft_small", "an optical-flow")])
+def test_torchvision_models_that_are_not_classifiers_are_named(name: str, kind: str) -> None:
+    pytest.importorskip("torchvision")
+    with pytest.raises(InvalidArgumentError, match=rf"torchvision's '{name}' is {kind} model, not an image "
+                                                   "classifier"):
+        load_model(f"torchvision:{name}")  # never built: building it would download its backbone's weights
+
+
+@pytest.mark.parametrize("stored", ["imagenet@32", "IMAGENET", "clip@48x40"])
+def test_a_heads_preset_with_a_size_or_in_capitals_is_kept(tmp_path: Path, stored: str) -> None:
+    save_head(tmp_path / "h.safetensors", nn.Linear(512, 2), ["a", "b"],
+              {"backbone": "timm:resnet18", "pooling": "pooled", "preprocess": stored})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random backbone weights
+        loaded = load_model("timm:resnet18", head=tmp_path / "h.safetensors")
+    assert loaded.preprocess == get_preprocess(stored), loaded.preprocess.describe()  # was the timm config's
+
+
+def test_a_nested_state_dict_wins_over_tensors_beside_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4).eval()
+    state = {f"module.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": state, "best_acc1": torch.tensor(71.3),
+                "optimizer": {"state": {}}}, tmp_path / "imagenet_example.pth.tar")
+    loaded = load_model("timm:resnet18", weights=tmp_path / "imagenet_example.pth.tar")
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded.model(x), model(x))
+
+
+@pytest.fixture(scope="module")
+def hf_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tf: Any = pytest.importorskip("transformers")
+    tf.utils.logging.set_verbosity_error()
+    torch.manual_seed(8)
+    config = tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=32, patch_size=8, num_labels=3)
+    folder = tmp_path_factory.mktemp("hf") / "vit"
+    tf.ViTForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_broken_transformers_folders_are_one_line(hf_vit: Path, tmp_path: Path) -> None:
+    cases = {}
+    for name in ("no_weights", "corrupt", "other_labels"):
+        shutil.copytree(hf_vit, tmp_path / name)
+        cases[name] = tmp_path / name
+    (cases["no_weights"] / "model.safetensors").unlink()
+    (cases["corrupt"] / "model.safetensors").write_bytes(b"\xff" * 64)
+    config = json.loads((cases["other_labels"] / "config.json").read_text())
+    config["id2label"] = {str(i): f"c{i}" for i in range(6)}
+    config["label2id"] = {f"c{i}": i for i in range(6)}
+    (cases["other_labels"] / "config.json").write_text(json.dumps(config))
+    reasons = {"no_weights": "no file named model.safetensors", "corrupt": "header",
+               "other_labels": "its weights do not fit its config.json"}
+    for name, folder in cases.items():
+        with pytest.raises(ModelLoadError, match=rf"hf:.*{name}: transformers cannot load an image classifier from "
+                                                 rf"it: .*{reasons[name]}"):
+            load_model(f"hf:{folder}")
