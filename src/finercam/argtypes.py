@@ -42,6 +42,30 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1
+
+
+def seed(text: str) -> int:
+    """A random seed: a whole number from 0 to 2**63 - 1 (torch's generators take 64 bits; a negative seed would be
+    the same as a large one)."""
+    value = whole_number(text, f"must be a whole number from 0 to {MAX_SEED}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text}")
+    return value
+
+
+def int_from(low: int, high: int) -> Callable[[str], int]:
+    """A whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        value = whole_number(text, f"must be a whole number from {low} to {high}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text}")
+        return value
+
+    return parse
+
+
 def gamma(text: str) -> float:
     """A comparison strength: a finite number >= 0 (0 explains the target alone)."""
     rule = "must be a finite number >= 0 (0 is the base CAM)"

@@ -33,8 +33,10 @@ from finercam.argtypes import (
     whole_number,
 )
 from finercam.argtypes import gamma as _gamma
+from finercam.argtypes import int_from as _int_from
 from finercam.argtypes import non_negative_int as _non_negative_int
 from finercam.argtypes import positive_int as _positive_int
+from finercam.argtypes import seed as _seed
 from finercam.explain import DEFAULT_GAMMA
 from finercam.hints import argument_hints, command_line_hints
 from finercam.methods import METHODS
@@ -151,8 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     example = commands.add_parser(
         "example", help="train a toy fine-grained classifier (CPU, about 30 s) and explain it with Finer-CAM"
     )
-    example.add_argument("--out", default="finercam-out", help="output folder (default: ./finercam-out)")
-    example.add_argument("--seed", type=int, default=0)
+    example.add_argument("--out", type=output_dir, default="finercam-out",
+                         help="output folder (default: ./finercam-out)")
+    example.add_argument("--seed", type=_seed, default=0)
     example.add_argument("--method", default="gradcam", choices=sorted(METHODS))
     example.add_argument("--gamma", type=_gamma, default=DEFAULT_GAMMA)
     example.add_argument("--epochs", type=_positive_int, default=5)
@@ -160,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--test-size", type=_positive_int, default=1000)
     example.add_argument("--eval-size", type=_positive_int, default=100, help="test images scored by the pointing game")
     example.add_argument(
-        "--dilation", type=_non_negative_int, default=1,
+        "--dilation", type=_int_from(0, 1000), default=1,
         help="also score with the difference mask grown by this many pixels (always: one cell of the map, 4 px)",
     )
     example.add_argument(
@@ -249,7 +252,7 @@ def _add_probe(commands: argparse._SubParsersAction) -> None:
                        help="L2 penalty on the head's weights, >= 0 (default %(default)s)")
     probe.add_argument("--cache", type=output_dir, default=".finercam-cache",
                        help="feature cache folder (default: ./.finercam-cache)")
-    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--seed", type=_seed, default=0)
 
 
 def _add_synth(commands: argparse._SubParsersAction) -> None:
@@ -259,7 +262,7 @@ def _add_synth(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True, type=output_dir, help="output folder (created when missing)")
     synth.add_argument("--train", type=_non_negative_int, default=2000, help="training images (default 2000)")
     synth.add_argument("--test", type=_non_negative_int, default=500, help="test images (default 500)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=_seed, default=0)
     synth.add_argument("--size", type=bounded_int(32, MAX_SYNTH_SIZE), default=64,
                        help=f"image side in pixels, 32 to {MAX_SYNTH_SIZE} (default 64)")
     synth.add_argument("--genera", type=_positive_int, default=3, help="number of genera, 1 to 5 (default 3)")
@@ -290,7 +293,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
                         help="output folder (default: ./finercam-demo)")
     parser.add_argument("--size", type=_positive_int, default=demo.DEFAULT_SIZE,
                         help=f"test images (default {demo.DEFAULT_SIZE})")
-    parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED,
+    parser.add_argument("--seed", type=_seed, default=demo.DEFAULT_SEED,
                         help="test-set seed; moved on if a model's card lists it (default %(default)s)")
     parser.add_argument("--models", nargs="+", default=["cnn", "vit"], help="embedded models (default: cnn vit)")
     parser.add_argument("--methods", nargs="+", default=list(demo.DEMO_METHODS), choices=sorted(METHODS),

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 import finercam
 from finercam import synth
+from finercam.argtypes import seed as seed_type
 from finercam.embedded import EMBEDDED_MODELS, WEIGHTS_DIR, load_embedded
 from finercam.embedded.architectures import SmallViT, build
 from finercam.embedded.distill import TokenDistillation
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finercam.embedded.train", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=EMBEDDED_MODELS, required=True)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the package's)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation / shuffling / augmentation seed")
+    parser.add_argument("--seed", type=seed_type, default=0, help="initialisation / shuffling / augmentation seed")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--train-size", type=int, help="override the recipe's number of training images")

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from finercam import synth
+from finercam.argtypes import seed as seed_type
 from finercam.embedded import captions, load_embedded
 from finercam.embedded.clip_model import DEFAULT_TEMPLATES, NAME, VOCABULARY, WEIGHTS_DIR, SmallCLIP
 from finercam.embedded.train import (
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finercam.embedded.train_clip",
                                      description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="output folder (default: the package's)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation / shuffling / caption seed")
+    parser.add_argument("--seed", type=seed_type, default=0, help="initialisation / shuffling / caption seed")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--visual", choices=sorted(IMAGE_TOWERS), help="image tower (default: the recipe's, cnn)")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")

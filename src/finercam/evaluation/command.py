@@ -22,6 +22,7 @@ import torch
 
 import finercam
 from finercam.argtypes import gamma, non_negative_float, non_negative_int, output_dir, positive_float, positive_int
+from finercam.argtypes import seed as seed_type
 from finercam.errors import InvalidArgumentError, MissingDependencyError
 from finercam.evaluation.annotations import REGION_KINDS, Regions, check_coverage, load_regions
 from finercam.evaluation.inputs import DEFAULT_TOLERANCE, check_arguments, linear_head, metric_groups
@@ -101,7 +102,7 @@ def add_command(
     parser.add_argument("--workers", type=non_negative_int, default=0, help="image decoding processes")
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images (sorted by path)")
     parser.add_argument("--resamples", type=positive_int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=seed_type, default=0, help="bootstrap seed")
     parser.add_argument("--restart", action="store_true", help="discard a partial run in --out instead of resuming")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (default: torch's)")
 

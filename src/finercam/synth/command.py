@@ -7,25 +7,35 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
-from torch import Tensor
 
 from finercam.runtime import cpu_threads
-from finercam.synth.dataset import SynthDataset, resolve_config
-from finercam.synth.io import load_dataset, write_dataset
+from finercam.synth.dataset import resolve_config
+from finercam.synth.io import PREVIEW, load_annotations, write_dataset
 from finercam.synth.spec import SynthArgumentError
 
+PREVIEW_CELL = 128
+"""The largest side of one image in the preview, in pixels (smaller images are enlarged twice, as pixels)."""
 
-def preview_grid(dataset: SynthDataset, per_class: int = 8) -> Tensor:
-    """``(3, C * H, per_class * W)`` image: one row of examples per class (blank where a class has fewer)."""
-    size, rows = dataset.config.image_size, []
-    for label in range(dataset.config.num_classes):
-        chosen = dataset.images[(dataset.labels == label).nonzero()[:per_class, 0]]
-        row = torch.ones(per_class, 3, size, size)
-        row[: len(chosen)] = chosen
-        rows.append(torch.cat(list(row), dim=2))
-    return torch.cat(rows, dim=1)
+
+def write_preview(root: Path, split: str, path: Path, per_class: int = 8) -> None:
+    """``path``: one row of ``per_class`` examples per class of a written split (blank where a class has fewer), read
+    from their files, each shown at most :data:`PREVIEW_CELL` pixels wide, so the preview's size does not grow with
+    the images' (a 1024-pixel dataset of 60 classes would otherwise make a 24,576-pixel-wide, 6 GB picture)."""
+    annotation = load_annotations(root)
+    size, classes = int(annotation["config"]["image_size"]), len(annotation["classes"])
+    cell = min(2 * size, PREVIEW_CELL) if size <= PREVIEW_CELL // 2 else min(size, PREVIEW_CELL)
+    chosen: dict[int, list[str]] = {}
+    for record in annotation["images"]:
+        if record["split"] == split and len(chosen.setdefault(record["label"], [])) < per_class:
+            chosen[record["label"]].append(record["path"])
+    picture = Image.new("RGB", (per_class * cell, classes * cell), (255, 255, 255))
+    resample = Image.Resampling.NEAREST if cell >= size else Image.Resampling.BOX
+    for label in range(classes):
+        for column, relative in enumerate(chosen.get(label, [])):
+            with Image.open(root / relative) as image:
+                picture.paste(image.convert("RGB").resize((cell, cell), resample), (column * cell, label * cell))
+    picture.save(path)
 
 
 BYTES_PER_PIXEL = 40
@@ -79,14 +89,11 @@ def _run_synth(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite)
     seconds = time.perf_counter() - start
     out = Path(args.out)
-    sample = load_dataset(out, "test" if args.test else "train")
-    grid = preview_grid(sample, per_class=8)
-    picture = Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    picture.resize((2 * picture.width, 2 * picture.height), Image.Resampling.NEAREST).save(out / "preview.png")
+    write_preview(out, "test" if args.test else "train", out / PREVIEW)
     print(f"wrote {args.train} train + {args.test} test images of {config.num_classes} classes "
           f"({config.num_genera} genera x {config.species_per_genus} species, {config.image_size} px) "
           f"to {out} in {seconds:.1f} s")
-    print(f"annotations: {path}; preview (one row per class): {out / 'preview.png'}")
-    for name in sample.class_names:
-        print(f"  {name}")
+    print(f"annotations: {path}; preview (one row per class): {out / PREVIEW}")
+    for entry in load_annotations(out)["classes"]:
+        print(f"  {entry['name']}")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import zlib
 from pathlib import Path
@@ -34,6 +35,7 @@ from finercam.synth.dataset import SynthDataset, generate, resolve_config
 from finercam.synth.spec import OCCLUDER, PARTS, SynthArgumentError, SynthConfig, differing_parts, species_of
 
 FORMAT, VERSION, ANNOTATIONS, SPLITS = "finercam-synth", 1, "annotations.json", ("train", "test")
+PREVIEW, STAGING = "preview.png", ".synth-partial"
 
 
 def split_seeds(seed: int) -> dict[str, int]:
@@ -68,7 +70,10 @@ def write_dataset(
         train, test: images per split (each split's classes are balanced).
         seed: the dataset seed; see :func:`split_seeds`.
         config: the configuration (default :class:`SynthConfig`); ``**overrides`` replace some of its fields.
-        overwrite: replace the ``train/``, ``test/`` and ``annotations.json`` already in ``out_dir``.
+        overwrite: replace the ``train/``, ``test/``, ``annotations.json`` and ``preview.png`` already in ``out_dir``
+            (split folders only when they hold nothing but ``<class>/<number>.png``). The new dataset is written
+            into ``out_dir/.synth-partial/`` and moved into place once complete, so an interrupted run leaves the
+            old one as it was.
 
     Returns:
         The path of the annotation file.
@@ -83,12 +88,18 @@ def write_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SynthArgumentError(f"{out} exists and is not a folder")
-    existing = [out / name for name in (*SPLITS, ANNOTATIONS) if (out / name).exists()]
+    existing = [out / name for name in (*SPLITS, ANNOTATIONS, PREVIEW) if (out / name).exists()]
     if existing and not overwrite:
         names = ", ".join(path.name for path in existing)
-        raise SynthArgumentError(f"{out} already holds {names}; pass overwrite=True (--overwrite) to replace them")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        interrupted = "" if (out / ANNOTATIONS).exists() else " (without annotations.json: not a complete dataset)"
+        raise SynthArgumentError(
+            f"{out} already holds {names}{interrupted}; pass overwrite=True (--overwrite) to replace them"
+        )
+    if overwrite:
+        _check_replaceable(existing)
+    staging = out / STAGING  # the new dataset is written aside, and replaces the old one only once complete
+    if staging.exists():
+        shutil.rmtree(staging)  # an interrupted run's (finercam's own folder)
     seeds, classes, records = split_seeds(seed), species_of(config), []
     for split in SPLITS:
         data = generate(sizes[split], seeds[split], config)
@@ -97,8 +108,8 @@ def write_dataset(
         width = max(5, len(str(len(data) - 1)))
         for index, (label, genus) in enumerate(zip(data.labels.tolist(), data.genus.tolist(), strict=True)):
             relative = f"{split}/{classes[label].name}/{index:0{width}d}.png"
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels[index]).save(out / relative)
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[index]).save(staging / relative)
             records.append({"path": relative, "split": split, "label": label, "genus": genus,
                             "part_map": _encode(maps[index])})
     annotation = {
@@ -111,9 +122,33 @@ def write_dataset(
         "differing_parts": [[list(differing_parts(config, a.label, b.label)) for b in classes] for a in classes],
         "images": records,
     }
-    path = out / ANNOTATIONS
-    path.write_text(json.dumps(annotation, separators=(",", ":")))
-    return path
+    (staging / ANNOTATIONS).write_text(json.dumps(annotation, separators=(",", ":")))
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for split in SPLITS:
+        if (staging / split).exists():
+            os.replace(staging / split, out / split)
+    os.replace(staging / ANNOTATIONS, out / ANNOTATIONS)  # last: a folder with annotations.json is complete
+    staging.rmdir()
+    return out / ANNOTATIONS
+
+
+def _check_replaceable(existing: list[Path]) -> None:
+    """Refuse to delete split folders that hold anything but ``<class>/<number>.png`` files (not a finercam synth
+    dataset: the user's own images)."""
+    for folder in (path for path in existing if path.name in SPLITS):
+        if not folder.is_dir():
+            raise SynthArgumentError(f"{folder} is not a folder, so it is not a finercam synth split; move it away")
+        for entry in folder.rglob("*"):
+            relative = entry.relative_to(folder)
+            ours = (entry.is_dir() and len(relative.parts) == 1) or (
+                entry.is_file() and len(relative.parts) == 2 and entry.suffix == ".png" and entry.stem.isdigit()
+            )
+            if not ours:
+                raise SynthArgumentError(
+                    f"{folder} holds {str(relative)!r}, which finercam synth does not write, so --overwrite does not "
+                    "delete it: move your files away, or write the dataset into another --out folder"
+                )
 
 
 def load_annotations(root: str | Path) -> dict[str, Any]:
