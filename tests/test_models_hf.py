@@ -148,3 +148,30 @@ def test_open_clip_config_and_checkpoint(tmp_path: Path) -> None:
         load_model(f"open_clip:finercam-tiny-clip@{tmp_path / 'ckpt.pt'}")
     with pytest.raises(ModelNotFoundError, match="ViT-B-16"):
         load_backbone("open_clip:ViT-B-61")
+
+
+@pytest.mark.parametrize(("processor", "settings"), [
+    ("ConvNextImageProcessor", {"size": {"shortest_edge": 224}, "crop_pct": 0.875}),  # resize 256, crop 224
+    ("ConvNextImageProcessor", {"size": {"shortest_edge": 384}}),  # warped to 384 x 384, no crop
+    ("ViTImageProcessor", {"size": {"height": 40, "width": 40}, "rescale_factor": 1 / 127.5}),
+    ("ViTImageProcessor", {"size": {"height": 40, "width": 40}, "do_rescale": False, "image_mean": [100.0] * 3,
+                           "image_std": [50.0] * 3}),
+])
+def test_hf_image_processor_settings_match_transformers(tmp_path: Path, transformers_module: object,
+                                                        processor: str, settings: dict[str, Any]) -> None:
+    """finercam's reading of preprocessor_config.json gives the processor's own tensors (to PIL's rounding)."""
+    tf: Any = transformers_module
+    from PIL import Image
+
+    torch.manual_seed(0)
+    config = tf.ConvNextConfig(num_labels=3, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1])
+    tf.ConvNextForImageClassification(config).save_pretrained(tmp_path / "m")
+    image_processor = getattr(tf, processor)(**settings)
+    image_processor.save_pretrained(tmp_path / "m")
+    image = Image.fromarray((torch.rand(300, 400, 3) * 255).to(torch.uint8).numpy())
+    theirs = image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    ours = load_model(f"hf:{tmp_path / 'm'}").preprocess(image)
+    assert ours.shape == theirs.shape
+    step = 1.0 / (255 * float(torch.tensor(image_processor.image_std).min()))  # one grey level, normalised
+    step *= 255 * image_processor.rescale_factor if image_processor.do_rescale else 255
+    assert float((ours - theirs).abs().max()) <= 5 * step

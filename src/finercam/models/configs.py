@@ -59,36 +59,62 @@ def from_timm_config(config: Mapping[str, object], name: str) -> Preprocess:
     )
 
 
+CONVNEXT_FULL_SIZE = 384
+"""ConvNextImageProcessor warps to ``shortest_edge`` from this size on; below it, it resizes to
+``shortest_edge / crop_pct`` and centre-crops ``shortest_edge``."""
+
+
 def from_hf_processor(config: Mapping[str, object], name: str) -> Preprocess:
     """A transformers image processor's settings (``preprocessor_config.json``): ``size`` as ``shortest_edge`` or
-    ``height``/``width``, ``crop_size``, ``resample`` (a PIL code), ``image_mean``, ``image_std``."""
+    ``height``/``width``, ``crop_size``, ConvNext's ``crop_pct``, ``resample`` (a PIL code), ``do_rescale`` and
+    ``rescale_factor`` (folded into the mean and std), ``image_mean``, ``image_std``.
+
+    Raises:
+        InvalidArgumentError: a size or crop this reading does not know (pass ``preprocess=`` explicitly).
+    """
+    unsupported = (f"; pass preprocess= explicitly (one of {list(PREPROCESS_PRESETS)}, or a Preprocess), or "
+                   "--preprocess on the command line")
     resize: int | Size | None = None
+    crop: Size | None = None
     size = config.get("size")
     if config.get("do_resize", True) and size is not None:
         if isinstance(size, int):
             resize = size
         elif isinstance(size, Mapping) and "shortest_edge" in size:
             resize = int(size["shortest_edge"])
+            if config.get("image_processor_type") == "ConvNextImageProcessor" and config.get("crop_pct"):
+                if resize < CONVNEXT_FULL_SIZE:  # resize to shortest_edge / crop_pct, then crop shortest_edge
+                    resize, crop = int(resize / float(config["crop_pct"])), (resize, resize)  # type: ignore[arg-type]
+                else:
+                    resize = (resize, resize)
         elif isinstance(size, Mapping) and "height" in size and "width" in size:
             resize = (int(size["height"]), int(size["width"]))
         else:
-            raise InvalidArgumentError(
-                f"{name}: unsupported image processor size {size!r}; pass preprocess= explicitly "
-                f"(one of {list(PREPROCESS_PRESETS)})"
-            )
-    crop: Size | None = None
+            raise InvalidArgumentError(f"{name}: unsupported image processor size {size!r}{unsupported}")
     crop_size = config.get("crop_size")
-    if config.get("do_center_crop", False) and crop_size is not None:
-        if isinstance(crop_size, Mapping):
+    if crop is None and config.get("do_center_crop", False) and crop_size is not None:
+        if isinstance(crop_size, Mapping) and "height" in crop_size and "width" in crop_size:
             crop = (int(crop_size["height"]), int(crop_size["width"]))
-        else:
+        elif isinstance(crop_size, int | list | tuple):
             crop = _pair(crop_size)  # type: ignore[arg-type]
+        else:
+            raise InvalidArgumentError(f"{name}: unsupported image processor crop_size {crop_size!r}{unsupported}")
     resample = config.get("resample", Image.Resampling.BILINEAR)
     interpolation = PIL_CODES.get(int(resample), "bilinear") if isinstance(resample, int) else "bilinear"
-    mean = std = None
+    # pixels x in [0, 255] become (x r - mean) / std; finercam computes (x / 255 - mean') / std' with
+    # mean' = mean / (255 r) and std' = std / (255 r), the same numbers for any rescale factor r
+    rescale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0  # type: ignore[arg-type]
+    gain = 255 * rescale
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     if config.get("do_normalize", True):
         mean = _triple(config.get("image_mean", IMAGENET_MEAN), "image_mean")  # type: ignore[arg-type]
         std = _triple(config.get("image_std", IMAGENET_STD), "image_std")  # type: ignore[arg-type]
+    elif not math.isclose(gain, 1.0, rel_tol=1e-6):
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if mean is not None and std is not None and not math.isclose(gain, 1.0, rel_tol=1e-6):
+        mean = tuple(value / gain for value in mean)  # type: ignore[assignment]
+        std = tuple(value / gain for value in std)  # type: ignore[assignment]
     return Preprocess(
         f"image processor of {name}", resize=resize, crop=crop, interpolation=interpolation, mean=mean, std=std
     )
