@@ -175,3 +175,31 @@ def test_hf_image_processor_settings_match_transformers(tmp_path: Path, transfor
     step = 1.0 / (255 * float(torch.tensor(image_processor.image_std).min()))  # one grey level, normalised
     step *= 255 * image_processor.rescale_factor if image_processor.do_rescale else 255
     assert float((ours - theirs).abs().max()) <= 5 * step
+
+
+def test_open_clip_preprocessing_follows_the_pretrained_checkpoints(tmp_path: Path) -> None:
+    """Built without a pretrained tag, open_clip reports CLIP's defaults; SigLIP's checkpoints were trained squashed
+    with mean and std 0.5, which open_clip's own pretrained config says; tags that disagree are named."""
+    open_clip = pytest.importorskip("open_clip")
+    from types import SimpleNamespace
+
+    from finercam.models.open_clip_loader import preprocess_of, warn_random_weights
+
+    tower = SimpleNamespace(visual=SimpleNamespace(image_size=(224, 224), preprocess_cfg={}))  # no pretrained tag
+    siglip = preprocess_of(open_clip, "ViT-B-16-SigLIP", tower, "open_clip:ViT-B-16-SigLIP")
+    expected = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")
+    assert siglip.mean == tuple(expected["mean"]) == (0.5, 0.5, 0.5) and siglip.std == (0.5, 0.5, 0.5)
+    assert siglip.resize == (224, 224) and expected["resize_mode"] == "squash"  # was the shorter side to 224
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clip = preprocess_of(open_clip, "ViT-B-32", tower, "open_clip:ViT-B-32")  # every tag agrees: no warning
+    assert clip.mean == tuple(CLIP_MEAN) and clip.resize == 224
+    with pytest.warns(UserWarning, match=r"pretrained checkpoints of ViT-L-14 preprocess differently \(openai, "):
+        preprocess_of(open_clip, "ViT-L-14", tower, "open_clip:ViT-L-14")
+    (tmp_path / "open_clip_config.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"random weights \(the folder .* holds no weights file"):
+        warn_random_weights(f"local-dir:{tmp_path}", f"local-dir:{tmp_path}", None, stacklevel=1)
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_random_weights(f"local-dir:{tmp_path}", f"local-dir:{tmp_path}", None, stacklevel=1)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from finercam.concepts.encoders import CLIPEncoders, empty_tokenizer_size, from_embedded, from_hf, from_open_clip
-from finercam.errors import InvalidArgumentError, ModelNotFoundError, RandomWeightsWarning
+from finercam.errors import InvalidArgumentError, ModelNotFoundError
 from finercam.models.preprocess import Preprocess
 from finercam.models.spec import parse_spec
 
@@ -73,8 +73,7 @@ def _embedded(name: str) -> tuple[CLIPEncoders, Preprocess]:
 
 def _open_clip(name: str, weights: str | None, keep_aspect: bool) -> tuple[CLIPEncoders, Preprocess]:
     from finercam.models._deps import require
-    from finercam.models.configs import from_open_clip_config
-    from finercam.models.open_clip_loader import convert_state_dict, create_model
+    from finercam.models.open_clip_loader import convert_state_dict, create_model, preprocess_of, warn_random_weights
     from finercam.models.weights import existing_file, load_into, read_state_dict
 
     oc = require("open_clip", "open_clip: CLIP models")
@@ -83,12 +82,10 @@ def _open_clip(name: str, weights: str | None, keep_aspect: bool) -> tuple[CLIPE
         file = existing_file(weights, "weights file")
         load_into(model, read_state_dict(file), f"weights file {str(weights)!r}",
                   filter_fn=lambda state, module: convert_state_dict(oc, module, state))
-    elif not architecture.startswith("local-dir:"):
-        warnings.warn(f"open_clip model {name!r} has random weights (no checkpoint given); pass "
-                      f"open_clip:{name}@FILE or --weights FILE", RandomWeightsWarning, stacklevel=3)
+    warn_random_weights(architecture, name, weights, stacklevel=3)
     model.eval()
     tokenizer = oc.get_tokenizer(architecture)
-    preprocess = from_open_clip_config(oc.get_model_preprocess_cfg(model), f"open_clip:{name}")
+    preprocess = preprocess_of(oc, architecture, model, f"open_clip:{name}")
     if keep_aspect:
         preprocess = _keep_aspect(preprocess, _patch(model.visual))
     return from_open_clip(model, tokenizer, name=f"open_clip:{name}"), preprocess

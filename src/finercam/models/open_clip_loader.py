@@ -20,6 +20,7 @@ from finercam.errors import ModelLoadError, ModelNotFoundError, RandomWeightsWar
 from finercam.models._deps import quiet_loading, require
 from finercam.models.configs import from_open_clip_config
 from finercam.models.parts import BackboneParts
+from finercam.models.preprocess import Preprocess
 from finercam.models.weights import StateDict, existing_file, load_into, read_state_dict
 
 
@@ -84,6 +85,59 @@ def create_model(oc: ModuleType, arch: str) -> tuple[str, nn.Module]:
             raise ModelLoadError(f"open_clip cannot build {arch!r}: {type(error).__name__}: {error}") from None
 
 
+_PRETRAINED_KEYS = ("mean", "std", "interpolation", "resize_mode")
+_LOCAL_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def preprocess_of(oc: ModuleType, name: str, model: nn.Module, label: str) -> Preprocess:
+    """The preprocessing of an open_clip model: the architecture's ``preprocess_cfg``, with the mean, std,
+    interpolation and resize mode of its pretrained checkpoints when they all agree (a model built without a
+    pretrained tag gets CLIP's defaults, which SigLIP's checkpoints do not use: mean and std 0.5, squashed); when
+    they differ, the defaults, with a warning naming the tags."""
+    config = dict(oc.get_model_preprocess_cfg(model))
+    tags = [] if name.startswith("local-dir:") else list(oc.list_pretrained_tags_by_model(name))
+    variants: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    settings: dict[tuple[tuple[str, str], ...], dict[str, object]] = {}
+    for tag in tags:
+        pretrained = oc.get_pretrained_cfg(name, tag) or {}
+        chosen = {key: pretrained[key] for key in _PRETRAINED_KEYS if key in pretrained}
+        key = tuple(sorted((k, repr(v)) for k, v in chosen.items()))
+        variants.setdefault(key, []).append(tag)
+        settings[key] = chosen
+    if len(variants) == 1:
+        config.update(next(iter(settings.values())))
+    elif len(variants) > 1:
+        described = "; ".join(
+            f"{', '.join(tags[:3])}{f' and {len(tags) - 3} more' if len(tags) > 3 else ''}: {settings[key]}"
+            for key, tags in variants.items()
+        )
+        warnings.warn(
+            f"{label}: open_clip's pretrained checkpoints of {name} preprocess differently ({described}); finercam "
+            f"uses the architecture's defaults (mean {config.get('mean')}, std {config.get('std')}): pass "
+            "--preprocess (or preprocess=) if your checkpoint was trained otherwise",
+            stacklevel=3,
+        )
+    return from_open_clip_config(config, label)
+
+
+def warn_random_weights(architecture: str, arch: str, weights: object, stacklevel: int) -> None:
+    """Warn that an open_clip model has random weights: no checkpoint given, and none in a ``local-dir:`` folder."""
+    if weights is not None:
+        return
+    if architecture.startswith("local-dir:"):
+        folder = Path(architecture[len("local-dir:"):])
+        if any(next(folder.glob(pattern), None) for pattern in _LOCAL_WEIGHTS):
+            return
+        detail = f"the folder {str(folder)!r} holds no weights file ({', '.join(_LOCAL_WEIGHTS)})"
+    else:
+        detail = "no checkpoint given"
+    warnings.warn(
+        f"open_clip model {arch!r} has random weights ({detail}); pass open_clip:{arch}@FILE or --weights FILE",
+        RandomWeightsWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
     """The image tower of an open_clip model."""
     oc = _open_clip()
@@ -97,15 +151,8 @@ def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
                 model, state, f"weights file {str(weights)!r}",
                 filter_fn=lambda s, m: convert_state_dict(oc, m, s),
             )
-    elif not name.startswith("local-dir:"):
-        warnings.warn(
-            f"open_clip model {arch!r} has random weights (no checkpoint given); pass open_clip:{arch}@FILE or "
-            "weights=FILE",
-            RandomWeightsWarning,
-            stacklevel=4,
-        )
+    warn_random_weights(name, arch, weights, stacklevel=4)
     visual = model.visual
-    config = oc.get_model_preprocess_cfg(model)
     transformer = getattr(visual, "transformer", None)
     blocks = getattr(transformer, "resblocks", None)
     is_vit = isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and hasattr(blocks[-1], "ln_1")
@@ -115,7 +162,7 @@ def load_backbone(arch: str, weights: Path | None) -> BackboneParts:
         raise ModelLoadError(f"open_clip:{arch}: the image tower {type(visual).__name__} has no output_dim")
     return BackboneParts(
         visual, "open_clip", {"pooled": dim},
-        "pooled", from_open_clip_config(config, f"open_clip:{arch}"),
+        "pooled", preprocess_of(oc, name, model, f"open_clip:{arch}"),
         num_prefix_tokens=1 if is_vit else None,
         patch_size=int(patch[0]) if isinstance(patch, tuple | list) else None,
         target_layer="transformer.resblocks.-1.ln_1" if is_vit else ("layer4" if hasattr(visual, "layer4") else None),
