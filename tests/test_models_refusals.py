@@ -99,3 +99,27 @@ def test_broken_transformers_folders_are_one_line(hf_vit: Path, tmp_path: Path) 
         with pytest.raises(ModelLoadError, match=rf"hf:.*{name}: transformers cannot load an image classifier from "
                                                  rf"it: .*{reasons[name]}"):
             load_model(f"hf:{folder}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_class_names_of_a_python_model_must_match_its_outputs(tmp_path: Path) -> None:
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, names):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.fc, self.class_names = nn.Conv2d(3, 4, 3), nn.Linear(4, 5), names\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.conv(x).mean((2, 3)))\n\n"
+        "def three():\n    return Net(['a', 'b', 'c'])\n\n"
+        "def five():\n    return Net(list('abcde'))\n"
+    )
+    with pytest.raises(InvalidArgumentError, match=r"net.py:three: the model's class_names has 3 names but its "
+                                                   r"classifier 'fc' has 5 outputs"):
+        load_model(f"python:{tmp_path / 'net.py'}:three")
+    assert load_model(f"python:{tmp_path / 'net.py'}:five").class_names == tuple("abcde")
+    from finercam.models.file_loaders import _classifier_outputs
+
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 7)))
+    assert _classifier_outputs(scripted) == ("2", 7)  # read from a TorchScript module too
+    assert _classifier_outputs(nn.Sequential(nn.Linear(4, 7), nn.Conv1d(1, 1, 1))) is None  # not a linear last

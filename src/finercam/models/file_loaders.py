@@ -29,11 +29,38 @@ def _default_preprocess(kind: str) -> Preprocess:
     return with_name(PREPROCESS_PRESETS["imagenet"], f"imagenet (default for {kind} models)")
 
 
-def _class_names(model: nn.Module) -> tuple[str, ...] | None:
+def _class_names(model: nn.Module, source: str) -> tuple[str, ...] | None:
+    """The model's ``class_names`` attribute, checked against its classifier's outputs when they can be read.
+
+    Raises:
+        InvalidArgumentError: the names are not as many as the outputs of the model's last layer, a linear one.
+    """
     names = getattr(model, "class_names", None)
-    if isinstance(names, list | tuple) and names and all(isinstance(n, str) for n in names):
-        return tuple(names)
-    return None
+    if not (isinstance(names, list | tuple) and names and all(isinstance(n, str) for n in names)):
+        return None
+    outputs = _classifier_outputs(model)
+    if outputs is not None and outputs[1] != len(names):
+        raise InvalidArgumentError(
+            f"{source}: the model's class_names has {len(names)} names but its classifier {outputs[0]!r} has "
+            f"{outputs[1]} outputs; give one name per output, in class-index order"
+        )
+    return tuple(names)
+
+
+def _classifier_outputs(model: nn.Module) -> tuple[str, int] | None:
+    """``(name, rows)`` of the model's last module with parameters when it is linear (eager or TorchScript)."""
+    last = None
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            last = (name, module)
+    if last is None:
+        return None
+    name, module = last
+    linear = isinstance(module, nn.Linear) or getattr(module, "original_name", None) == "Linear"
+    weight = getattr(module, "weight", None)
+    if not linear or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    return name, int(weight.shape[0])
 
 
 def load_torchscript(path: str, weights: Path | None) -> ClassifierParts:
@@ -49,7 +76,7 @@ def load_torchscript(path: str, weights: Path | None) -> ClassifierParts:
         ) from None
     if weights is not None:
         load_into(model, read_state_dict(weights), f"weights file {str(weights)!r}")
-    return ClassifierParts(model, _default_preprocess("TorchScript"), _class_names(model), None)
+    return ClassifierParts(model, _default_preprocess("TorchScript"), _class_names(model, f"torchscript:{path}"), None)
 
 
 def _import_file(file: Path) -> object:
@@ -106,4 +133,4 @@ def load_python(path: str, factory: str, weights: Path | None, num_classes: int 
     model = build_from_python(path, factory, num_classes)
     if weights is not None:
         load_into(model, read_state_dict(weights), f"weights file {str(weights)!r}")
-    return ClassifierParts(model, _default_preprocess("python"), _class_names(model), None)
+    return ClassifierParts(model, _default_preprocess("python"), _class_names(model, f"python:{path}:{factory}"), None)
