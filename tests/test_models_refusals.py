@@ -123,3 +123,23 @@ def test_class_names_of_a_python_model_must_match_its_outputs(tmp_path: Path) ->
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 7)))
     assert _classifier_outputs(scripted) == ("2", 7)  # read from a TorchScript module too
     assert _classifier_outputs(nn.Sequential(nn.Linear(4, 7), nn.Conv1d(1, 1, 1))) is None  # not a linear last
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "levit_128s", "convnext_atto"])
+def test_a_backbone_loads_from_its_classifiers_checkpoint(tmp_path: Path, name: str) -> None:
+    """Every head of the checkpoint is left out (a distilled DeiT has two, LeViT's is a batch norm and a linear
+    layer), and nothing else: ConvNeXt's head.norm belongs to the features and is loaded."""
+    from finercam.models import load_backbone
+
+    torch.manual_seed(0)
+    classifier = timm.create_model(name, num_classes=5).eval()
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backbone = load_backbone(f"timm:{name}", weights=tmp_path / "classifier.pth")
+    expected = timm.create_model(name, num_classes=0)
+    expected.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in expected.state_dict()})
+    loaded = backbone.features.backbone.state_dict()
+    assert loaded.keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(loaded[key], value)

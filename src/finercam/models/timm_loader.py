@@ -131,6 +131,16 @@ def _classifier_key(timm: ModuleType, name: str) -> str:
     return f"{classifier or 'head'}.weight"
 
 
+def _head_modules(timm: ModuleType, name: str) -> tuple[str, ...]:
+    """The key prefixes of every classifier head a checkpoint of ``name`` holds and its backbone lacks: the modules
+    around each of the pretrained config's classifiers (``head`` and ``head_dist`` of a distilled DeiT; ``head`` of
+    LeViT, whose head is a batch norm and a linear layer)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    classifier = _cfg_value(cfg, "classifier") if cfg is not None else None
+    names = [classifier] if isinstance(classifier, str) else list(classifier or ["head"])  # type: ignore[call-overload]
+    return tuple(f"{entry.rsplit('.', 1)[0] if '.' in entry else entry}." for entry in names)
+
+
 def load_classifier(
     name: str, weights: Path | None, num_classes: int | None, preprocess: Preprocess | None
 ) -> ClassifierParts:
@@ -180,10 +190,10 @@ def load_backbone(name: str, weights: Path | None, preprocess: Preprocess | None
     state, source = _weights(timm, name, weights)
     model = _official_dinov2(_create(timm, name, preprocess, num_classes=0), name)
     if state is not None:
-        classifier = _classifier_key(timm, name)[: -len("weight")]
+        heads = _head_modules(timm, name)
         load_into(
             model, state, source, filter_fn=_filter_fn(model),  # type: ignore[arg-type]
-            ignore_unexpected=lambda key: key.startswith(classifier),
+            ignore_unexpected=lambda key: key.startswith(heads),
         )
     width = int(getattr(model, "num_features", 0) or 0)
     pooled = int(getattr(model, "head_hidden_size", 0) or width)
