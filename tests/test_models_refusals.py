@@ -143,3 +143,21 @@ def test_a_backbone_loads_from_its_classifiers_checkpoint(tmp_path: Path, name: 
     assert loaded.keys() == expected.state_dict().keys()
     for key, value in expected.state_dict().items():
         torch.testing.assert_close(loaded[key], value)
+
+
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_torchvision_checkpoints_without_auxiliary_classifiers_load(tmp_path: Path, name: str) -> None:
+    """torchvision's own pretrained GoogLeNet and Inception-v3 weights are saved without their auxiliary heads."""
+    tv = pytest.importorskip("torchvision")
+    from finercam.models import load_backbone
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's note on init_weights
+        model = tv.models.get_model(name, weights=None, aux_logits=False, init_weights=True, num_classes=4).eval()
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    loaded = load_model(f"torchvision:{name}", weights=tmp_path / "plain.pth")
+    x = torch.randn(1, 3, 299, 299)
+    torch.testing.assert_close(loaded.model(x), model(x))
+    features = load_backbone(f"torchvision:{name}", weights=tmp_path / "plain.pth")
+    assert features.dim == model.fc.in_features

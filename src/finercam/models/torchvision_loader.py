@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -83,21 +84,35 @@ def _random_warning(name: str) -> None:
     )
 
 
+_AUXILIARY = {"googlenet": "aux1", "inception_v3": "AuxLogits"}
+"""The auxiliary classifiers of models trained with them: a checkpoint saved without them (``aux_logits=False``, as
+torchvision's own pretrained weights are) is loaded into a model built without them."""
+
+
+def _build(tv: ModuleType, name: str, state: Mapping[str, object] | None, **kwargs: object) -> nn.Module:
+    auxiliary = _AUXILIARY.get(name)
+    if auxiliary is not None:
+        kwargs.setdefault("init_weights", True)  # their default initialisation (torchvision warns of a change)
+        if state is not None and not any(f".{auxiliary}." in f".{key}" for key in state):
+            kwargs["aux_logits"] = False
+    return tv.models.get_model(name, weights=None, **kwargs)
+
+
 def load_classifier(name: str, weights: Path | None, num_classes: int | None) -> ClassifierParts:
     """A torchvision classifier, its classes inferred from the checkpoint when not given."""
     tv = _tv()
     _check_name(tv, name)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-    model = tv.models.get_model(name, weights=None, **kwargs)
+    state = read_state_dict(weights) if weights is not None else None
+    model = _build(tv, name, state, **kwargs)
     names = None
-    if weights is None:
+    if weights is None or state is None:
         _random_warning(name)
     else:
-        state = read_state_dict(weights)
         linear = last_linear_name(model)
         rows = classifier_rows(state, f"{linear}.weight") if linear else None
         if num_classes is None and rows is not None and rows != model.get_submodule(linear).out_features:
-            model = tv.models.get_model(name, weights=None, num_classes=rows)
+            model = _build(tv, name, state, num_classes=rows)
         given = f"num_classes={num_classes} was given; leave it out to use the checkpoint's" if num_classes else ""
         load_into(model, state, f"weights file {str(weights)!r}", classifier=linear, hint=given)
         head = model.get_submodule(linear) if linear else None
@@ -112,18 +127,22 @@ def load_backbone(name: str, weights: Path | None) -> BackboneParts:
     """A torchvision model whose last ``nn.Linear`` (the classifier) is replaced by ``nn.Identity``."""
     tv = _tv()
     _check_name(tv, name)
-    model = tv.models.get_model(name, weights=None)
+    state = read_state_dict(weights) if weights is not None else None
+    auxiliary = _AUXILIARY.get(name)
+    model = _build(tv, name, {} if auxiliary else state)  # features need no auxiliary classifier
     linear = last_linear_name(model)
     if linear is None:
         raise ModelNotFoundError(f"torchvision model {name!r} has no nn.Linear classifier to remove")
     in_features = model.get_submodule(linear).in_features
     parent, _, child = linear.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    if weights is None:
+    if weights is None or state is None:
         _random_warning(name)
     else:
         load_into(
-            model, read_state_dict(weights), f"weights file {str(weights)!r}",
-            ignore_unexpected=lambda key: key.startswith(f"{linear}."),
+            model, state, f"weights file {str(weights)!r}",
+            ignore_unexpected=lambda key: key.startswith(f"{linear}.") or (
+                auxiliary is not None and f".{auxiliary}." in f".{key}"
+            ),
         )
     return BackboneParts(model, "call", {"pooled": in_features}, "pooled", _preprocess(tv, name))
