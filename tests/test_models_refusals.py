@@ -161,3 +161,18 @@ def test_torchvision_checkpoints_without_auxiliary_classifiers_load(tmp_path: Pa
     torch.testing.assert_close(loaded.model(x), model(x))
     features = load_backbone(f"torchvision:{name}", weights=tmp_path / "plain.pth")
     assert features.dim == model.fc.in_features
+
+
+def test_a_torchvision_vit_gets_the_transform_of_its_own_input_size() -> None:
+    """vit_h_14's DEFAULT weights (SWAG end-to-end) take 518 px; the model built without weights takes 224, which its
+    SWAG linear-probe weights declare (building the 632M-parameter model is left out: only its size matters)."""
+    tv = pytest.importorskip("torchvision")
+    from types import SimpleNamespace
+
+    from finercam.models.torchvision_loader import _preprocess
+
+    built = _preprocess(tv, "vit_h_14", SimpleNamespace(image_size=224))  # type: ignore[arg-type]
+    linear = tv.models.ViT_H_14_Weights.IMAGENET1K_SWAG_LINEAR_V1.transforms.keywords
+    assert built.crop == (224, 224) and built.resize == linear["resize_size"] == 224
+    assert _preprocess(tv, "vit_h_14", SimpleNamespace(image_size=518)).crop == (518, 518)  # type: ignore[arg-type]
+    assert _preprocess(tv, "vit_b_16", tv.models.vit_b_16()).crop == (224, 224)

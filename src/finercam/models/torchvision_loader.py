@@ -57,16 +57,26 @@ def _default_weights(tv: ModuleType, name: str) -> object | None:
         return None
 
 
-def _preprocess(tv: ModuleType, name: str) -> Preprocess:
-    """The evaluation transform declared by torchvision's default weights for ``name``."""
+def _side(value: object, default: int) -> int:
+    value = default if value is None else value
+    return int(value[0] if isinstance(value, list | tuple) else value)  # type: ignore[arg-type, index]
+
+
+def _preprocess(tv: ModuleType, name: str, model: nn.Module | None = None) -> Preprocess:
+    """The evaluation transform declared by torchvision's default weights for ``name``; for a model with a fixed
+    input size (a ViT's ``image_size``) that the default weights do not have (``vit_h_14``'s DEFAULT is SWAG at 518
+    px; the model built without weights takes 224), the transform of its weights of that size."""
     default = _default_weights(tv, name)
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and default is not None:
+        sized = [weights for weights in tv.models.get_model_weights(name)
+                 if _side(getattr(getattr(weights, "transforms", None), "keywords", {}).get("crop_size"), 224) == size]
+        default = default if default in sized or not sized else sized[0]
     keywords = getattr(getattr(default, "transforms", None), "keywords", None)
     if not isinstance(keywords, dict):
         return with_name(PREPROCESS_PRESETS["imagenet"], f"imagenet (torchvision default for {name})")
-    crop = keywords.get("crop_size", 224)
-    resize = keywords.get("resize_size", 256)
-    crop = int(crop[0] if isinstance(crop, list | tuple) else crop)
-    resize = int(resize[0] if isinstance(resize, list | tuple) else resize)
+    crop = _side(keywords.get("crop_size"), 224)
+    resize = _side(keywords.get("resize_size"), 256)
     interpolation = getattr(keywords.get("interpolation"), "value", "bilinear")
     return Preprocess(
         f"torchvision preset of {name}", resize=resize, crop=(crop, crop),
@@ -120,7 +130,7 @@ def load_classifier(name: str, weights: Path | None, num_classes: int | None) ->
         categories = getattr(default, "meta", {}).get("categories")
         if isinstance(head, nn.Linear) and categories and len(categories) == head.out_features:
             names = tuple(categories)
-    return ClassifierParts(model, _preprocess(tv, name), names, None)
+    return ClassifierParts(model, _preprocess(tv, name, model), names, None)
 
 
 def load_backbone(name: str, weights: Path | None) -> BackboneParts:
@@ -145,4 +155,4 @@ def load_backbone(name: str, weights: Path | None) -> BackboneParts:
                 auxiliary is not None and f".{auxiliary}." in f".{key}"
             ),
         )
-    return BackboneParts(model, "call", {"pooled": in_features}, "pooled", _preprocess(tv, name))
+    return BackboneParts(model, "call", {"pooled": in_features}, "pooled", _preprocess(tv, name, model))
