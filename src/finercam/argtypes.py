@@ -54,18 +54,6 @@ def seed(text: str) -> int:
     return value
 
 
-def int_from(low: int, high: int) -> Callable[[str], int]:
-    """A whole number from ``low`` to ``high``."""
-
-    def parse(text: str) -> int:
-        value = whole_number(text, f"must be a whole number from {low} to {high}")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text}")
-        return value
-
-    return parse
-
-
 def gamma(text: str) -> float:
     """A comparison strength: a finite number >= 0 (0 explains the target alone)."""
     rule = "must be a finite number >= 0 (0 is the base CAM)"

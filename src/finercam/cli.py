@@ -33,7 +33,6 @@ from finercam.argtypes import (
     whole_number,
 )
 from finercam.argtypes import gamma as _gamma
-from finercam.argtypes import int_from as _int_from
 from finercam.argtypes import non_negative_int as _non_negative_int
 from finercam.argtypes import positive_int as _positive_int
 from finercam.argtypes import seed as _seed
@@ -163,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--test-size", type=_positive_int, default=1000)
     example.add_argument("--eval-size", type=_positive_int, default=100, help="test images scored by the pointing game")
     example.add_argument(
-        "--dilation", type=_int_from(0, 1000), default=1,
+        "--dilation", type=bounded_int(0, 1000), default=1,
         help="also score with the difference mask grown by this many pixels (always: one cell of the map, 4 px)",
     )
     example.add_argument(

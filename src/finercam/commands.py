@@ -148,6 +148,39 @@ def _layers_model(args: argparse.Namespace) -> tuple[nn.Module, str | None, tupl
     return loaded.model, loaded.target_layer, loaded.preprocess.fixed_size
 
 
+MAX_DRY_RUN_TOKENS = 16384
+"""The most tokens a ``layers`` dry run of a model with global attention takes (a 128 x 128 grid): attention's cost
+grows with their square, so 4096 x 4096 pixels in 8-pixel patches (262,144 tokens) would run for hours."""
+
+
+def _check_token_count(model: nn.Module, size: tuple[int, int]) -> None:
+    """Refuse a dry-run size that gives a model with global attention more than :data:`MAX_DRY_RUN_TOKENS` tokens.
+
+    The patch size is the product of the strides of the convolutions before the first attention module (a ViT's
+    16 x 16 patch embedding, or a convolutional stem); window attention (Swin) grows linearly and is not bounded.
+    """
+    stride = [1, 1]
+    for module in model.modules():
+        name = type(module).__name__.lower()
+        if "attention" in name:
+            if "window" in name:
+                return
+            break
+        if isinstance(module, nn.Conv2d):
+            stride = [stride[0] * module.stride[0], stride[1] * module.stride[1]]
+    else:
+        return
+    grid = (-(-size[0] // stride[0]), -(-size[1] // stride[1]))
+    if grid[0] * grid[1] > MAX_DRY_RUN_TOKENS:
+        largest = int((MAX_DRY_RUN_TOKENS * stride[0] * stride[1]) ** 0.5)
+        raise InvalidArgumentError(
+            f"--size {size[0]} {size[1]} gives this attention model {grid[0] * grid[1]:,} tokens ({grid[0]} x "
+            f"{grid[1]} patches of {stride[0]} x {stride[1]} px), and attention grows with their square: the dry run "
+            f"would take hours. Its layers are the same at any size; use at most about --size {largest} {largest} "
+            f"({MAX_DRY_RUN_TOKENS:,} tokens)"
+        )
+
+
 def run_layers(args: argparse.Namespace) -> int:
     """``finercam layers MODEL``: the candidate target layers, the automatic choice marked.
 
@@ -160,6 +193,7 @@ def run_layers(args: argparse.Namespace) -> int:
     model, recommended, own_size = _layers_model(args)
     size = tuple(args.size) if args.size else own_size
     tried = size or declared_image_size(model) or DEFAULT_IMAGE_SIZE
+    _check_token_count(model, tried)  # type: ignore[arg-type]
     where = f"a {tried[0]}x{tried[1]} input" + ("" if args.size else " (the model's default size)")
     try:
         candidates = candidate_layers(model, tried)  # type: ignore[arg-type]  (a dry run, for the shapes)
