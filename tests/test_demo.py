@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from finercam import synth
 from finercam.cli import _parser
-from finercam.demo import GAMMAS, fresh_seed, run_demo
+from finercam.demo import GAMMAS, check_outputs, fresh_seed, run_demo
 from finercam.errors import InvalidArgumentError
 from finercam.metrics import (
     METRICS,
@@ -173,3 +173,12 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert not re.search(r"""(?:src|href)=["'](?!data:)""", page)
     printed = capsys.readouterr().out
     assert "report.html" in printed and "Grad-CAM" in printed and "rd@0.10" in printed
+    check_outputs(tmp_path / "out")  # its own outputs: a rerun replaces them
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(InvalidArgumentError, match=r"holds a metrics\.json that finercam demo did not write"):
+        run_demo(_parser().parse_args(["demo", "--out", str(tmp_path / "mine")]), models)  # before any work
+    assert (tmp_path / "mine" / "metrics.json").read_text() == '{"accuracy": 0.9}'
+    (tmp_path / "dir" / "report.html").mkdir(parents=True)
+    with pytest.raises(InvalidArgumentError, match=r"holds report\.html, which is not a file"):
+        check_outputs(tmp_path / "dir")

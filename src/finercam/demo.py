@@ -36,6 +36,7 @@ from finercam.explain import FinerCAM
 from finercam.methods import METHODS
 from finercam.metrics import DEFAULT_KS, rd_name
 from finercam.report import PAPER_GAMMA, headline_pairs, pointing_ratio, write_report
+from finercam.report import TITLE as REPORT_TITLE
 from finercam.runtime import cpu_threads
 from finercam.synth.io import split_seeds
 
@@ -304,8 +305,45 @@ def run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None = None
         return _run_demo(args, models)
 
 
+def check_outputs(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` whose ``metrics.json`` or ``report.html`` a demo did not write (a
+    user's own files of those names) or that are not files; a demo's own earlier outputs are replaced.
+
+    Raises:
+        InvalidArgumentError: naming the file and why.
+    """
+    for name, ours in (("metrics.json", _demo_metrics), ("report.html", _demo_report)):
+        path = out / name
+        if not path.exists():
+            continue
+        if not path.is_file():
+            raise InvalidArgumentError(f"--out {str(out)!r} holds {name}, which is not a file; the demo writes a file "
+                                       "there: give another --out folder")
+        if not ours(path):
+            raise InvalidArgumentError(f"--out {str(out)!r} holds a {name} that finercam demo did not write; it is "
+                                       "not replaced: give another --out folder, or move the file away")
+
+
+def _demo_metrics(path: Path) -> bool:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(records, list) and all(isinstance(r, dict) and {"model", "method", "gamma"} <= r.keys()
+                                             for r in records)
+
+
+def _demo_report(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return f"<title>{REPORT_TITLE}</title>" in handle.read(4096)
+    except OSError:
+        return False
+
+
 def _run_demo(args: argparse.Namespace, models: Sequence[DemoModel] | None) -> int:
     start = time.perf_counter()
+    check_outputs(Path(args.out))
     specs = list(models) if models is not None else _load_models(args.models)
     args.gammas = tuple(float(g) for g in getattr(args, "gammas", None) or GAMMAS)
     args.ks = tuple(getattr(args, "ks", None) or DEFAULT_KS)

@@ -297,6 +297,10 @@ def _legend(names: Sequence[str]) -> str:
                      for name in names)
 
 
+TITLE = "finercam demo report"
+"""The report's title, by which a demo knows its own earlier report."""
+
+
 def write_report(
     path: Path, runs: Sequence[ModelRun], args: argparse.Namespace, seconds: float, *, version: str
 ) -> Path:
@@ -316,7 +320,7 @@ def write_report(
                 + _img(picture, f"sample explanations of {run.spec.name}")
             )
     body = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>finercam demo report</title><style>{STYLE}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>{TITLE}</title><style>{STYLE}</style></head><body>
 <h1>Finer-CAM on the synthetic fine-grained benchmark</h1>
 <p class="note">finercam {html.escape(version)}, {len(records)} records, {seconds:.0f} s. The same numbers are in
 <code>metrics.json</code>.</p>
