@@ -168,7 +168,9 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (out / "preview.png").is_file() and len(list((out / "train").rglob("*.png"))) == 24
     assert json.loads((out / "annotations.json").read_text())["seed"] == 2
     assert main(["synth", "--out", str(out), "--species", "99"]) == 2
-    assert "species_per_genus=99" in capsys.readouterr().err
+    assert "--species 99 is not allowed: expected an int from 1 to" in capsys.readouterr().err
+    assert main(["synth", "--out", str(out), "--scale", "0.3", "0.2"]) == 2
+    assert "--scale 0.3 0.2 is not allowed: expected a pair (low, high)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,23 @@ def check_memory(train: int, test: int, size: int, available: int | None = None)
             )
 
 
+FLAGS = {"image_size": "--size", "num_genera": "--genera", "species_per_genus": "--species",
+         "occlusion": "--occlusion", "distractors": "--distractors", "max_rotation": "--max-rotation",
+         "min_visible": "--min-visible", "noise": "--noise", "scale": "--scale"}
+"""The command-line flag of each :class:`SynthConfig` field."""
+
+
+def _with_flags(message: str) -> str:
+    """``num_genera=6 is not allowed: ...`` said with the flag: ``--genera 6 is not allowed: ...``."""
+    setting, separator, rest = message.partition(" is not allowed")
+    field, _, value = setting.partition("=")
+    if not separator or field not in FLAGS:
+        return message
+    if field == "scale":  # (0.3, 0.2) -> 0.3 0.2, as typed
+        value = " ".join(value.strip("()").split(", "))
+    return f"{FLAGS[field]} {value}{separator}{rest}"
+
+
 def run_synth(args: argparse.Namespace) -> int:
     """Run the command from parsed arguments (torch's thread count restored afterwards); returns the exit status."""
     with cpu_threads(args.threads):
@@ -82,7 +99,10 @@ def _run_synth(args: argparse.Namespace) -> int:
                "min_visible": args.min_visible, "noise": args.noise}
     if args.scale is not None:
         options["scale"] = tuple(args.scale)
-    config = resolve_config(**options)
+    try:
+        config = resolve_config(**options)
+    except SynthArgumentError as error:
+        raise SynthArgumentError(_with_flags(str(error))) from None
     check_memory(args.train, args.test, config.image_size)
     start = time.perf_counter()
     path = write_dataset(args.out, train=args.train, test=args.test, seed=args.seed, config=config,
