@@ -192,6 +192,11 @@ def test_train_probe_beats_chance_caches_features_and_its_head_loads(
     )
     assert status == 0, errors
     assert any(f"prediction: {name} (class" in printed for name in classes), printed
+    from finercam.fingerprint import file_fingerprint
+    from finercam.models import load_head
+
+    recorded = load_head(tmp_path / "head.safetensors")[2]["backbone_weights_sha256"]
+    assert recorded == file_fingerprint(tmp_path / "backbone.safetensors")["sha256"]
 
 
 def test_explain_classes_explains_the_top_predictions_in_rows(tmp_path: Path,

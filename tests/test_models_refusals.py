@@ -176,3 +176,28 @@ def test_a_torchvision_vit_gets_the_transform_of_its_own_input_size() -> None:
     assert built.crop == (224, 224) and built.resize == linear["resize_size"] == 224
     assert _preprocess(tv, "vit_h_14", SimpleNamespace(image_size=518)).crop == (518, 518)  # type: ignore[arg-type]
     assert _preprocess(tv, "vit_b_16", tv.models.vit_b_16()).crop == (224, 224)
+
+
+def test_a_head_knows_its_backbone_by_architecture_and_weights(tmp_path: Path) -> None:
+    """The same backbone named two ways is no warning; other weights under the same name are (train-probe records
+    their SHA-256 as backbone_weights_sha256)."""
+    from finercam.fingerprint import file_fingerprint
+    from finercam.models.heads import BACKBONE_WEIGHTS
+
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / f"{name}.pth")
+    digest = str(file_fingerprint(tmp_path / "a.pth")["sha256"])
+    save_head(tmp_path / "h.safetensors", nn.Linear(512, 2), ["x", "y"],
+              {"backbone": f"timm:resnet18@{tmp_path / 'a.pth'}", "pooling": "pooled", BACKBONE_WEIGHTS: digest})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same model named with weights=: was "trained on ..., not ..."
+        load_model("timm:resnet18", weights=tmp_path / "a.pth", head=tmp_path / "h.safetensors")
+        load_model(f"timm:resnet18@{tmp_path / 'a.pth'}", head=tmp_path / "h.safetensors")
+    other = r"was trained on other backbone weights \(sha256 .{12}\.\.\.\) than '.*b\.pth'"
+    with pytest.warns(UserWarning, match=other):
+        load_model("timm:resnet18", weights=tmp_path / "b.pth", head=tmp_path / "h.safetensors")
+    with pytest.warns(UserWarning, match="but no weights file is given"):
+        load_model("timm:resnet18", head=tmp_path / "h.safetensors")
+    with pytest.warns(UserWarning, match=r"was trained on 'timm:resnet18@.*', not 'timm:resnet34'"):
+        load_model("timm:resnet34", head=tmp_path / "h.safetensors")

@@ -14,6 +14,7 @@ from torch import nn
 from finercam.errors import InvalidArgumentError
 from finercam.images import ImageFolder, load_image, train_val_folders
 from finercam.models import LoadedBackbone, LoadedModel
+from finercam.models.heads import BACKBONE_WEIGHTS
 from finercam.runtime import resolve_device
 
 
@@ -219,11 +220,18 @@ def run_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _head_metadata(backbone: LoadedBackbone, preset: str | None) -> dict[str, str]:
-    """What ``--head`` needs to rebuild the features: the resolved pooling and, when a preset was named, it."""
+def _head_metadata(backbone: LoadedBackbone, preset: str | None, weights: str | None) -> dict[str, str]:
+    """What ``--head`` needs to rebuild the features: the resolved pooling and, when a preset was named, it; and
+    the SHA-256 of the backbone's weights file, when one was read, so that the head is not used on other weights."""
+    from finercam.fingerprint import file_fingerprint
+    from finercam.models.spec import parse_spec
+
     metadata = {"pooling": backbone.pooling, "preprocessing": backbone.preprocess.describe()}
     if preset:
         metadata["preprocess"] = preset
+    file = weights or parse_spec(backbone.spec).weights
+    if file:
+        metadata[BACKBONE_WEIGHTS] = str(file_fingerprint(file)["sha256"])
     return metadata
 
 
@@ -272,7 +280,7 @@ def run_probe(args: argparse.Namespace) -> int:
     report = train_probe(
         backbone, train, val, Path(args.out),
         cache_dir=Path(args.cache), batch_size=args.batch_size,
-        weight_decay=args.weight_decay, metadata=_head_metadata(backbone, args.preprocess), log=_say,
+        weight_decay=args.weight_decay, metadata=_head_metadata(backbone, args.preprocess, args.weights), log=_say,
     )
     cached = " (features from the cache)" if all(report.cached) else ""
     _say(f"features: {report.feature_seconds:.1f} s{cached}; head fitted in {report.train_seconds:.1f} s")

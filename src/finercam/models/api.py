@@ -23,7 +23,7 @@ from finercam.models import (
     timm_loader,
     torchvision_loader,
 )
-from finercam.models.heads import PLAIN_FORMAT, BackboneWithHead, load_head
+from finercam.models.heads import BACKBONE_WEIGHTS, PLAIN_FORMAT, BackboneWithHead, load_head
 from finercam.models.parts import BackboneParts, ClassifierParts
 from finercam.models.pooling import POOLING_MODES, PooledFeatures, build_features, resolve_pooling
 from finercam.models.preprocess import PREPROCESS_PRESETS, Preprocess, get_preprocess
@@ -195,6 +195,35 @@ def _classifier(
     return file_loaders.load_python(spec.name, spec.factory, weights, num_classes)
 
 
+def _check_head_backbone(
+    head: str | Path, metadata: dict[str, str], spec: str, weights: str | Path | None
+) -> None:
+    """Warn when a head meets another backbone than it was trained on: another architecture (the same one named with
+    its checkpoint inline, ``timm:resnet18@w.pth``, or with ``weights=``, is the same), or, for heads that record it,
+    other weights (their SHA-256)."""
+    from finercam.fingerprint import file_fingerprint
+
+    stored = metadata.get("backbone")
+    parsed = parse_spec(spec)
+    if stored:
+        try:
+            trained = parse_spec(stored)
+            same = (trained.kind, trained.name, trained.factory) == (parsed.kind, parsed.name, parsed.factory)
+        except InvalidArgumentError:
+            same = stored == spec
+        if not same:
+            warnings.warn(f"head {str(head)!r} was trained on {stored!r}, not {spec!r}", stacklevel=4)
+            return
+    digest = metadata.get(BACKBONE_WEIGHTS)
+    file = weights if weights is not None else parsed.weights
+    if digest and file is None:
+        warnings.warn(f"head {str(head)!r} was trained on a backbone weights file (sha256 {digest[:12]}...), but no "
+                      "weights file is given: the features are not the ones it was trained on", stacklevel=4)
+    elif digest and file is not None and file_fingerprint(file)["sha256"] != digest:
+        warnings.warn(f"head {str(head)!r} was trained on other backbone weights (sha256 {digest[:12]}...) than "
+                      f"{str(file)!r}: its classes may not mean what they say on these features", stacklevel=4)
+
+
 def _with_head(
     spec: str, weights: str | Path | None, head: str | Path, preprocess: str | Preprocess | None,
     num_classes: int | None, device: torch.device,
@@ -213,9 +242,7 @@ def _with_head(
     official = metadata.get("format") == PLAIN_FORMAT and parts.family == "dinov2"
     if chosen is None and official and features.pooling.mode == "mean-patch":
         chosen = PREPROCESS_PRESETS["dinov2-official"]  # the official Finer-CAM heads, as its code feeds them
-    backbone = metadata.get("backbone")
-    if backbone and backbone != spec:
-        warnings.warn(f"head {str(head)!r} was trained on {backbone!r}, not {spec!r}", stacklevel=3)
+    _check_head_backbone(head, metadata, spec, weights)
     model = _finish(BackboneWithHead(features, linear), device)
     return LoadedModel(model, chosen or parts.preprocess, names, spec, model.target_layer)  # type: ignore[arg-type]
 

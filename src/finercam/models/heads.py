@@ -24,6 +24,8 @@ from finercam.models.weights import existing_file, is_safetensors, read_checkpoi
 
 HEAD_FORMAT = "finercam-linear-head"
 PLAIN_FORMAT = "torch-state-dict"
+BACKBONE_WEIGHTS = "backbone_weights_sha256"
+"""The head metadata key of the SHA-256 of the backbone weights file it was trained on (train-probe writes it)."""
 _NAME_KEYS = ("class_names", "classes", "labels")
 
 
