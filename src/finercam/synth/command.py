@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from finercam.progress import Progress
 from finercam.runtime import cpu_threads
 from finercam.synth.dataset import resolve_config
 from finercam.synth.io import PREVIEW, load_annotations, write_dataset
@@ -105,8 +106,9 @@ def _run_synth(args: argparse.Namespace) -> int:
         raise SynthArgumentError(_with_flags(str(error))) from None
     check_memory(args.train, args.test, config.image_size)
     start = time.perf_counter()
+    progress = Progress(args.train + args.test)
     path = write_dataset(args.out, train=args.train, test=args.test, seed=args.seed, config=config,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, progress=progress)
     seconds = time.perf_counter() - start
     out = Path(args.out)
     write_preview(out, "test" if args.test else "train", out / PREVIEW)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finercam.progress import Progress
 from finercam.synth.dataset import SynthDataset, generate, resolve_config
 from finercam.synth.spec import OCCLUDER, PARTS, SynthArgumentError, SynthConfig, differing_parts, species_of
 
@@ -61,6 +62,7 @@ def write_dataset(
     seed: int = 0,
     config: SynthConfig | None = None,
     overwrite: bool = False,
+    progress: Progress | None = None,
     **overrides: object,
 ) -> Path:
     """Generate the train and test splits and write them as PNGs plus ``annotations.json``.
@@ -70,6 +72,8 @@ def write_dataset(
         train, test: images per split (each split's classes are balanced).
         seed: the dataset seed; see :func:`split_seeds`.
         config: the configuration (default :class:`SynthConfig`); ``**overrides`` replace some of its fields.
+        progress: counts the images written (and says which split is generated), e.g. a
+            :class:`finercam.progress.Progress` of ``train + test`` images.
         overwrite: replace the ``train/``, ``test/``, ``annotations.json`` and ``preview.png`` already in ``out_dir``
             (split folders only when they hold nothing but ``<class>/<number>.png``). The new dataset is written
             into ``out_dir/.synth-partial/`` and moved into place once complete, so an interrupted run leaves the
@@ -102,7 +106,11 @@ def write_dataset(
         shutil.rmtree(staging)  # an interrupted run's (finercam's own folder)
     seeds, classes, records = split_seeds(seed), species_of(config), []
     for split in SPLITS:
+        if progress is not None:
+            progress.note(f"generating the {sizes[split]} {split} images")
         data = generate(sizes[split], seeds[split], config)
+        if progress is not None:
+            progress.note(f"writing the {split} images")
         pixels = (data.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         maps = data.part_map.numpy()
         width = max(5, len(str(len(data) - 1)))
@@ -110,6 +118,8 @@ def write_dataset(
             relative = f"{split}/{classes[label].name}/{index:0{width}d}.png"
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels[index]).save(staging / relative)
+            if progress is not None:
+                progress.update(1)
             records.append({"path": relative, "split": split, "label": label, "genus": genus,
                             "part_map": _encode(maps[index])})
     annotation = {
